@@ -1,0 +1,71 @@
+"""CNN trunks from torchvision (ResNet / DenseNet) with their classifier removed, and their weights:
+none (random init), ImageNet through torchvision's weight API, or a local state-dict file."""
+from __future__ import annotations
+
+import logging
+import urllib.error
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# name -> width of the pooled feature vector
+TRUNK_WIDTH = {"resnet18": 512, "resnet50": 2048, "densenet121": 1024, "densenet169": 1664}
+
+
+def _features(model: nn.Module, name: str) -> nn.Sequential:
+    """The model without pooling and classifier; (B, 3, H, W) -> (B, width, H/32, W/32)."""
+    if name.startswith("resnet"):
+        return nn.Sequential(*list(model.children())[:-2])
+    # DenseNet's features end on a BatchNorm; torchvision applies the ReLU before pooling
+    return nn.Sequential(model.features, nn.ReLU(inplace=False))
+
+
+def _imagenet_state(name: str, key: str) -> dict:
+    try:
+        return torchvision.models.get_model(name, weights="DEFAULT").state_dict()
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ConfigError(
+            f"config key {key}: cannot fetch ImageNet weights for {name} ({err.__class__.__name__}: {err}); "
+            f"offline, put torchvision's file in {cache}, point {key} to a local state-dict file, "
+            f"or set {key}=null for random init") from None
+
+
+class Trunk(nn.Module):
+    """A torchvision CNN without its classifier, built with random weights."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        if name not in TRUNK_WIDTH:
+            raise ConfigError(f"unknown backbone {name!r}; use one of {', '.join(TRUNK_WIDTH)}")
+        self.name, self.width = name, TRUNK_WIDTH[name]
+        self.features = _features(torchvision.models.get_model(name, weights=None), name)
+
+    def load_weights(self, weights: str | None, key: str) -> None:
+        """Keep random init (None), load ImageNet ("imagenet"), or load a local state-dict file of the
+        full torchvision model; `key` is the config key named in errors and logs."""
+        if weights is None:
+            logger.info("%s (%s): random init", self.name, key)
+            return
+        if weights == "imagenet":
+            state, source = _imagenet_state(self.name, key), "ImageNet weights from torchvision"
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state, source = state.get("state_dict", state), weights
+        model = torchvision.models.get_model(self.name, weights=None)
+        missing, _ = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
+        if missing:
+            raise ConfigError(f"config key {key}: {source} is not a {self.name} state dict "
+                              f"(missing {', '.join(missing[:3])} ...)")
+        self.features.load_state_dict(_features(model, self.name).state_dict())
+        logger.info("%s (%s): %s", self.name, key, source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)

@@ -1,0 +1,34 @@
+"""Image transforms of SPEC section 1 (ImageNet normalisation, square crop, flips, rotation)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SquareCenterCrop:
+    """Centre crop to a square of side min(h, w)."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        side = min(image.size)
+        return T.functional.center_crop(image, [side, side])
+
+
+def build_transform(cfg: dict, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """Train: square crop -> resize -> h-flip -> [v-flip] -> rotation -> tensor -> normalise.
+    Eval: square crop -> resize -> tensor -> normalise."""
+    data = cfg["data"]
+    steps: list = [SquareCenterCrop(), T.Resize((data["image_size"], data["image_size"]))]
+    if train:
+        steps.append(T.RandomHorizontalFlip(0.5))
+        if data["vertical_flip"]:
+            steps.append(T.RandomVerticalFlip(0.5))
+        if data["rotation_degrees"] > 0:
+            steps.append(T.RandomRotation(data["rotation_degrees"], interpolation=T.InterpolationMode.BILINEAR))
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)

@@ -1,0 +1,120 @@
+"""The DiffMIC-v2 denoiser, ConditionalModel (SPEC section 5).
+
+Notation: B batch, C classes, K grid side (= number of ROIs), F feature_dim.
+    g        (B, F)          global image feature: EfficientSAM ViT -> 1x1 conv -> mean -> BN
+    l        (B, F, K)       local features of the K ROI patches: CNN -> linear -> BN
+    x_w      (B, F)          condition: tokens [g, l] averaged with learnt softmax weights
+    y_in     (B, 2C, K, K)   concat(guided prior map P, noisy grid Y_t)
+    t        (B, K, K)       one timestep per grid cell
+    eps_hat  (B, C, K, K)
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backbones import Trunk
+from config import ConfigError
+from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
+
+logger = logging.getLogger(__name__)
+
+
+class ConditionalConv2d(nn.Module):
+    """1x1 convolution scaled per cell by a learnt embedding of that cell's timestep."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_timesteps: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        self.embed = nn.Embedding(num_timesteps + 1, out_channels)
+        nn.init.uniform_(self.embed.weight, 0.0, 1.0)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        gamma = self.embed(t).permute(0, 3, 1, 2)  # (B, K, K, out) -> (B, out, K, K)
+        return self.conv(x) * gamma
+
+
+class PatchEncoder(nn.Module):
+    """ROI patches (B, K, r, r) -> l (B, F, K); patches are single-channel, repeated to 3."""
+
+    def __init__(self, name: str, feature_dim: int) -> None:
+        super().__init__()
+        self.trunk = Trunk(name)
+        self.proj = nn.Linear(self.trunk.width, feature_dim)
+        self.norm = nn.BatchNorm1d(feature_dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        b, k, r, _ = patches.shape
+        h = self.trunk(patches.reshape(b * k, 1, r, r).expand(-1, 3, -1, -1))
+        h = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        return self.norm(self.proj(h)).view(b, k, -1).transpose(1, 2)
+
+
+class ConditionalModel(nn.Module):
+    """eps_hat = denoiser(image, patches, concat[P, Y_t], t); `encode` and `denoise` split it so that
+    sampling runs the encoders once per image."""
+
+    def __init__(self, num_classes: int, grid_size: int, feature_dim: int, num_timesteps: int,
+                 image_encoder: str = "vit_s", patch_encoder: str = "resnet18") -> None:
+        super().__init__()
+        self.num_classes, self.grid_size = num_classes, grid_size
+        assert image_encoder in ENCODERS, f"image encoder must be one of {sorted(ENCODERS)}, got {image_encoder!r}"
+        self.image_encoder = ImageEncoderViT(**ENCODERS[image_encoder])
+        self.image_proj = nn.Conv2d(self.image_encoder.embed_dim, feature_dim, kernel_size=1)
+        self.image_norm = nn.BatchNorm1d(feature_dim)
+        self.patch_encoder = PatchEncoder(patch_encoder, feature_dim)
+        self.token_logits = nn.Parameter(torch.randn(1, feature_dim, grid_size + 1))  # theta
+        self.cc1 = ConditionalConv2d(2 * num_classes, feature_dim, num_timesteps)
+        self.norm1 = nn.BatchNorm2d(feature_dim)
+        self.cc2 = ConditionalConv2d(feature_dim, feature_dim, num_timesteps)
+        self.norm2 = nn.BatchNorm2d(feature_dim)
+        self.cc3 = ConditionalConv2d(feature_dim, feature_dim, num_timesteps)
+        self.norm3 = nn.BatchNorm2d(feature_dim)
+        self.out = nn.Conv2d(feature_dim, num_classes, kernel_size=1)
+
+    def load_pretrained(self, efficientsam_weights: str | None, patch_encoder_weights: str | None) -> None:
+        """Initialise the encoders of a new run: the EfficientSAM file (or random init, warned) and
+        the patch CNN (None, "imagenet" or a file)."""
+        if efficientsam_weights is None:
+            logger.warning("model.efficientsam_weights is null: the EfficientSAM image encoder starts from "
+                           "random init; results will be below the paper's (see README, pretrained weights)")
+        else:
+            try:
+                load_efficientsam_encoder(self.image_encoder, efficientsam_weights)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"config key model.efficientsam_weights: {err}") from None
+        self.patch_encoder.trunk.load_weights(patch_encoder_weights, key="model.patch_encoder_weights")
+
+    def encode(self, image: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Image (B, 3, H, W) and ROI patches (B, K, r, r) -> condition x_w (B, F)."""
+        assert patches.shape[1] == self.grid_size, \
+            f"need K = {self.grid_size} patches (one per grid row), got {patches.shape[1]}"
+        g = self.image_norm(self.image_proj(self.image_encoder(image)).mean(dim=(2, 3)))
+        tokens = torch.cat([g[:, :, None], self.patch_encoder(patches)], dim=2)  # (B, F, K+1)
+        return (tokens * torch.softmax(self.token_logits, dim=2)).sum(dim=2)
+
+    def denoise(self, x_w: torch.Tensor, y_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Condition (B, F), concat[P, Y_t] (B, 2C, K, K), per-cell t (B, K, K) -> eps_hat (B, C, K, K)."""
+        assert y_in.shape[1] == 2 * self.num_classes and y_in.shape[2:] == (self.grid_size, self.grid_size), \
+            f"y_in must be (B, {2 * self.num_classes}, {self.grid_size}, {self.grid_size}), got {tuple(y_in.shape)}"
+        assert t.shape == (y_in.shape[0], self.grid_size, self.grid_size), \
+            f"t must be (B, K, K) = {(y_in.shape[0], self.grid_size, self.grid_size)}, got {tuple(t.shape)}"
+        y = F.softplus(self.norm1(self.cc1(y_in, t)))
+        y = x_w[:, :, None, None] * y
+        y = F.softplus(self.norm2(self.cc2(y, t)))
+        y = F.softplus(self.norm3(self.cc3(y, t)))
+        return self.out(y)
+
+    def forward(self, image: torch.Tensor, patches: torch.Tensor, y_in: torch.Tensor, t: torch.Tensor
+                ) -> torch.Tensor:
+        return self.denoise(self.encode(image, patches), y_in, t)
+
+
+def build_denoiser(cfg: dict) -> ConditionalModel:
+    """The denoiser described by a config."""
+    m = cfg["model"]
+    return ConditionalModel(cfg["data"]["num_classes"], cfg["dcg"]["num_rois"], m["feature_dim"],
+                            cfg["diffusion"]["timesteps"], m["image_encoder"], m["patch_encoder"])

@@ -1,0 +1,158 @@
+"""Tests for the metrics in utils.py; expected values are worked out by hand in the comments."""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from utils import (
+    classification_metrics,
+    confusion_matrix,
+    confusion_matrix_image,
+    multilabel_metrics,
+)
+
+# N=8, C=3.  sample: true, pred (argmax), raw scores (s0, s1, s2)
+#   0: 0 0 ( 5,  1, -2)    4: 1 1 ( 0,  3, -3)
+#   1: 0 0 ( 3,  2,  0)    5: 2 0 ( 4, -2,  1)
+#   2: 0 1 ( 1,  4, -1)    6: 2 1 (-2,  5,  3)
+#   3: 1 1 (-1,  6,  2)    7: 2 2 (-3, -1,  7)
+Y3 = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+S3 = np.array([[5, 1, -2], [3, 2, 0], [1, 4, -1], [-1, 6, 2],
+               [0, 3, -3], [4, -2, 1], [-2, 5, 3], [-3, -1, 7]], dtype=float)
+
+
+def test_hand_example_three_classes():
+    m = classification_metrics(Y3, S3)
+    assert set(m) == {"acc", "balanced_acc", "precision", "recall", "f1", "auc", "kappa"}
+    # confusion (rows true): [[2,1,0],[0,2,0],[1,1,1]]; 5 correct of 8
+    assert m["acc"] == pytest.approx(5 / 8)
+    # recall per class 2/3, 2/2, 1/3 -> mean 2/3
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["balanced_acc"] == pytest.approx(2 / 3)
+    # precision per predicted column: 2/3, 2/4, 1/1 -> (2/3 + 1/2 + 1)/3 = 13/18
+    assert m["precision"] == pytest.approx(13 / 18)
+    # F1: c0 2/3; c1 2*(1/2*1)/(3/2) = 2/3; c2 2*(1/3)/(4/3) = 1/2 -> 11/18
+    assert m["f1"] == pytest.approx(11 / 18)
+    # AUC (concordant pos>neg pairs / all pairs):
+    #   c0 pos {5,3,1} neg {-1,0,4,-2,-3}: 5+4+4 = 13/15
+    #   c1 pos {6,3} neg {1,2,4,-2,5,-1}: 6+4 = 10/12
+    #   c2 pos {1,3,7} neg {-2,0,-1,2,-3}: 4+5+5 = 14/15
+    #   macro = (13/15 + 5/6 + 14/15)/3 = 79/90
+    assert m["auc"] == pytest.approx(79 / 90)
+    # quadratic kappa, w=(i-j)^2: sum(w*O) = 1*1 + 4*1 + 1*1 = 6
+    # E = outer(rows [3,2,3], cols [3,4,1]) / 8; sum(w*E) = (12+12+6+2+36+12)/8 = 10
+    # kappa = 1 - 6/10
+    assert m["kappa"] == pytest.approx(0.4)
+
+
+def test_perfect_prediction_all_ones():
+    y = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    s = np.eye(4)[y] * 3.0 - 1.0
+    m = classification_metrics(y, s)
+    for k, v in m.items():
+        assert v == pytest.approx(1.0), k
+
+
+def test_absent_class_auc_mean_of_others_and_warns(caplog):
+    # y = [0,0,1,1], class 2 never occurs -> its AUC is undefined.
+    # c0: pos {2,0} neg {1,-1}: 2>1, 2>-1, 0>-1, 0<1 -> 3/4
+    # c1: pos {0,3} neg {0,1}: tie 0=0 counts 1/2, 0<1, 3>0, 3>1 -> 2.5/4
+    y = np.array([0, 0, 1, 1])
+    s = np.array([[2, 0, -1], [0, 1, -1], [1, 0, 0], [-1, 3, 0]], dtype=float)
+    with caplog.at_level(logging.WARNING, logger="metrics"):
+        m = classification_metrics(y, s)
+    assert m["auc"] == pytest.approx((0.75 + 0.625) / 2)
+    warns = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warns and "2" in warns[0].getMessage()
+
+
+def test_binary_case():
+    # y = [0,0,1,1,1]; preds [0,1,1,0,1]; confusion [[1,1],[1,2]]
+    y = np.array([0, 0, 1, 1, 1])
+    s = np.array([[2, 1], [0, 1], [1, 3], [3, 0], [-1, 2]], dtype=float)
+    m = classification_metrics(y, s)
+    assert m["acc"] == pytest.approx(3 / 5)
+    assert m["balanced_acc"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert m["precision"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert m["f1"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # c0 (column 0): pos {2,0} neg {1,3,-1}: 2 + 1 = 3/6
+    # c1 (column 1): pos {3,0,2} neg {1,1}: 2 + 0 + 2 = 4/6 -> macro 7/12
+    assert m["auc"] == pytest.approx(7 / 12)
+    # C=2 quadratic = unweighted: po = 3/5, pe = (2*2 + 3*3)/25 = 13/25 -> (2/25)/(12/25)
+    assert m["kappa"] == pytest.approx(1 / 6)
+
+
+def test_single_class_degenerate_no_exception(caplog):
+    with caplog.at_level(logging.WARNING, logger="metrics"):
+        m = classification_metrics(np.array([0, 0]), np.array([[1.0, 0.0], [2.0, 1.0]]))
+    assert m["acc"] == 1.0
+    assert m["kappa"] == 0.0
+    assert math.isnan(m["auc"])
+
+
+def test_multilabel_hand_example(caplog):
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    p = np.array([[0.9, 0.2, 0.1], [0.4, 0.6, 0.3], [0.3, 0.7, 0.6], [0.2, 0.1, 0.2]])
+    with caplog.at_level(logging.WARNING, logger="metrics"):
+        m = multilabel_metrics(y, p, names=["a", "b", "c"])
+    # a: pos {.9,.3} neg {.4,.2}: 2 + 1 = 3/4;  b: pos {.6,.7} neg {.2,.1}: 4/4
+    assert m["auc/a"] == pytest.approx(0.75)
+    assert m["auc/b"] == pytest.approx(1.0)
+    assert math.isnan(m["auc/c"])  # all negative
+    assert m["auc"] == pytest.approx(0.875)
+    assert any("c" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    # pred @0.5: [[1,0,0],[0,1,0],[0,1,1],[0,0,0]]
+    # F1 a: TP1 FN1 -> 2/3; b: TP2 -> 1; c: FP1 -> 0; macro 5/9.  2 wrong of 12 elements.
+    assert m["f1"] == pytest.approx(5 / 9)
+    assert m["acc"] == pytest.approx(10 / 12)
+
+
+def test_multilabel_default_names():
+    m = multilabel_metrics(np.array([[1, 0], [0, 1]]), np.array([[0.8, 0.3], [0.1, 0.9]]))
+    assert set(m) == {"auc", "auc/0", "auc/1", "f1", "acc"}
+    assert m["auc"] == pytest.approx(1.0)
+
+
+def test_confusion_matrix_counts():
+    cm = confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 4)
+    expected = np.array([[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]])
+    assert cm.dtype == np.int64
+    np.testing.assert_array_equal(cm, expected)
+
+
+@pytest.mark.parametrize("c", [2, 7, 15])
+def test_confusion_matrix_image_shape_and_colour(c):
+    cell = 48
+    cm = np.diag(np.arange(1, c + 1) * 10)
+    img = confusion_matrix_image(cm, cell=cell)
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    assert img.shape[0] > c * cell and img.shape[1] > c * cell
+    grid = img[-c * cell:, -c * cell:].astype(int)  # grid is flush bottom-right
+    diag, off = grid[3, 3], grid[3, cell + 3]  # corners of cells (0,0) and (0,1), away from text
+    assert diag.sum() < off.sum()  # darker
+    assert diag[2] > diag[0]  # blue dominates red
+    assert tuple(off) == (255, 255, 255)
+
+
+def test_confusion_matrix_image_with_names():
+    img = confusion_matrix_image(np.array([[3, 1], [0, 4]]), class_names=["benign", "malignant"])
+    assert img.shape[2] == 3 and img.dtype == np.uint8
+
+
+def test_bad_inputs():
+    with pytest.raises((AssertionError, ValueError), match="0..2"):
+        classification_metrics(np.array([0, 3]), np.zeros((2, 3)))
+    with pytest.raises((AssertionError, ValueError), match="samples"):
+        classification_metrics(np.array([0, 1, 2]), np.zeros((2, 3)))
+    with pytest.raises((AssertionError, ValueError), match="C >= 2"):
+        classification_metrics(np.array([0, 0]), np.zeros((2, 1)))
+    with pytest.raises((AssertionError, ValueError), match="empty"):
+        classification_metrics(np.array([], dtype=int), np.zeros((0, 3)))
+    with pytest.raises((AssertionError, ValueError), match="shape"):
+        multilabel_metrics(np.zeros((2, 3)), np.zeros((2, 2)))
+    with pytest.raises((AssertionError, ValueError), match="0 and 1"):
+        multilabel_metrics(np.array([[2, 0]]), np.zeros((1, 2)))
+    with pytest.raises((AssertionError, ValueError), match="0..1"):
+        confusion_matrix(np.array([0, 2]), np.array([0, 1]), 2)
