@@ -133,7 +133,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for key, value, base in updates:
         if key not in defaults:
             near = [k for k in defaults if k.split(".")[-1] == key.split(".")[-1]]
-            hint = f" (did you mean {near[0]}?)" if near else ""
+            hint = f" (did you mean {' or '.join(near)}?)" if near else ""
             raise ConfigError(f"unknown config key {key}{hint}")
         value = _check_type(key, value, defaults[key])
         if key in PATH_KEYS and isinstance(value, str) and value not in PATH_KEYWORDS.get(key, ()):

@@ -1,0 +1,128 @@
+"""The command line end to end: the demo as a user runs it, evaluation from saved checkpoints,
+resuming, predict's CSV, and config errors (exit code 2, one line, nothing written)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# A smaller demo for the plumbing tests (the full demo has its own test below).
+TINY = ["data.synthetic.num_train=64", "data.synthetic.num_val=32", "data.synthetic.num_test=24",
+        "data.batch_size=16", "dcg.batch_size=16", "dcg.epochs=1", "model.feature_dim=16",
+        "trainer.max_epochs=2", "trainer.val_every=1"]
+
+
+def cli(*args: str, cwd: Path = ROOT, script: str = "diffuser_trainer.py") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    args = [f"trainer.log_dir={logs}", *TINY]
+    ok(cli("fit", *args))
+    return logs, args
+
+
+def test_fit_writes_run_directory(tiny_run):
+    logs, _ = tiny_run
+    run = logs / "demo" / "version_0"
+    assert (logs / "demo" / "dcg.pt").is_file(), "fit must pre-train and save the DCG when it is missing"
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert list(run.glob("events.out.tfevents.*")), "TensorBoard events missing"
+    assert (run / "config.yaml").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) >= {"checkpoint", "val", "test", "selection"}
+    assert set(metrics["test"]) == {"acc", "balanced_acc", "precision", "recall", "f1", "auc", "kappa"}
+
+
+def test_tensorboard_has_metrics_and_confusion_matrix(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logs, _ = tiny_run
+    events = EventAccumulator(str(logs / "demo" / "version_0"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/f1", "val/auc", "val/kappa", "test/acc"} <= scalars
+    assert any(tag.startswith("lr") for tag in scalars)
+    assert "val/confusion_matrix" in events.Tags()["images"]
+
+
+def test_validate_and_test_reproduce_fit_metrics(tiny_run, tmp_path):
+    logs, args = tiny_run
+    fit = json.loads((logs / "demo" / "version_0" / "metrics.json").read_text())
+    ok(cli("validate", "--ckpt", "best", "--out", str(tmp_path / "val.json"), *args))
+    ok(cli("test", "--ckpt", str(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt"),
+           "--out", str(tmp_path / "test.json"), *args))
+    val = json.loads((tmp_path / "val.json").read_text())["val"]
+    test = json.loads((tmp_path / "test.json").read_text())["test"]
+    assert val == pytest.approx(fit["val"], abs=1e-9)
+    assert test == pytest.approx(fit["test"], abs=1e-9)
+    assert val["f1"] == pytest.approx(fit["selection"]["best_score"], abs=1e-6)
+
+
+def test_predict_writes_one_row_per_image(tiny_run, tmp_path):
+    _, args = tiny_run
+    ok(cli("predict", "--ckpt", "best", "--out", str(tmp_path / "pred.csv"), *args))
+    rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
+    assert len(rows) == 24
+    names = ["h_stripes", "v_stripes", "checker", "ring"]
+    assert list(rows[0]) == ["image", "label"] + [f"score_{n}" for n in names] + ["pred", "pred_name", "spread"]
+    for row in rows:
+        scores = [float(row[f"score_{n}"]) for n in names]
+        assert int(row["pred"]) == scores.index(max(scores)) and row["pred_name"] == names[int(row["pred"])]
+        assert float(row["spread"]) >= 0
+
+
+def test_resume_from_last_continues_the_same_version(tiny_run):
+    logs, args = tiny_run
+    ok(cli("fit", "--ckpt", "last", *args, "trainer.max_epochs=3"))
+    import torch
+    last = torch.load(logs / "demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2, "resuming from epoch 2 with max_epochs 3 must train exactly one more epoch"
+    assert not (logs / "demo" / "version_1" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["optim.lrr=0.1"], "optim.lrr"),
+    (["trainer.max_epochs=many"], "trainer.max_epochs"),
+    (["model.image_encoder=vit_h"], "model.image_encoder"),
+    (["model.efficientsam_weights=/nonexistent/efficient_sam_vits.pt"], "/nonexistent/efficient_sam_vits.pt"),
+    (["--config", "/nonexistent/config.yml"], "/nonexistent/config.yml"),
+    (["data.dataset=list"], "data.root"),
+    (["dcg.num_rois=9"], "dcg.num_rois"),
+    (["validate", "--ckpt", "best"], "best.ckpt"),
+])
+def test_config_error_exits_2_with_one_line(tmp_path, args, needle):
+    logs = tmp_path / "logs"
+    result = cli(*args, f"trainer.log_dir={logs}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not logs.exists(), "a config error must not write anything"
+
+
+def test_train_dcg_script_alone(tmp_path):
+    ok(cli(f"trainer.log_dir={tmp_path}", *TINY, "dcg.ckpt=" + str(tmp_path / "dcg_alone.pt"),
+           script="pretraining/train_dcg.py"))
+    assert (tmp_path / "dcg_alone.pt").is_file()
+
+
+def test_demo_default_command_reaches_accuracy(tmp_path):
+    """`python diffuser_trainer.py` exactly as in the README (only the log folder moved)."""
+    ok(cli(f"trainer.log_dir={tmp_path}", cwd=tmp_path))
+    metrics = json.loads((tmp_path / "demo" / "version_0" / "metrics.json").read_text())
+    assert metrics["test"]["acc"] >= 0.8, metrics

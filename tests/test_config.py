@@ -1,0 +1,87 @@
+"""Config loading: merge over defaults, overrides, types, paths, errors that name the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import PROJECT_ROOT, ConfigError, check_paths, dcg_ckpt_path, load_config
+
+
+def write(tmp_path: Path, content: dict) -> Path:
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_demo_is_the_default_and_merges_over_defaults():
+    cfg = load_config()
+    assert cfg["name"] == "demo" and cfg["data"]["dataset"] == "synthetic"
+    assert cfg["diffusion"]["timesteps"] == 1000 and cfg["diffusion"]["sampling_steps"] == 10  # from default.yml
+
+
+def test_every_config_key_has_a_default():
+    default = yaml.safe_load((PROJECT_ROOT / "configs" / "default.yml").read_text())
+    for path in (PROJECT_ROOT / "configs").glob("*.yml"):
+        load_config(path)  # raises on any key default.yml lacks
+    assert default["model"]["feature_dim"] == 6144 and default["dcg"]["num_rois"] == 6  # paper defaults
+
+
+def test_overrides_parse_types():
+    cfg = load_config(None, ["optim.lr=1e-3", "trainer.max_epochs=3", "data.vertical_flip=true",
+                             "optim.betas=[0.5, 0.9]", "trainer.devices=1", "data.class_names=null"])
+    assert cfg["optim"]["lr"] == 1e-3 and isinstance(cfg["optim"]["lr"], float)
+    assert cfg["trainer"]["max_epochs"] == 3 and cfg["data"]["vertical_flip"] is True
+    assert cfg["optim"]["betas"] == [0.5, 0.9] and cfg["trainer"]["devices"] == 1
+    assert cfg["data"]["class_names"] is None
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.learning_rate=1", "unknown config key optim.learning_rate"),
+    ("lr=1", "did you mean dcg.lr or optim.lr"),
+    ("trainer.max_epochs=1.5", "trainer.max_epochs"),
+    ("data.vertical_flip=1", "data.vertical_flip"),
+    ("data.dataset=imagenet", "data.dataset"),
+    ("data.image_size=100", "data.image_size"),
+    ("data.class_names=[a, b]", "data.class_names"),
+    ("diffusion.sampling_steps=0", "diffusion.sampling_steps"),
+    ("no_equals_sign", "key.sub=value"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_paths_in_yaml_are_relative_to_the_repository(tmp_path):
+    cfg = load_config(write(tmp_path, {"data": {"root": "some/images"}}))
+    assert cfg["data"]["root"] == str(PROJECT_ROOT / "some" / "images")
+
+
+def test_paths_on_the_command_line_are_relative_to_the_shell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.root=images", "dcg.backbone_weights=imagenet"])
+    assert cfg["data"]["root"] == str(tmp_path / "images")
+    assert cfg["dcg"]["backbone_weights"] == "imagenet"  # a keyword, not a path
+
+
+def test_missing_inputs_are_reported(tmp_path):
+    cfg = load_config(None, [f"model.efficientsam_weights={tmp_path / 'nope.pt'}"])
+    with pytest.raises(ConfigError, match="model.efficientsam_weights.*nope.pt"):
+        check_paths(cfg, need_dcg=False)
+    cfg = load_config(None, [f"dcg.ckpt={tmp_path / 'dcg.pt'}"])
+    check_paths(cfg, need_dcg=False)  # fit pre-trains a missing DCG
+    with pytest.raises(ConfigError, match="dcg.ckpt"):
+        check_paths(cfg, need_dcg=True)
+
+
+def test_default_dcg_path_is_inside_the_run_folder(tmp_path):
+    cfg = load_config(None, [f"trainer.log_dir={tmp_path}"])
+    assert dcg_ckpt_path(cfg) == tmp_path / "demo" / "dcg.pt"
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yml"
+    path.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="broken.yml"):
+        load_config(path)

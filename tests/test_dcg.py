@@ -1,0 +1,286 @@
+"""Tests for pretraining/dcg.py: top-t pooling, greedy ROI proposal, cropping, gated attention MIL
+and the DCG forward (SPEC section 2)."""
+import numpy as np
+import pytest
+import torch
+
+from pretraining.dcg import (DCG, GatedAttentionMIL, build_dcg, cells_to_pixels, crop_patches, propose_rois,
+                             roi_window, top_t_pool)
+
+
+def greedy_reference(cam: torch.Tensor, num_rois: int, window: int) -> list[list[tuple[int, int]]]:
+    """SPEC 2.3 written as plain loops: min-max normalise each class map, sum over classes, then K times
+    take the window x window box with the largest average (first one in row-major order on ties),
+    record its upper-left cell and zero the box."""
+    values = cam.tolist()
+    out = []
+    for per_class in values:
+        h, w = len(per_class[0]), len(per_class[0][0])
+        score = [[0.0] * w for _ in range(h)]
+        for plane in per_class:
+            flat = [v for row in plane for v in row]
+            lo, hi = min(flat), max(flat)
+            for i in range(h):
+                for j in range(w):
+                    score[i][j] += (plane[i][j] - lo) / (hi - lo)
+        picks = []
+        for _ in range(num_rois):
+            best, where = -1.0, None
+            for r in range(h - window + 1):
+                for c in range(w - window + 1):
+                    total = 0.0
+                    for di in range(window):
+                        for dj in range(window):
+                            total += score[r + di][c + dj]
+                    if total / window ** 2 > best:
+                        best, where = total / window ** 2, (r, c)
+            picks.append(where)
+            for di in range(window):
+                for dj in range(window):
+                    score[where[0] + di][where[1] + dj] = 0.0
+        out.append(picks)
+    return out
+
+
+def as_list(cells: torch.Tensor) -> list[list[tuple[int, int]]]:
+    return [[tuple(p) for p in per] for per in cells.tolist()]
+
+
+# --------------------------------------------------------------------------- top-t pooling, window
+
+def test_top_t_pool_hand_values():
+    s = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[-1.0, 5.0], [0.0, 2.0]]]])  # (1, 2, 2, 2)
+    torch.testing.assert_close(top_t_pool(s, 1.0), torch.tensor([[2.5, 1.5]]))   # mean over positions
+    torch.testing.assert_close(top_t_pool(s, 0.5), torch.tensor([[3.5, 3.5]]))   # mean of (4, 3) and (5, 2)
+    torch.testing.assert_close(top_t_pool(s, 0.25), torch.tensor([[4.0, 5.0]]))  # max
+
+
+def test_top_t_pool_shape_and_grad():
+    s = torch.randn(3, 4, 7, 7, requires_grad=True)
+    y = top_t_pool(s, 1.0)
+    assert y.shape == (3, 4)
+    y.sum().backward()
+    torch.testing.assert_close(s.grad, torch.full_like(s, 1 / 49))
+
+
+@pytest.mark.parametrize("roi, cam, image, expected", [
+    (32, 7, 224, 1), (112, 7, 224, 4), (32, 2, 64, 1), (64, 7, 224, 2), (8, 7, 224, 1)])
+def test_roi_window(roi, cam, image, expected):
+    assert roi_window(roi, cam, image) == expected
+
+
+# --------------------------------------------------------------------------- ROI proposal
+
+def hand_cam() -> torch.Tensor:
+    """(2, 7, 7): class 0 min 0 max 10, class 1 min -3 max 5. Normalised sum:
+    (6,0) 0.1 + 1.0 = 1.1, (1,2) 1.0, (4,4) 0.4 + 0.25 = 0.65, (3,3) 0.375, (0,6) 0.2, rest 0."""
+    cam = torch.zeros(2, 7, 7)
+    cam[0, 1, 2], cam[0, 4, 4], cam[0, 0, 6], cam[0, 6, 0] = 10.0, 4.0, 2.0, 1.0
+    cam[1] = -3.0
+    cam[1, 6, 0], cam[1, 4, 4], cam[1, 3, 3] = 5.0, -1.0, 0.0
+    return cam
+
+
+def test_propose_rois_window1_hand():
+    cam = hand_cam()
+    batch = torch.stack([cam, cam.flip(1, 2)])  # second image: the same CAM rotated by 180 degrees
+    cells = propose_rois(batch, num_rois=4, window=1)
+    assert cells.shape == (2, 4, 2) and cells.dtype == torch.long
+    assert as_list(cells)[0] == [(6, 0), (1, 2), (4, 4), (3, 3)]
+    assert as_list(cells)[1] == [(0, 6), (5, 4), (2, 2), (3, 3)]
+    assert as_list(cells) == greedy_reference(batch, 4, 1)
+
+
+def test_propose_rois_minmax_normalisation():
+    batch = hand_cam()[None]
+    scaled = batch.clone()
+    scaled[:, 0] *= 100.0
+    scaled[:, 1] += 50.0
+    # without per-class normalisation the choice would change: raw sums rank (1, 2) first
+    raw = scaled.sum(1).flatten(1).argmax(1)
+    assert divmod(int(raw), 7) == (1, 2)
+    assert torch.equal(propose_rois(scaled, 4, 1), propose_rois(batch, 4, 1))
+    assert torch.equal(propose_rois(scaled, 3, 2), propose_rois(batch, 3, 2))
+
+
+def test_propose_rois_window2_hand_overlapping():
+    s = torch.zeros(1, 1, 7, 7)
+    s[0, 0, 2:4, 2:4] = 9.0
+    s[0, 0, 3, 4] = s[0, 0, 4, 3] = s[0, 0, 4, 4] = 6.0
+    s[0, 0, 6, 0] = 10.0
+    cells = propose_rois(s, num_rois=3, window=2)
+    # (2,2): avg 0.9; zero rows 2-3, cols 2-3; (3,3) (overlapping the zeroed box): (0 + .6*3)/4 = .45;
+    # then the box holding the isolated max (6,0): upper-left (5,0), avg 0.25
+    assert as_list(cells) == [[(2, 2), (3, 3), (5, 0)]]
+    assert as_list(cells) == greedy_reference(s, 3, 2)
+
+
+def test_propose_rois_window4_hand():
+    s = torch.zeros(1, 1, 7, 7)
+    s[0, 0, 5:, 5:] = 1.0
+    s[0, 0, 0, 6] = 0.5
+    cells = propose_rois(s, num_rois=2, window=4)
+    assert as_list(cells) == [[(3, 3), (0, 3)]]
+
+
+@pytest.mark.parametrize("size, num_rois, window", [(7, 6, 1), (7, 6, 2), (7, 4, 4), (7, 3, 3), (2, 3, 1)])
+def test_propose_rois_matches_greedy_reference(size, num_rois, window):
+    g = torch.Generator().manual_seed(size * 100 + num_rois * 10 + window)
+    cam = torch.randn(4, 3, size, size, generator=g, dtype=torch.float64)
+    cells = propose_rois(cam, num_rois, window)
+    assert cells.shape == (4, num_rois, 2)
+    assert as_list(cells) == greedy_reference(cam, num_rois, window)
+    # also in float32, as the DCG calls it
+    assert as_list(propose_rois(cam.float(), num_rois, window)) == greedy_reference(cam, num_rois, window)
+
+
+def test_propose_rois_no_cross_talk():
+    g = torch.Generator().manual_seed(11)
+    cam = torch.randn(3, 2, 7, 7, generator=g)
+    for window, k in [(1, 6), (2, 5), (4, 3)]:
+        together = propose_rois(cam, k, window)
+        for b in range(3):
+            assert torch.equal(together[b], propose_rois(cam[b:b + 1], k, window)[0])
+
+
+# --------------------------------------------------------------------------- cells -> pixels, crops
+
+def test_cells_to_pixels():
+    cells = torch.tensor([[[3, 6], [0, 1]], [[6, 0], [5, 2]]])
+    px = cells_to_pixels(cells, (7, 7), (224, 224))
+    assert px.dtype == torch.long
+    assert px.tolist() == [[[96, 192], [0, 32]], [[192, 0], [160, 64]]]
+    # non-integer scale: round(3 / 7 * 100) = 43, round(1 / 7 * 100) = 14; rows and columns scale apart
+    assert cells_to_pixels(torch.tensor([[[3, 1]]]), (7, 7), (100, 100)).tolist() == [[[43, 14]]]
+    assert cells_to_pixels(torch.tensor([[[1, 1]]]), (2, 4), (64, 128)).tolist() == [[[32, 32]]]
+
+
+def make_image(b: int = 2, size: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(4)
+    image = torch.rand(b, 3, size, size, generator=g)
+    image[0, 0] -= 2.0   # first-channel minima differ per image
+    image[1, 0] -= 5.0
+    image[:, 1] -= 20.0  # channel 1 holds the global minimum: it must not be used
+    return image
+
+
+def test_crop_patches_in_range():
+    image = make_image()
+    corners = torch.tensor([[[0, 0], [5, 9]], [[12, 3], [2, 12]]])
+    r = 4
+    patches = crop_patches(image, corners, r)
+    assert patches.shape == (2, 2, r, r)
+    for b in range(2):
+        for k in range(2):
+            y, x = corners[b, k].tolist()
+            assert torch.equal(patches[b, k], image[b, 0, y:y + r, x:x + r])
+            assert not torch.equal(patches[b, k], image[b, 1, y:y + r, x:x + r])
+
+
+def test_crop_patches_outside_filled_with_first_channel_min():
+    image = make_image()
+    corners = torch.tensor([[[14, 13]], [[13, 15]]])  # near the bottom-right edge of a 16 x 16 image
+    patches = crop_patches(image, corners, 4)
+    for b, (y, x) in enumerate([(14, 13), (13, 15)]):
+        fill = image[b, 0].min()
+        expected = torch.full((4, 4), float(fill))
+        inside = image[b, 0, y:, x:]
+        expected[:inside.shape[0], :inside.shape[1]] = inside
+        assert torch.equal(patches[b, 0], expected)
+    # the fills differ between the two images (about -2 and -5), and are not the channel-1 minimum
+    assert patches[0, 0, -1, -1] > -3 and patches[1, 0, -1, -1] < -4
+    assert patches.min() > -10
+
+
+# --------------------------------------------------------------------------- gated attention MIL
+
+def test_gated_attention_mil_hand():
+    torch.manual_seed(0)
+    mil = GatedAttentionMIL(in_dim=8, num_classes=3, hidden=5)
+    h = torch.randn(2, 4, 8)
+    z, a, y = mil(h)
+    assert z.shape == (2, 8) and a.shape == (2, 4) and y.shape == (2, 3)
+    torch.testing.assert_close(a.sum(1), torch.ones(2))
+    # a = softmax_K(w^T (sigmoid(U h) * tanh(V h))), by hand with the module's matrices
+    U, V, w = mil.gate_u.weight, mil.gate_v.weight, mil.score_w.weight[0]
+    s = torch.stack([torch.stack([w @ (torch.sigmoid(U @ h[b, k]) * torch.tanh(V @ h[b, k]))
+                                  for k in range(4)]) for b in range(2)])
+    expected_a = torch.exp(s) / torch.exp(s).sum(1, keepdim=True)
+    torch.testing.assert_close(a, expected_a)
+    expected_z = torch.stack([sum(expected_a[b, k] * h[b, k] for k in range(4)) for b in range(2)])
+    torch.testing.assert_close(z, expected_z)
+    torch.testing.assert_close(y, expected_z @ mil.classifier.weight.T)
+    assert mil.classifier.bias is None and mil.gate_u.bias is None and mil.score_w.bias is None
+
+
+def test_gated_attention_mil_permutation_and_uniform():
+    torch.manual_seed(1)
+    mil = GatedAttentionMIL(in_dim=6, num_classes=2)
+    h = torch.randn(1, 5, 6)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    z, a, y = mil(h)
+    zp, ap, yp = mil(h[:, perm])
+    torch.testing.assert_close(ap, a[:, perm])
+    torch.testing.assert_close(zp, z)
+    torch.testing.assert_close(yp, y)
+    same = h[:, :1].expand(1, 5, 6)
+    z1, a1, _ = mil(same)
+    torch.testing.assert_close(a1, torch.full((1, 5), 0.2))
+    torch.testing.assert_close(z1, h[:, 0])
+
+
+# --------------------------------------------------------------------------- DCG forward
+
+@pytest.mark.parametrize("image_size, num_rois", [(64, 3), (224, 6)])
+def test_dcg_forward(make_dcg, image_size, num_rois):
+    dcg = make_dcg(image_size=image_size, num_rois=num_rois).eval()
+    cam = image_size // 32
+    b, c = 2, 3
+    image = torch.randn(b, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    out = dcg(image)
+    assert out.y_fusion.shape == out.y_global.shape == out.y_local.shape == (b, c)
+    assert out.patches.shape == (b, num_rois, 32, 32)
+    assert out.attention.shape == (b, num_rois)
+    assert out.saliency.shape == (b, c, cam, cam)
+    for t in out:
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(out.y_fusion, (out.y_global + out.y_local) / 2)
+    torch.testing.assert_close(out.y_global, out.saliency.mean(dim=(2, 3)))  # percent_t = 1.0
+    torch.testing.assert_close(out.attention.sum(1), torch.ones(b))
+    # patches: first-channel crops at the top-K cells of the normalised saliency (window 1), cell * 32 px
+    s = out.saliency.detach().double().numpy()
+    lo, hi = s.min(axis=(2, 3), keepdims=True), s.max(axis=(2, 3), keepdims=True)
+    score = ((s - lo) / (hi - lo)).sum(1).reshape(b, -1)
+    for bi in range(b):
+        order = np.argsort(-score[bi], kind="stable")[:num_rois]
+        for k, cell in enumerate(order):
+            y, x = (cell // cam) * 32, (cell % cam) * 32
+            assert torch.equal(out.patches[bi, k], image[bi, 0, y:y + 32, x:x + 32])
+
+
+def test_dcg_gradients_reach_both_trunks(make_dcg):
+    dcg = make_dcg().train()
+    image = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    out = dcg(image)
+    (out.y_fusion.sum() + out.y_local.pow(2).sum()).backward()
+    for name, p in dcg.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    for part in (dcg.global_trunk, dcg.local_trunk, dcg.saliency_conv, dcg.mil):
+        first = next(part.parameters())
+        assert first.grad.abs().sum() > 0
+
+
+def test_dcg_rejects_bad_config():
+    with pytest.raises(AssertionError):
+        DCG(num_classes=2, image_size=100, num_rois=3, roi_size=32)
+    with pytest.raises(AssertionError):
+        DCG(num_classes=2, image_size=64, num_rois=5, roi_size=32)  # a 2 x 2 CAM holds 4 ROIs
+
+
+def test_build_dcg_from_config():
+    cfg = {"data": {"num_classes": 4, "image_size": 224},
+           "dcg": {"num_rois": 4, "roi_size": 112, "percent_t": 0.5}}
+    dcg = build_dcg(cfg)
+    assert (dcg.cam_size, dcg.num_rois, dcg.roi_size, dcg.percent_t, dcg.window) == (7, 4, 112, 0.5, 4)
+    assert dcg.saliency_conv.out_channels == 4 and dcg.saliency_conv.bias is None
