@@ -187,7 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
     parser.add_argument("--ckpt", help="checkpoint: a path, best or last (fit: resume from it)")
     parser.add_argument("--out", help="where validate/test/fit write metrics JSON, or predict its CSV")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     args.command = args.words.pop(0) if args.words and args.words[0] in COMMANDS else "fit"
     bad = [w for w in args.words if "=" not in w]
     if bad:

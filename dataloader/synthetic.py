@@ -1,9 +1,9 @@
 """The demo data set: images whose class is a small local texture at a random position.
 
-Every image has a noisy, smoothly shaded background, one distractor blob shared by all classes,
-and one `pattern_size` square holding its class texture (stripes of some orientation, a checker
-board, a ring, ...). The class cannot be read from global colour statistics, only from the local
-pattern, so the DCG's ROI branch has something to find. Generated deterministically from a seed.
+Every image has a noisy, smoothly shaded background, one distractor blob of random colour, and one
+`pattern_size` square holding its class texture (stripes of some orientation, a checker board, a
+ring, ...) in its class colour. The class is a property of that small square only, so the DCG's ROI
+branch has something to find. Generated deterministically from a seed.
 """
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def _texture(label: int, size: int) -> np.ndarray:
 
 
 NUM_TEXTURES = 8
+# Each class also has its own pattern colour (jittered). It only appears inside the small pattern, and a
+# distractor blob of random colour sits elsewhere, so the class is still a local property of the image.
+PALETTE = np.array([[0.9, 0.3, 0.3], [0.3, 0.85, 0.3], [0.3, 0.4, 0.95], [0.9, 0.85, 0.3],
+                    [0.8, 0.3, 0.9], [0.3, 0.9, 0.9], [0.95, 0.6, 0.2], [0.6, 0.6, 0.6]])
 
 
 def make_image(rng: np.random.Generator, label: int, image_size: int, pattern_size: int) -> np.ndarray:
@@ -40,9 +44,9 @@ def make_image(rng: np.random.Generator, label: int, image_size: int, pattern_si
     shade = rng.uniform(0.2, 0.5, 3) + rng.uniform(-0.15, 0.15, 3) * (yy[..., None] + xx[..., None])
     image = shade + rng.normal(0.0, 0.05, (s, s, 3))
     blob_y, blob_x = rng.integers(0, s - p, 2)
-    image[blob_y:blob_y + p, blob_x:blob_x + p] += rng.uniform(0.1, 0.3, 3)
+    image[blob_y:blob_y + p, blob_x:blob_x + p] = rng.uniform(0.2, 0.95, 3)
     y, x = rng.integers(0, s - p, 2)
-    colour = rng.uniform(0.5, 0.9, 3)
+    colour = np.clip(PALETTE[label] + rng.uniform(-0.1, 0.1, 3), 0.0, 1.0)
     mask = _texture(label, p)[..., None]
     image[y:y + p, x:x + p] = mask * colour + (1 - mask) * image[y:y + p, x:x + p]
     return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Pre-train the DiffMIC-v2 DCG guidance model.")
     parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)

@@ -1,0 +1,138 @@
+"""Data: split lists (CSV, the authors' pickles read safely), image modes, validation carving,
+the synthetic demo set and the transforms."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from config import ConfigError, load_config
+from dataloader.datamodule import build_datasets, carve_validation
+from dataloader.lists import ImageList, load_rgb, read_list
+from dataloader.synthetic import SyntheticPatterns
+from dataloader.transforms import build_transform
+
+
+def make_images(folder, count: int, size=(40, 30)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(folder / f"img_{k}.png")
+
+
+def test_csv_list_with_ids_without_extension(tmp_path):
+    make_images(tmp_path / "images", 4)
+    pd.DataFrame({"image_id": [f"img_{k}" for k in range(4)], "label": [0, 1, 2, 1]}).to_csv(tmp_path / "l.csv", index=False)
+    frame = read_list(tmp_path / "l.csv")
+    data = ImageList(frame, tmp_path / "images", 3, "l.csv", transform=None)
+    assert len(data) == 4 and data.paths[0].name == "img_0.png" and list(data.labels) == [0, 1, 2, 1]
+
+
+def test_authors_pickle_loads(tmp_path):
+    entries = [{"img_root": f"img_{k}.png", "label": k % 2} for k in range(3)]
+    (tmp_path / "train.pkl").write_bytes(pickle.dumps(entries))
+    frame = read_list(tmp_path / "train.pkl")
+    assert list(frame["path"]) == ["img_0.png", "img_1.png", "img_2.png"] and list(frame["label"]) == [0, 1, 0]
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_with_code_is_refused(tmp_path, capsys):
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps([{"img_root": "a.png", "label": Payload()}]))
+    with pytest.raises(ConfigError, match="evil.pkl.*only plain"):
+        read_list(tmp_path / "evil.pkl")
+    assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("path,label\n", "empty"),
+    ("path,grade\na.png,1\n", "label column"),
+    ("path,label\na.png,x\n", "row 0"),
+])
+def test_bad_lists_name_the_problem(tmp_path, content, needle):
+    (tmp_path / "l.csv").write_text(content)
+    with pytest.raises(ConfigError, match=needle):
+        read_list(tmp_path / "l.csv")
+
+
+def test_missing_images_and_bad_labels(tmp_path):
+    make_images(tmp_path / "images", 2)
+    frame = pd.DataFrame({"path": ["img_0.png", "nope_1.png", "nope_2.png"], "label": [0, 1, 1]})
+    with pytest.raises(ConfigError, match="2 image.*nope_1.png, nope_2.png"):
+        ImageList(frame, tmp_path / "images", 2, "train.csv")
+    frame = pd.DataFrame({"path": ["img_0.png", "img_1.png"], "label": [0, 5]})
+    with pytest.raises(ConfigError, match="row 1: label 5 is outside 0..1"):
+        ImageList(frame, tmp_path / "images", 2, "train.csv")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "I;16"])
+def test_images_become_rgb(tmp_path, mode):
+    array = np.arange(20 * 10, dtype=np.uint16 if mode == "I;16" else np.uint8).reshape(10, 20)
+    if mode == "I;16":
+        array = array * 300
+        image = Image.fromarray(array)
+    elif mode == "L":
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    else:
+        image = Image.fromarray(np.stack([array.astype(np.uint8)] * len(mode), -1), mode=mode)
+    image.save(tmp_path / "x.png")
+    rgb = load_rgb(tmp_path / "x.png")
+    assert rgb.mode == "RGB" and rgb.size == (20, 10)
+    channel = np.asarray(rgb)[..., 0]
+    # 16-bit is rescaled to the full 8-bit range (not clipped to white); 8-bit is unchanged
+    assert channel.max() == (255 if mode == "I;16" else 199) and channel.min() == 0
+
+
+def test_truncated_image_raises(tmp_path):
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError):
+        load_rgb(tmp_path / "cut.jpg")
+
+
+def test_carved_validation_is_stratified_and_seeded():
+    frame = pd.DataFrame({"path": [f"{k}.png" for k in range(100)], "label": [0] * 80 + [1] * 20})
+    train, val = carve_validation(frame, 0.1, seed=3)
+    again, val_again = carve_validation(frame, 0.1, seed=3)
+    assert len(val) == 10 and sorted(val["label"]) == [0] * 8 + [1] * 2
+    assert list(val["path"]) == list(val_again["path"]) and not set(val["path"]) & set(train["path"])
+
+
+def test_list_dataset_from_config(tmp_path):
+    make_images(tmp_path / "images", 12)
+    rows = pd.DataFrame({"path": [f"img_{k}.png" for k in range(12)], "label": [k % 3 for k in range(12)]})
+    rows[:9].to_csv(tmp_path / "train.csv", index=False)
+    rows[9:].to_csv(tmp_path / "test.csv", index=False)
+    cfg = load_config(None, ["data.dataset=list", f"data.root={tmp_path / 'images'}", "data.num_classes=3",
+                             f"data.train_list={tmp_path / 'train.csv'}", f"data.test_list={tmp_path / 'test.csv'}",
+                             "data.val_fraction=0.34", "data.class_names=null"])
+    sets = build_datasets(cfg)
+    assert (len(sets["train"]), len(sets["val"]), len(sets["test"])) == (5, 4, 3)  # val: ceil(9 * 0.34)
+    sample = sets["train"][0]
+    assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.float32
+
+
+def test_synthetic_set_is_deterministic_and_balanced():
+    a = SyntheticPatterns(40, 4, 64, 16, seed=1)
+    b = SyntheticPatterns(40, 4, 64, 16, seed=1)
+    c = SyntheticPatterns(40, 4, 64, 16, seed=2)
+    assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
+    assert np.bincount(a.labels).tolist() == [10, 10, 10, 10]
+
+
+def test_transforms_normalise_and_crop_square():
+    cfg = load_config(None, ["data.image_size=64"])
+    image = Image.fromarray(np.full((30, 50, 3), 255, np.uint8))
+    for train in (True, False):
+        out = build_transform(cfg, train)(image)
+        assert out.shape == (3, 64, 64)
+    out = build_transform(cfg, False)(image)
+    assert torch.allclose(out[:, 32, 32], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
