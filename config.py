@@ -24,7 +24,7 @@ PATH_KEYS = (
     "trainer.log_dir",
 )
 # Keys whose value may be a keyword instead of a path.
-PATH_KEYWORDS = {"dcg.backbone_weights": ("imagenet",), "model.patch_encoder_weights": ("imagenet",)}
+PATH_KEYWORDS = {"dcg.backbone_weights": ("imagenet",), "model.patch_encoder_weights": ("imagenet", "dcg")}
 # Keys that accept more than the type of their default.
 EXTRA_TYPES: dict[str, tuple[type, ...]] = {"trainer.devices": (int,)}
 CHOICES = {
@@ -168,6 +168,9 @@ def _check_values(cfg: dict) -> None:
     if names is not None and (not isinstance(names, list) or len(names) != data["num_classes"]):
         raise ConfigError(f"config key data.class_names: need a list of data.num_classes = "
                           f"{data['num_classes']} names, got {names!r}")
+    if cfg["model"]["patch_encoder_weights"] == "dcg" and cfg["model"]["patch_encoder"] != "resnet18":
+        raise ConfigError("config key model.patch_encoder_weights: dcg copies the DCG's local ResNet-18, "
+                          f"so model.patch_encoder must be resnet18, not {cfg['model']['patch_encoder']}")
     steps, timesteps = cfg["diffusion"]["sampling_steps"], cfg["diffusion"]["timesteps"]
     if not 1 <= steps <= timesteps:
         raise ConfigError(f"config key diffusion.sampling_steps: must be in 1..diffusion.timesteps ({timesteps})")

@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 import yaml
 
@@ -58,7 +59,7 @@ class DiffMICv2(EvaluatedSystem):
         eps_hat = self.denoiser(image, guide.patches, torch.cat([prior, y_t], dim=1), t)
         weight = focal_weight(guide.y_fusion.float(), y0, d["focal_alpha"], d["focal_gamma"])
         loss = diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -133,6 +134,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
     ckpt = find_checkpoint(cfg, ckpt_spec) if ckpt_spec else None
     if command != "fit" and ckpt is None:
         raise ConfigError(f"{command} needs --ckpt PATH|best|last")
+    pl.seed_everything(cfg["seed"], workers=True)  # initialisation, shuffling and noise follow cfg.seed
     data = DiffMICDataModule(cfg)
     system = DiffMICv2(cfg)
     names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
@@ -144,7 +146,8 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
                             dcg_path, cfg["dcg"]["epochs"])
                 pretrain_dcg(cfg, data.datasets)
             load_dcg(system.dcg, cfg, dcg_path)
-            system.denoiser.load_pretrained(cfg["model"]["efficientsam_weights"], cfg["model"]["patch_encoder_weights"])
+            system.denoiser.load_pretrained(cfg["model"]["efficientsam_weights"], cfg["model"]["patch_encoder_weights"],
+                                            system.dcg.local_trunk)
         trainer, best = build_trainer(cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"],
                                       version_of(ckpt))
         save_config(cfg, trainer)

@@ -75,9 +75,11 @@ class ConditionalModel(nn.Module):
         self.norm3 = nn.BatchNorm2d(feature_dim)
         self.out = nn.Conv2d(feature_dim, num_classes, kernel_size=1)
 
-    def load_pretrained(self, efficientsam_weights: str | None, patch_encoder_weights: str | None) -> None:
+    def load_pretrained(self, efficientsam_weights: str | None, patch_encoder_weights: str | None,
+                        dcg_local_trunk: nn.Module | None = None) -> None:
         """Initialise the encoders of a new run: the EfficientSAM file (or random init, warned) and
-        the patch CNN (None, "imagenet" or a file)."""
+        the patch CNN: None, "imagenet", a file, or "dcg" (a copy of the pre-trained DCG's local
+        ResNet-18, which was trained on the same ROI patches) [ours]."""
         if efficientsam_weights is None:
             logger.warning("model.efficientsam_weights is null: the EfficientSAM image encoder starts from "
                            "random init; results will be below the paper's (see README, pretrained weights)")
@@ -86,7 +88,12 @@ class ConditionalModel(nn.Module):
                 load_efficientsam_encoder(self.image_encoder, efficientsam_weights)
             except (OSError, ValueError) as err:
                 raise ConfigError(f"config key model.efficientsam_weights: {err}") from None
-        self.patch_encoder.trunk.load_weights(patch_encoder_weights, key="model.patch_encoder_weights")
+        if patch_encoder_weights == "dcg":
+            assert dcg_local_trunk is not None, "patch_encoder_weights 'dcg' needs the DCG's local trunk"
+            self.patch_encoder.trunk.load_state_dict(dcg_local_trunk.state_dict())
+            logger.info("patch encoder initialised from the DCG's local ResNet-18 (model.patch_encoder_weights: dcg)")
+        else:
+            self.patch_encoder.trunk.load_weights(patch_encoder_weights, key="model.patch_encoder_weights")
 
     def encode(self, image: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """Image (B, 3, H, W) and ROI patches (B, K, r, r) -> condition x_w (B, F)."""

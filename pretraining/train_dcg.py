@@ -13,6 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
@@ -62,7 +63,7 @@ class DCGSystem(EvaluatedSystem):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out, y = self.dcg(batch["image"]), batch["label"]
         loss = F.cross_entropy(out.y_global, y) + F.cross_entropy(out.y_local, y) + F.cross_entropy(out.y_fusion, y)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -75,6 +76,7 @@ class DCGSystem(EvaluatedSystem):
 def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None) -> Path:
     """Train the DCG of `cfg`, save its best-validation weights to the DCG checkpoint path, return it."""
     path = dcg_ckpt_path(cfg)
+    pl.seed_everything(cfg["seed"], workers=True)
     datasets = datasets if datasets is not None else build_datasets(cfg)
     system = DCGSystem(cfg)
     system.dcg.load_backbone_weights(cfg["dcg"]["backbone_weights"])

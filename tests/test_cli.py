@@ -55,7 +55,7 @@ def test_tensorboard_has_metrics_and_confusion_matrix(tiny_run):
     events = EventAccumulator(str(logs / "demo" / "version_0"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "val/f1", "val/auc", "val/kappa", "test/acc"} <= scalars
+    assert {"train/loss_epoch", "val/f1", "val/auc", "val/kappa", "test/acc"} <= scalars
     assert any(tag.startswith("lr") for tag in scalars)
     assert "val/confusion_matrix" in events.Tags()["images"]
 
@@ -95,7 +95,7 @@ def test_resume_from_last_continues_the_same_version(tiny_run):
     assert not (logs / "demo" / "version_1" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("args, needle", [
+CONFIG_ERRORS = [
     (["optim.lrr=0.1"], "optim.lrr"),
     (["trainer.max_epochs=many"], "trainer.max_epochs"),
     (["model.image_encoder=vit_h"], "model.image_encoder"),
@@ -104,15 +104,27 @@ def test_resume_from_last_continues_the_same_version(tiny_run):
     (["data.dataset=list"], "data.root"),
     (["dcg.num_rois=9"], "dcg.num_rois"),
     (["validate", "--ckpt", "best"], "best.ckpt"),
-])
-def test_config_error_exits_2_with_one_line(tmp_path, args, needle):
+    (["model.patch_encoder=resnet50", "model.patch_encoder_weights=dcg"], "model.patch_encoder_weights"),
+]
+
+
+@pytest.mark.parametrize("args, needle", CONFIG_ERRORS)
+def test_config_error_returns_2_with_one_line(tmp_path, capsys, args, needle):
+    import diffuser_trainer
     logs = tmp_path / "logs"
-    result = cli(*args, f"trainer.log_dir={logs}")
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert diffuser_trainer.main([*args, f"trainer.log_dir={logs}"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
     assert not logs.exists(), "a config error must not write anything"
+
+
+def test_config_error_exit_code_of_the_process(tmp_path):
+    result = cli("optim.lrr=0.1", f"trainer.log_dir={tmp_path / 'logs'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].endswith("unknown config key optim.lrr"), result.stderr
+    assert not (tmp_path / "logs").exists()
 
 
 def test_train_dcg_script_alone(tmp_path):

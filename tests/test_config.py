@@ -18,7 +18,7 @@ def write(tmp_path: Path, content: dict) -> Path:
 def test_demo_is_the_default_and_merges_over_defaults():
     cfg = load_config()
     assert cfg["name"] == "demo" and cfg["data"]["dataset"] == "synthetic"
-    assert cfg["diffusion"]["timesteps"] == 1000 and cfg["diffusion"]["sampling_steps"] == 10  # from default.yml
+    assert cfg["diffusion"]["beta_end"] == 0.02 and cfg["diffusion"]["sampling_steps"] == 10  # from default.yml
 
 
 def test_every_config_key_has_a_default():
