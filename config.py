@@ -139,6 +139,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if key in PATH_KEYS and isinstance(value, str) and value not in PATH_KEYWORDS.get(key, ()):
             value = str((base / Path(value).expanduser()).resolve())
         _set(cfg, key, value)
+    for key in PATH_KEYS:  # paths left at their default.yml value are relative to the repository too
+        value = _get(cfg, key)
+        if isinstance(value, str) and value not in PATH_KEYWORDS.get(key, ()) and not Path(value).is_absolute():
+            _set(cfg, key, str((PROJECT_ROOT / Path(value).expanduser()).resolve()))
     for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"config key {key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}")

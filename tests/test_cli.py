@@ -154,8 +154,10 @@ def test_fit_and_test_on_own_csv_lists(tmp_path):
               "trainer.log_dir=logs"]
     ok(cli("fit", *common, cwd=tmp_path))
     ok(cli("test", "--ckpt", "best", "--out", "test.json", *common, cwd=tmp_path))
-    assert json.loads((tmp_path / "test.json").read_text())["test"]["acc"] >= 0.0
-    assert (tmp_path / "logs" / "mine" / "version_0" / "metrics.json").is_file()
+    evaluated = json.loads((tmp_path / "test.json").read_text())
+    fitted = json.loads((tmp_path / "logs" / "mine" / "version_0" / "metrics.json").read_text())
+    assert Path(evaluated["checkpoint"]) == (tmp_path / "logs" / "mine" / "version_0" / "checkpoints" / "best.ckpt")
+    assert evaluated["test"] == pytest.approx(fitted["test"], abs=1e-9)  # the 6 listed test images, evaluated twice
 
 
 def test_demo_default_command_reaches_accuracy(tmp_path):

@@ -58,6 +58,11 @@ def test_paths_in_yaml_are_relative_to_the_repository(tmp_path):
     assert cfg["data"]["root"] == str(PROJECT_ROOT / "some" / "images")
 
 
+def test_default_paths_do_not_depend_on_the_shell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config()["trainer"]["log_dir"] == str(PROJECT_ROOT / "logs")
+
+
 def test_paths_on_the_command_line_are_relative_to_the_shell(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["data.root=images", "dcg.backbone_weights=imagenet"])
