@@ -1,5 +1,6 @@
 """CNN trunks from torchvision (ResNet / DenseNet) with their classifier removed, and their weights:
-none (random init), ImageNet through torchvision's weight API, or a local state-dict file."""
+none (random init), ImageNet through torchvision's weight API (random init, loudly warned, where
+they cannot be fetched), or a local state-dict file."""
 from __future__ import annotations
 
 import logging
@@ -26,15 +27,17 @@ def _features(model: nn.Module, name: str) -> nn.Sequential:
     return nn.Sequential(model.features, nn.ReLU(inplace=False))
 
 
-def _imagenet_state(name: str, key: str) -> dict:
+def _imagenet_state(name: str, key: str) -> dict | None:
+    """torchvision's ImageNet weights, or None (random init, warned) when they cannot be fetched."""
     try:
         return torchvision.models.get_model(name, weights="DEFAULT").state_dict()
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise ConfigError(
-            f"config key {key}: cannot fetch ImageNet weights for {name} ({err.__class__.__name__}: {err}); "
-            f"offline, put torchvision's file in {cache}, point {key} to a local state-dict file, "
-            f"or set {key}=null for random init") from None
+        logger.warning(
+            "%s = imagenet: cannot fetch the ImageNet weights of %s (%s: %s). STARTING FROM RANDOM INIT; "
+            "results will fall short of pretrained ones. Offline, put torchvision's file in %s or point %s "
+            "to a local state-dict file.", key, name, err.__class__.__name__, err, cache, key)
+        return None
 
 
 class Trunk(nn.Module):
@@ -55,6 +58,8 @@ class Trunk(nn.Module):
             return
         if weights == "imagenet":
             state, source = _imagenet_state(self.name, key), "ImageNet weights from torchvision"
+            if state is None:
+                return
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             state, source = state.get("state_dict", state), weights

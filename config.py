@@ -26,9 +26,14 @@ PATH_KEYS = (
 # Keys whose value may be a keyword instead of a path.
 PATH_KEYWORDS = {"dcg.backbone_weights": ("imagenet",), "model.patch_encoder_weights": ("imagenet", "dcg")}
 # Keys that accept more than the type of their default.
-EXTRA_TYPES: dict[str, tuple[type, ...]] = {"trainer.devices": (int,)}
+EXTRA_TYPES: dict[str, tuple[type, ...]] = {"trainer.devices": (int,), "trainer.limit_train_batches": (int,),
+                                             "trainer.limit_val_batches": (int,)}
 CHOICES = {
-    "data.dataset": ("list", "synthetic"),
+    "data.dataset": ("list", "medmnist", "synthetic"),
+    "data.task": ("multiclass", "multilabel"),
+    "data.transform": ("standard", "chest"),
+    "data.verify_images": ("fast", "full", "off"),
+    "data.medmnist_size": (28, 64, 128, 224),
     "model.image_encoder": ("vit_s", "vit_t"),
     "model.patch_encoder": ("resnet18", "resnet50", "densenet121", "densenet169"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
@@ -70,6 +75,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"config key {key}: expected a string, a list or null, got {value!r}")
     if value is None and key in PATH_KEYS:
         return None
+    if isinstance(value, EXTRA_TYPES.get(key, ())) and not isinstance(value, bool):
+        return value
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -87,7 +94,7 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, list):
         if isinstance(value, list):
             return value
-    elif isinstance(value, (type(default),) + EXTRA_TYPES.get(key, ())):
+    elif isinstance(value, type(default)):
         return value
     raise ConfigError(
         f"config key {key}: expected {type(default).__name__} (like the default {default!r}), got {value!r}")
@@ -145,7 +152,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             _set(cfg, key, str((PROJECT_ROOT / Path(value).expanduser()).resolve()))
     for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:
-            raise ConfigError(f"config key {key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"config key {key}: {_get(cfg, key)!r} is not one of {', '.join(map(str, choices))}")
     _check_values(cfg)
     return cfg
 
@@ -180,6 +187,14 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError(f"config key diffusion.sampling_steps: must be in 1..diffusion.timesteps ({timesteps})")
     if len(cfg["optim"]["betas"]) != 2:
         raise ConfigError("config key optim.betas: need two numbers, e.g. [0.9, 0.999]")
+    if data["dataset"] == "synthetic" and data["task"] == "multilabel":
+        raise ConfigError("config key data.task: the synthetic demo set is multiclass")
+    if data["dataset"] == "medmnist" and not data["flag"]:
+        raise ConfigError("config key data.flag: data.dataset medmnist needs a MedMNIST flag, e.g. retinamnist")
+    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches"):
+        limit = _get(cfg, key)
+        if (isinstance(limit, float) and not 0.0 < limit <= 1.0) or (isinstance(limit, int) and limit < 1):
+            raise ConfigError(f"config key {key}: {limit!r} must be a fraction in (0, 1] or a number of batches >= 1")
     for key in ("data.batch_size", "dcg.batch_size", "dcg.epochs", "trainer.max_epochs", "trainer.val_every",
                 "model.feature_dim"):
         if _get(cfg, key) < 1:
@@ -193,16 +208,19 @@ def check_paths(cfg: dict, need_dcg: bool) -> None:
             "model.efficientsam_weights", "model.patch_encoder_weights"]
     if need_dcg:
         keys.append("dcg.ckpt")
+    if cfg["data"]["dataset"] == "medmnist":
+        keys.remove("data.root")  # the download creates it; offline, the loader's error says what to fetch
     for key in keys:
         value = _get(cfg, key)
         if value is None or value in PATH_KEYWORDS.get(key, ()):
             continue
         if not Path(value).exists():
             raise ConfigError(f"config key {key}: path does not exist: {value}")
-    if cfg["data"]["dataset"] == "list":
-        for key in ("data.root", "data.train_list", "data.test_list"):
-            if _get(cfg, key) is None:
-                raise ConfigError(f"config key {key} is required when data.dataset is list")
+    required = {"list": ("data.root", "data.train_list", "data.test_list"), "medmnist": ("data.root",),
+                "synthetic": ()}[cfg["data"]["dataset"]]
+    for key in required:
+        if _get(cfg, key) is None:
+            raise ConfigError(f"config key {key} is required when data.dataset is {cfg['data']['dataset']}")
 
 
 def dcg_ckpt_path(cfg: dict) -> Path:

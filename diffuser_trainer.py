@@ -25,7 +25,7 @@ from pipeline import (DDIMScheduler, ddim_sample, diffusion_focal_loss, focal_we
                       heterologous_noise)
 from pretraining.dcg import build_dcg
 from pretraining.train_dcg import load_dcg, pretrain_dcg
-from utils import build_optimizer, build_trainer, one_hot, setup_logging
+from utils import build_optimizer, build_trainer, one_hot, selection_metric, setup_logging
 
 logger = logging.getLogger("diffuser_trainer")
 COMMANDS = ("fit", "validate", "test", "predict")
@@ -57,7 +57,8 @@ class DiffMICv2(EvaluatedSystem):
         prior = guided_prior_map(guide.y_global, guide.y_local, grid)
         y_t, eps, t = heterologous_noise(self.scheduler, y0, grid)
         eps_hat = self.denoiser(image, guide.patches, torch.cat([prior, y_t], dim=1), t)
-        weight = focal_weight(guide.y_fusion.float(), y0, d["focal_alpha"], d["focal_gamma"])
+        weight = focal_weight(guide.y_fusion.float(), y0, d["focal_alpha"], d["focal_gamma"],
+                              multilabel=self.cfg["data"]["task"] == "multilabel")
         loss = diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
@@ -68,6 +69,8 @@ class DiffMICv2(EvaluatedSystem):
         grid, _ = ddim_sample(self.dcg, self.denoiser, self.scheduler, image, start.to(image.device),
                               self.cfg["diffusion"]["sampling_steps"])
         scores = grid.mean(dim=(2, 3))
+        if self.cfg["data"]["task"] == "multilabel":  # disagreement of the cells, averaged over findings
+            return {"scores": scores, "spread": grid.flatten(2).std(dim=2).mean(dim=1)}
         predicted = scores.argmax(dim=1)
         cells = grid.flatten(2)[torch.arange(grid.shape[0], device=grid.device), predicted]  # (B, K*K)
         return {"scores": scores, "spread": cells.std(dim=1)}
@@ -116,14 +119,29 @@ def write_json(path: Path, content: dict) -> None:
 
 
 def write_predictions(path: Path, outputs: list[dict], dataset, class_names: list[str]) -> None:
+    """One row per image: its id, the truth, one score per class (finding), the prediction and the
+    spread of the grid cells. Multi-label: the truth and prediction are the findings at or above
+    0.5, joined by '|'."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    scores_head = [f"score_{n}" for n in class_names]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "label"] + [f"score_{n}" for n in class_names] + ["pred", "pred_name", "spread"])
-        for out in outputs:
-            for i, scores, spread, label in zip(out["index"], out["scores"], out["spread"], out["label"]):
+        rows = [(i, s, sp, y) for out in outputs
+                for i, s, sp, y in zip(out["index"], out["scores"], out["spread"], out["label"])]
+        multilabel = bool(rows) and rows[0][3].dim() == 1
+        if multilabel:
+            writer.writerow(["image", "label"] + scores_head + ["pred", "spread"])
+        else:
+            writer.writerow(["image", "label"] + scores_head + ["pred", "pred_name", "spread"])
+        for i, scores, spread, label in rows:
+            values = [f"{s:.6f}" for s in scores.tolist()]
+            if multilabel:
+                truth = "|".join(n for n, y in zip(class_names, label.tolist()) if y >= 0.5)
+                pred = "|".join(n for n, s in zip(class_names, scores.tolist()) if s >= 0.5)
+                writer.writerow([dataset.ids[int(i)], truth] + values + [pred, f"{float(spread):.6f}"])
+            else:
                 pred = int(scores.argmax())
-                writer.writerow([dataset.ids[int(i)], int(label)] + [f"{s:.6f}" for s in scores.tolist()]
+                writer.writerow([dataset.ids[int(i)], int(label)] + values
                                 + [pred, class_names[pred], f"{float(spread):.6f}"])
     logger.info("wrote %s", path)
 
@@ -155,7 +173,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
         best_path = best.best_model_path or str(Path(trainer.log_dir) / "checkpoints" / "last.ckpt")
         trainer.validate(system, datamodule=data, ckpt_path=best_path, verbose=False)
         result = {"checkpoint": best_path, "val": dict(system.last_metrics),
-                  "selection": {"monitor": "val/f1", "best_score": float(best.best_model_score)
+                  "selection": {"monitor": selection_metric(cfg), "best_score": float(best.best_model_score)
                                 if best.best_model_score is not None else None}}
         trainer.test(system, datamodule=data, ckpt_path=best_path, verbose=False)
         result["test"] = dict(system.last_metrics)

@@ -9,13 +9,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from utils import classification_metrics, confusion_matrix, confusion_matrix_image
+from utils import classification_metrics, confusion_matrix, confusion_matrix_image, multilabel_metrics
 
 logger = logging.getLogger(__name__)
 
 
 class EvaluatedSystem(pl.LightningModule):
     """Subclasses implement `evaluate_batch(batch) -> {"scores": (B, C), "spread": (B,) optional}`.
+    Integer labels get the single-label metrics, multi-hot labels the multi-label ones (SPEC 7).
 
     Evaluation noise comes from a generator re-seeded with cfg.seed at the start of every split
     pass, so evaluating a checkpoint twice (or in another process) gives the same numbers."""
@@ -50,14 +51,18 @@ class EvaluatedSystem(pl.LightningModule):
         if not self._collected:
             return
         scores, labels = self._gather("scores"), self._gather("label")
-        self.last_metrics = classification_metrics(labels, scores)
+        multilabel = labels.ndim == 2
+        if multilabel:  # per-finding AUROC and their mean; F1 at 0.5
+            self.last_metrics = multilabel_metrics(labels, scores, self.cfg["data"]["class_names"])
+        else:
+            self.last_metrics = classification_metrics(labels, scores)
         self.log_dict({f"{stage}/{k}": float(v) for k, v in self.last_metrics.items()}, sync_dist=False)
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero and not multilabel:
             matrix = confusion_matrix(labels, scores.argmax(1), scores.shape[1])
             image = confusion_matrix_image(matrix, self.cfg["data"]["class_names"])
             self.logger.experiment.add_image(f"{stage}/confusion_matrix", image, self.current_epoch,
                                              dataformats="HWC")
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items())
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if "/" not in k)
         logger.info("%s (epoch %d, %d images): %s", stage, self.current_epoch, len(labels), summary)
         self._collected = []
 

@@ -118,10 +118,16 @@ def ddim_sample(dcg: DCG, denoiser: nn.Module, scheduler: DDIMScheduler, image: 
     return y_t, dcg_out
 
 
-def focal_weight(y_fusion: torch.Tensor, y0: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """w = 1 + alpha (1 - p)^gamma, p = softmax(y_fusion) at the true class: (B, C) -> (B,).
-    Samples the DCG finds hard weigh more in the diffusion loss."""
-    p = (torch.softmax(y_fusion, dim=1) * y0).sum(dim=1)
+def focal_weight(y_fusion: torch.Tensor, y0: torch.Tensor, alpha: float, gamma: float,
+                 multilabel: bool = False) -> torch.Tensor:
+    """w = 1 + alpha (1 - p)^gamma: (B, C) -> (B,). Single-label: p = softmax(y_fusion) at the true
+    class. Multi-label [ours]: p = mean over findings of sigmoid(y_fusion) where y0 is 1 and
+    1 - sigmoid(y_fusion) where it is 0. Samples the DCG finds hard weigh more in the diffusion loss."""
+    if multilabel:
+        prob = torch.sigmoid(y_fusion)
+        p = (prob * y0 + (1 - prob) * (1 - y0)).mean(dim=1)
+    else:
+        p = (torch.softmax(y_fusion, dim=1) * y0).sum(dim=1)
     return 1 + alpha * (1 - p).pow(gamma)
 
 

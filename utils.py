@@ -95,7 +95,8 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, 
 
 def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, names: list[str] | None = None,
                        threshold: float = 0.5) -> dict[str, float]:
-    """Multi-label metrics from binary targets (N, C) and probabilities (N, C).
+    """Multi-label metrics from binary targets (N, C) and scores (N, C): probabilities, or the
+    diffusion model's mean label grid, whose targets are 0 and 1 as well.
 
     Returns the mean AUROC over findings with both classes present (`auc`), one
     `auc/<name>` per finding (NaN if undefined), macro `f1` and element-wise `acc` at
@@ -107,7 +108,7 @@ def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, names: list[str] 
              f"y_true and scores must both have shape (N, C); got {y.shape} and {p.shape}")
     _require(y.shape[0] > 0, "empty input (N must be > 0)")
     _require(bool(np.all((y == 0) | (y == 1))), "y_true must contain only 0 and 1")
-    _require(bool(np.all(np.isfinite(p) & (p >= 0) & (p <= 1))), "scores must be probabilities in [0, 1]")
+    _require(bool(np.all(np.isfinite(p))), "scores contain NaN or inf")
     c = y.shape[1]
     names = [str(k) for k in range(c)] if names is None else list(names)
     _require(len(names) == c, f"got {len(names)} names for {c} findings")
@@ -194,7 +195,10 @@ def confusion_matrix_image(cm: np.ndarray, class_names: list[str] | None = None,
 
 
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Integer labels (B,) -> float one-hot vectors y0 (B, C)."""
+    """Integer labels (B,) -> float one-hot vectors y0 (B, C); multi-hot rows (B, C) pass through."""
+    if labels.dim() == 2:
+        assert labels.shape[1] == num_classes, f"multi-hot labels of width {labels.shape[1]}, expected {num_classes}"
+        return labels.float()
     return torch.nn.functional.one_hot(labels.long(), num_classes).float()
 
 
@@ -209,12 +213,17 @@ def build_optimizer(params, optim: dict, max_epochs: int
     return optimizer, schedule
 
 
+def selection_metric(cfg: dict) -> str:
+    """The validation metric that picks the best checkpoint: macro F1, or mean AUROC for multi-label."""
+    return "val/auc" if cfg["data"]["task"] == "multilabel" else "val/f1"
+
+
 def build_trainer(cfg: dict, run_name: str, max_epochs: int, val_every: int, version: int | None = None
                   ) -> tuple[pl.Trainer, ModelCheckpoint]:
     """A Trainer logging to <log_dir>/<run_name>/version_N with TensorBoard, a progress bar, the
-    learning rate, `best.ckpt` (highest val/f1) and `last.ckpt` (every epoch, for resuming)."""
+    learning rate, `best.ckpt` (highest `selection_metric`) and `last.ckpt` (every epoch, for resuming)."""
     t = cfg["trainer"]
-    best = ModelCheckpoint(monitor="val/f1", mode="max", filename="best", save_top_k=1,
+    best = ModelCheckpoint(monitor=selection_metric(cfg), mode="max", filename="best", save_top_k=1,
                            auto_insert_metric_name=False)
     last = ModelCheckpoint(filename="last", save_top_k=1, save_on_train_epoch_end=True)
     trainer = pl.Trainer(
@@ -222,6 +231,7 @@ def build_trainer(cfg: dict, run_name: str, max_epochs: int, val_every: int, ver
         devices=t["devices"], precision=t["precision"], log_every_n_steps=t["log_every_n_steps"],
         logger=TensorBoardLogger(t["log_dir"], name=run_name, version=version, default_hp_metric=False),
         callbacks=[best, last, LearningRateMonitor(logging_interval="epoch")],
+        limit_train_batches=t["limit_train_batches"], limit_val_batches=t["limit_val_batches"],
         num_sanity_val_steps=0, enable_model_summary=False)
     return trainer, best
 

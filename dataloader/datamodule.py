@@ -10,26 +10,95 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
 from config import ConfigError
-from dataloader.lists import ImageList, read_list
+from dataloader.checks import verify_images
+from dataloader.lists import ImageList, SplitList, read_list
+from dataloader.medmnist import MedMNISTSplit, ensure_medmnist
 from dataloader.synthetic import SyntheticPatterns
 from dataloader.transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
 
-def carve_validation(frame, fraction: float, seed: int):
-    """Split a training list into (train, val): stratified by label, seeded."""
-    counts = frame["label"].value_counts()
-    stratify = frame["label"] if counts.min() >= 2 and round(len(frame) * fraction) >= len(counts) else None
-    if stratify is None:
-        logger.warning("validation split carved without stratification (a class has fewer than 2 samples "
-                       "or the split is smaller than the number of classes)")
-    train, val = train_test_split(frame, test_size=fraction, random_state=seed, stratify=stratify)
-    return train.reset_index(drop=True), val.reset_index(drop=True)
+def carve_validation(split: SplitList, fraction: float, seed: int) -> tuple[SplitList, SplitList]:
+    """Split a training list into (train, val): seeded, stratified by class when single-label."""
+    rows, labels = np.arange(len(split)), split.labels
+    stratify = None
+    if labels.ndim == 1:
+        counts = np.bincount(labels)
+        counts = counts[counts > 0]
+        if counts.min() >= 2 and round(len(rows) * fraction) >= len(counts):
+            stratify = labels
+        else:
+            logger.warning("validation split carved without stratification (a class has fewer than 2 samples "
+                           "or the split is smaller than the number of classes)")
+    train, val = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
+    return split.subset(np.sort(train), split.name), split.subset(np.sort(val), f"{split.name} (held-out part)")
+
+
+def _list_datasets(cfg: dict, train_tf, eval_tf) -> dict[str, Dataset]:
+    data = cfg["data"]
+    read = lambda path: read_list(path, data["num_classes"], data["task"] == "multilabel",  # noqa: E731
+                                  data["class_names"])
+    train = read(data["train_list"])
+    if data["val_list"] is None:
+        train, val = carve_validation(train, data["val_fraction"], cfg["seed"])
+        logger.info("no data.val_list: %d of the %d training images held out for validation (seed %d)",
+                    len(val), len(train) + len(val), cfg["seed"])
+    else:
+        val = read(data["val_list"])
+    test = read(data["test_list"])
+    sets = {"train": ImageList(train, data["root"], train_tf), "val": ImageList(val, data["root"], eval_tf),
+            "test": ImageList(test, data["root"], eval_tf)}
+    if data["verify_images"] != "off":
+        checked: set = set()
+        for split, lst in zip(("train", "val", "test"), (train, val, test)):
+            new = [p for p in sets[split].paths if p not in checked]
+            verify_images(new, lst.name, full=data["verify_images"] == "full")
+            checked.update(new)
+    return sets
+
+
+def _medmnist_datasets(cfg: dict, train_tf, eval_tf) -> dict[str, Dataset]:
+    data = cfg["data"]
+    path = ensure_medmnist(data["root"], data["flag"], data["medmnist_size"], data["download"])
+    multilabel = data["task"] == "multilabel"
+    return {split: MedMNISTSplit(path, split, train_tf if split == "train" else eval_tf, multilabel)
+            for split in ("train", "val", "test")}
+
+
+def check_labels(cfg: dict, sets: dict[str, Dataset]) -> None:
+    """The config's class count must match the labels; a class (finding) absent from training is
+    worth a warning, since the model can never learn it."""
+    c = cfg["data"]["num_classes"]
+    where = cfg["data"]["train_list"] or cfg["data"]["root"] or "the data set"
+    labels = {split: np.asarray(ds.labels) for split, ds in sets.items()}
+    if labels["train"].ndim == 2:
+        widths = {split: y.shape[1] for split, y in labels.items()}
+        if any(w != c for w in widths.values()):
+            raise ConfigError(f"config key data.num_classes: {c}, but {where} has multi-hot labels of width "
+                              f"{widths}; set data.num_classes to match")
+        unseen = np.flatnonzero(labels["train"].sum(axis=0) == 0)
+        if len(unseen):
+            logger.warning("findings %s are never positive in the training split", unseen.tolist())
+        return
+    used = set(np.unique(np.concatenate(list(labels.values()))).tolist())
+    if max(used) >= c or min(used) < 0:
+        raise ConfigError(f"config key data.num_classes: {c}, but {where} has labels up to {max(used)}; "
+                          f"set data.num_classes to match")
+    if len(used) < c:
+        raise ConfigError(f"config key data.num_classes: {c}, but the labels of the train, val and test splits use "
+                          f"only {len(used)} classes {sorted(used)}; set data.num_classes to match the data")
+    present = set(np.unique(labels["train"]).tolist())
+    if len(present) < 2:
+        raise ConfigError(f"{where}: the training split holds a single class")
+    for split in ("val", "test"):
+        absent = sorted(set(np.unique(labels[split]).tolist()) - present)
+        if absent:
+            logger.warning("classes %s of the %s split never occur in training", absent, split)
 
 
 def build_datasets(cfg: dict) -> dict[str, Dataset]:
-    """{'train', 'val', 'test'} datasets of a config; raises ConfigError for bad lists or files."""
+    """{'train', 'val', 'test'} datasets of a config; raises ConfigError for bad lists, files or labels."""
     data = cfg["data"]
     train_tf, eval_tf = build_transform(cfg, train=True), build_transform(cfg, train=False)
     if data["dataset"] == "synthetic":
@@ -38,26 +107,12 @@ def build_datasets(cfg: dict) -> dict[str, Dataset]:
                                                        syn["pattern_size"], seed + offset, tf)
         return {"train": make(syn["num_train"], 0, train_tf), "val": make(syn["num_val"], 1, eval_tf),
                 "test": make(syn["num_test"], 2, eval_tf)}
-    train = read_list(data["train_list"])
-    if data["val_list"] is None:
-        train, val = carve_validation(train, data["val_fraction"], cfg["seed"])
-        logger.info("no data.val_list: %d of the training images held out for validation (seed %d)",
-                    len(val), cfg["seed"])
-        val_name = f"{data['train_list']} (held-out part)"
+    if data["dataset"] == "medmnist":
+        sets = _medmnist_datasets(cfg, train_tf, eval_tf)
     else:
-        val, val_name = read_list(data["val_list"]), data["val_list"]
-    test = read_list(data["test_list"])
-    c, root = data["num_classes"], data["root"]
-    sets = {"train": ImageList(train, root, c, data["train_list"], train_tf),
-            "val": ImageList(val, root, c, val_name, eval_tf),
-            "test": ImageList(test, root, c, data["test_list"], eval_tf)}
-    present = set(np.unique(sets["train"].labels))
-    if len(present) < 2:
-        raise ConfigError(f"{data['train_list']}: the training split holds a single class")
-    for split in ("val", "test"):
-        absent = sorted(set(np.unique(sets[split].labels)) - present)
-        if absent:
-            logger.warning("classes %s of the %s split never occur in training", absent, split)
+        sets = _list_datasets(cfg, train_tf, eval_tf)
+    check_labels(cfg, sets)
+    logger.info("data: %s", ", ".join(f"{split} {len(ds)} images" for split, ds in sets.items()))
     return sets
 
 
@@ -76,6 +131,10 @@ class DiffMICDataModule(pl.LightningDataModule):
         dataset, workers = self.datasets[split], self.cfg["data"]["num_workers"]
         # BatchNorm cannot train on a final batch of one image
         drop_last = train and len(dataset) > self.batch_size
+        if drop_last and len(dataset) % self.batch_size:
+            logger.info("training: the last %d of %d images (an incomplete batch) are left out of each epoch; "
+                        "the order is reshuffled every epoch, so every image is used",
+                        len(dataset) % self.batch_size, len(dataset))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=drop_last,
                           num_workers=workers, persistent_workers=workers > 0, pin_memory=False)
 

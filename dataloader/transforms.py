@@ -1,4 +1,5 @@
-"""Image transforms of SPEC section 1 (ImageNet normalisation, square crop, flips, rotation)."""
+"""Image transforms of SPEC section 1 (ImageNet normalisation, square crop, flips, rotation; the
+chest X-ray variant with RandomResizedCrop)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -20,10 +21,15 @@ class SquareCenterCrop:
 
 
 def build_transform(cfg: dict, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """Train: square crop -> resize -> h-flip -> [v-flip] -> rotation -> tensor -> normalise.
-    Eval: square crop -> resize -> tensor -> normalise."""
+    """standard, train: square crop -> resize -> h-flip -> [v-flip] -> rotation -> tensor -> normalise;
+    eval: square crop -> resize -> tensor -> normalise.
+    chest, train: RandomResizedCrop -> h-flip -> rotation -> tensor -> normalise; eval: resize."""
     data = cfg["data"]
-    steps: list = [SquareCenterCrop(), T.Resize((data["image_size"], data["image_size"]))]
+    size = data["image_size"]
+    if data["transform"] == "chest":
+        steps: list = [T.RandomResizedCrop(size)] if train else [T.Resize((size, size))]
+    else:
+        steps = [SquareCenterCrop(), T.Resize((size, size))]
     if train:
         steps.append(T.RandomHorizontalFlip(0.5))
         if data["vertical_flip"]:

@@ -1,5 +1,6 @@
-"""Pre-train the DCG guidance model (SPEC section 2): cross-entropy on y_global, y_local and y_fusion,
-Adam, the diffusion model's training split; the best epoch by validation macro F1 is saved.
+"""Pre-train the DCG guidance model (SPEC section 2): cross-entropy (binary cross-entropy for
+multi-label) on y_global, y_local and y_fusion, Adam, the diffusion model's training split; the best
+epoch by validation macro F1 (multi-label: mean AUROC) is saved.
 
     python pretraining/train_dcg.py --config configs/demo.yml [key.sub=value ...]
 """
@@ -22,7 +23,7 @@ from config import ConfigError, check_paths, dcg_ckpt_path, load_config  # noqa:
 from dataloader.datamodule import DiffMICDataModule, build_datasets  # noqa: E402
 from evaluation import EvaluatedSystem  # noqa: E402
 from pretraining.dcg import DCG, build_dcg  # noqa: E402
-from utils import build_trainer, setup_logging  # noqa: E402
+from utils import build_trainer, selection_metric, setup_logging  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def dcg_meta(cfg: dict) -> dict:
     """The config values a saved DCG must agree with."""
     return {"num_classes": cfg["data"]["num_classes"], "image_size": cfg["data"]["image_size"],
             "num_rois": cfg["dcg"]["num_rois"], "roi_size": cfg["dcg"]["roi_size"],
-            "percent_t": cfg["dcg"]["percent_t"]}
+            "percent_t": cfg["dcg"]["percent_t"], "task": cfg["data"]["task"]}
 
 
 def save_dcg(dcg: DCG, cfg: dict, path: Path) -> None:
@@ -54,20 +55,28 @@ def load_dcg(dcg: DCG, cfg: dict, path: Path) -> None:
 
 
 class DCGSystem(EvaluatedSystem):
-    """Lightning wrapper of the DCG for pre-training; its prediction is y_fusion."""
+    """Lightning wrapper of the DCG for pre-training; its prediction is y_fusion (multi-label:
+    sigmoid(y_fusion), so that F1 is taken at probability 0.5)."""
 
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
         self.dcg = build_dcg(cfg)
+        self.multilabel = cfg["data"]["task"] == "multilabel"
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out, y = self.dcg(batch["image"]), batch["label"]
-        loss = F.cross_entropy(out.y_global, y) + F.cross_entropy(out.y_local, y) + F.cross_entropy(out.y_fusion, y)
+        if self.multilabel:
+            y = y.to(out.y_fusion.dtype)
+            criterion = F.binary_cross_entropy_with_logits
+        else:
+            criterion = F.cross_entropy
+        loss = criterion(out.y_global, y) + criterion(out.y_local, y) + criterion(out.y_fusion, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"scores": self.dcg(batch["image"]).y_fusion}
+        y_fusion = self.dcg(batch["image"]).y_fusion
+        return {"scores": torch.sigmoid(y_fusion) if self.multilabel else y_fusion}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.dcg.parameters(), lr=self.cfg["dcg"]["lr"])
@@ -85,7 +94,9 @@ def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None) -> Path:
     trainer.fit(system, datamodule=data)
     trainer.validate(system, datamodule=data, ckpt_path=best.best_model_path or None, verbose=False)
     save_dcg(system.dcg, cfg, path)
-    logger.info("DCG saved to %s (validation f1 %.4f)", path, system.last_metrics.get("f1", float("nan")))
+    metric = selection_metric(cfg)
+    logger.info("DCG saved to %s (validation %s %.4f)", path, metric,
+                system.last_metrics.get(metric.split("/", 1)[1], float("nan")))
     return path
 
 

@@ -47,6 +47,13 @@ def test_overrides_parse_types():
     ("data.class_names=[a, b]", "data.class_names"),
     ("diffusion.sampling_steps=0", "diffusion.sampling_steps"),
     ("no_equals_sign", "key.sub=value"),
+    ("data.task=multi", "data.task"),
+    ("data.medmnist_size=32", "data.medmnist_size"),
+    ("data.verify_images=maybe", "data.verify_images"),
+    ("data.dataset=medmnist", "data.flag"),
+    ("data.task=multilabel", "data.task"),  # the demo set is multiclass
+    ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
+    ("trainer.limit_val_batches=0", "trainer.limit_val_batches"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -90,3 +97,23 @@ def test_invalid_yaml_names_the_file(tmp_path):
     path.write_text("data: [unclosed")
     with pytest.raises(ConfigError, match="broken.yml"):
         load_config(path)
+
+
+def test_batch_limits_keep_their_type():
+    cfg = load_config(None, ["trainer.limit_train_batches=3", "trainer.limit_val_batches=0.5"])
+    assert cfg["trainer"]["limit_train_batches"] == 3 and isinstance(cfg["trainer"]["limit_train_batches"], int)
+    assert cfg["trainer"]["limit_val_batches"] == 0.5
+
+
+@pytest.mark.parametrize("name", ["isic", "aptos", "placental", "chest", "retinamnist", "breastmnist"])
+def test_task_configs_load_with_the_papers_settings(name):
+    cfg = load_config(PROJECT_ROOT / "configs" / f"{name}.yml")
+    assert cfg["name"] == name and cfg["data"]["image_size"] == 224 and cfg["model"]["feature_dim"] == 6144
+    assert cfg["diffusion"]["timesteps"] == 1000 and cfg["diffusion"]["sampling_steps"] == 10
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["data"]["batch_size"] == 64
+    assert len(cfg["data"]["class_names"]) == cfg["data"]["num_classes"]
+    chest = name == "chest"
+    assert cfg["data"]["task"] == ("multilabel" if chest else "multiclass")
+    assert (cfg["dcg"]["num_rois"], cfg["dcg"]["roi_size"]) == ((4, 112) if chest else (6, 32))
+    assert cfg["trainer"]["max_epochs"] == (100 if chest else 1000) and cfg["dcg"]["epochs"] == (20 if chest else 100)
+    assert cfg["data"]["vertical_flip"] == (name in ("aptos", "retinamnist"))

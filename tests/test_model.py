@@ -260,3 +260,24 @@ def test_load_pretrained(make_denoiser, tmp_path, caplog):
     model.load_pretrained(str(path), None)
     for k, v in model.image_encoder.state_dict().items():
         assert torch.equal(v, source[k]), k
+
+
+def test_imagenet_weights_unreachable_fall_back_to_random_init_loudly(monkeypatch, caplog):
+    import urllib.error
+
+    import torchvision
+
+    from backbones import Trunk
+    trunk = Trunk("resnet18")
+    before = {k: v.clone() for k, v in trunk.state_dict().items()}
+    real = torchvision.models.get_model
+
+    def offline(name, weights=None, **kwargs):
+        if weights is not None:
+            raise urllib.error.URLError("no network")
+        return real(name, weights=None, **kwargs)
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with caplog.at_level("WARNING"):
+        trunk.load_weights("imagenet", key="dcg.backbone_weights")
+    assert "STARTING FROM RANDOM INIT" in caplog.text and "dcg.backbone_weights" in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in trunk.state_dict().items())

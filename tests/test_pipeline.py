@@ -277,14 +277,17 @@ def test_focal_weight_batch():
     torch.testing.assert_close(focal_weight(y_fusion, y0, 10.0, 1.0), torch.tensor([3.5, 8.5]))
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC 4 [ours] multi-label focal weight (mean of sigmoid / 1 - sigmoid) "
-                                       "is not implemented: focal_weight always uses softmax at the true class(es)")
 def test_focal_weight_multilabel_spec():
     # SPEC: p = mean over classes of sigmoid(y) where the label is 1 and 1 - sigmoid(y) where it is 0
-    y_fusion = torch.tensor([[2.0, -2.0, 2.0]])
-    y0 = torch.tensor([[1.0, 0.0, 1.0]])
-    p = 1 / (1 + math.exp(-2.0))  # all three terms equal sigmoid(2)
-    assert focal_weight(y_fusion, y0, 10.0, 1.0).item() == pytest.approx(1 + 10 * (1 - p), rel=1e-5)
+    y_fusion = torch.tensor([[2.0, -2.0, 2.0], [2.0, 2.0, 0.0]])
+    y0 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    s = 1 / (1 + math.exp(-2.0))
+    expected = [1 + 10 * (1 - s), 1 + 10 * (1 - ((1 - s) + (1 - s) + 0.5) / 3)]
+    w = focal_weight(y_fusion, y0, 10.0, 1.0, multilabel=True)
+    assert w.tolist() == pytest.approx(expected, rel=1e-5)
+    # a confident, correct DCG gives a weight near 1; the softmax version would not
+    sure = focal_weight(torch.tensor([[9.0, -9.0, 9.0]]), torch.tensor([[1.0, 0.0, 1.0]]), 10.0, 1.0, multilabel=True)
+    assert sure.item() == pytest.approx(1.0, abs=1e-2)
 
 
 def test_diffusion_focal_loss_hand_value():
