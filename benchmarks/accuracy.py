@@ -1,0 +1,211 @@
+"""Accuracy benchmark: DiffMIC-v2 against the models a user would pick instead, on real data.
+
+For one data set (a benchmark config) and several seeds, trains with one data pipeline and the same
+number of epochs:
+  resnet18  a torchvision ResNet-18 classifier trained with cross-entropy (random init);
+  dcg       the DCG guidance model alone, its fused output taken as the prediction (the prior);
+  diffmic   DiffMIC-v2, guided by the DCG of the same seed (trained once, shared with `dcg`).
+Every method keeps the checkpoint with the best validation score (macro F1) and is evaluated once on
+the test split. Writes benchmarks/results/<name>.json and .md (mean and standard deviation over
+seeds, per-seed rows, wall time, images per second, command, config and machine).
+
+    python benchmarks/accuracy.py --config configs/bench_breastmnist.yml [--seeds 0 1 2] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+import yaml  # noqa: E402
+
+import diffuser_trainer  # noqa: E402
+from config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
+from dataloader.datamodule import DiffMICDataModule, build_datasets  # noqa: E402
+from evaluation import EvaluatedSystem  # noqa: E402
+from pretraining.train_dcg import DCGSystem, load_dcg, pretrain_dcg  # noqa: E402
+from utils import build_trainer, setup_logging  # noqa: E402
+
+logger = logging.getLogger("benchmarks.accuracy")
+METHODS = ("resnet18", "dcg", "diffmic")
+METRICS = ("acc", "f1", "auc", "kappa")
+# MedMNIST v2 (Yang et al., Scientific Data 2023), Table: ResNet-18 (28), test ACC / AUC.
+MEDMNIST_V2_RESNET18_28 = {"retinamnist": {"acc": 0.524, "auc": 0.717}, "breastmnist": {"acc": 0.863, "auc": 0.901}}
+
+
+class ResNetBaseline(EvaluatedSystem):
+    """torchvision ResNet-18 with a C-way head and cross-entropy, optimised like the DCG (a CNN trained the
+    same way): Adam at dcg.lr, constant."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__(cfg)
+        self.net = torchvision.models.resnet18(weights=None, num_classes=cfg["data"]["num_classes"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self.net(batch["image"]), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"scores": self.net(batch["image"])}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.net.parameters(), lr=self.cfg["dcg"]["lr"])
+
+
+def _evaluate_best(system: EvaluatedSystem, trainer: pl.Trainer, best: str, data) -> dict:
+    trainer.validate(system, datamodule=data, ckpt_path=best, verbose=False)
+    val = dict(system.last_metrics)
+    trainer.test(system, datamodule=data, ckpt_path=best, verbose=False)
+    return {"val": val, "test": dict(system.last_metrics)}
+
+
+def run_resnet18(cfg: dict, datasets: dict) -> dict:
+    pl.seed_everything(cfg["seed"], workers=True)
+    system, data = ResNetBaseline(cfg), DiffMICDataModule(cfg, datasets=datasets)
+    trainer, best = build_trainer(cfg, f"{cfg['name']}/resnet18", cfg["trainer"]["max_epochs"],
+                                  cfg["trainer"]["val_every"])
+    start = time.perf_counter()
+    trainer.fit(system, datamodule=data)
+    seconds = time.perf_counter() - start
+    return {**_evaluate_best(system, trainer, best.best_model_path, data), "train_s": seconds,
+            "epochs": cfg["trainer"]["max_epochs"]}
+
+
+def run_dcg(cfg: dict, datasets: dict) -> dict:
+    start = time.perf_counter()
+    path = pretrain_dcg(cfg, datasets)  # keeps the best validation epoch
+    seconds = time.perf_counter() - start
+    system = DCGSystem(cfg)
+    load_dcg(system.dcg, cfg, path)
+    trainer, _ = build_trainer(cfg, f"{cfg['name']}/dcg_eval", 1, 1)
+    data = DiffMICDataModule(cfg, batch_size=cfg["dcg"]["batch_size"], datasets=datasets)
+    trainer.validate(system, datamodule=data, verbose=False)
+    val = dict(system.last_metrics)
+    trainer.test(system, datamodule=data, verbose=False)
+    return {"val": val, "test": dict(system.last_metrics), "train_s": seconds, "epochs": cfg["dcg"]["epochs"],
+            "dcg_ckpt": str(path)}
+
+
+def run_diffmic(cfg: dict, dcg_seconds: float | None) -> dict:
+    """DiffMIC-v2's own `fit`; its time includes the DCG pre-training it builds on."""
+    out = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "diffmic_metrics.json"
+    start = time.perf_counter()
+    if dcg_seconds is None:  # no shared DCG: fit pre-trains one and its time is inside
+        dcg_seconds = 0.0
+    diffuser_trainer.run("fit", cfg, None, str(out))
+    seconds = time.perf_counter() - start
+    metrics = json.loads(out.read_text())
+    return {"val": metrics["val"], "test": metrics["test"], "train_s": seconds + dcg_seconds,
+            "denoiser_s": seconds, "epochs": cfg["trainer"]["max_epochs"]}
+
+
+def summarise(runs: list[dict], methods: list[str]) -> dict:
+    table = {}
+    for method in methods:
+        rows = [r for r in runs if r["method"] == method]
+        if not rows:
+            continue
+        entry = {}
+        for key in METRICS:
+            values = np.array([r["test"][key] for r in rows])
+            entry[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        for key in ("train_s", "images_per_s"):
+            entry[key] = float(np.median([r[key] for r in rows]))
+        entry["seeds"] = [r["seed"] for r in rows]
+        table[method] = entry
+    return table
+
+
+def write_report(out_dir: Path, name: str, report: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# Accuracy benchmark: {name}", "",
+             f"Test split, mean ± standard deviation over seeds {report['seeds']}; training time and images per second are "
+             "medians over seeds (DiffMIC-v2's time includes pre-training its DCG).", "",
+             "| method | test ACC | macro F1 | AUC | kappa | train time (s) | train images/s |", "|---|---|---|---|---|---|---|"]
+    for method, e in report["summary"].items():
+        cells = [f"{e[k]['mean']:.3f} ± {e[k]['std']:.3f}" for k in METRICS]
+        lines.append(f"| {method} | {' | '.join(cells)} | {e['train_s']:.0f} | {e['images_per_s']:.1f} |")
+    ref = MEDMNIST_V2_RESNET18_28.get(report["dataset"])
+    if ref:
+        lines.append(f"| MedMNIST v2 ResNet-18 (28), published | {ref['acc']:.3f} | | {ref['auc']:.3f} | | | |")
+    lines += ["", "Per seed:", "", "| method | seed | test ACC | macro F1 | AUC | kappa | val F1 | train time (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['method']} | {r['seed']} | " + " | ".join(f"{r['test'][k]:.3f}" for k in METRICS)
+                     + f" | {r['val']['f1']:.3f} | {r['train_s']:.0f} |")
+    lines += ["", f"Command: `{report['command']}`", "", f"Machine: {report['machine']}", "", "Config (resolved):", "",
+              "```yaml", yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", ""]
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    logger.info("wrote %s and %s", out_dir / f"{name}.md", out_dir / f"{name}.json")
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), {device}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="benchmark config, e.g. configs/bench_breastmnist.yml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--name", help="result file name (default: data.flag or the config's name)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = parser.parse_intermixed_args(argv)
+    setup_logging()
+    try:
+        base = load_config(args.config, args.overrides)
+        datasets = build_datasets(base)
+    except ConfigError as err:
+        logger.error("config error: %s", err)
+        return 2
+    name = args.name or base["data"]["flag"] or base["name"]
+    report = {"dataset": name, "seeds": args.seeds, "methods": args.methods, "runs": [],
+              "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+              "machine": machine(), "config": base}
+    num_train = len(datasets["train"])
+    for seed in args.seeds:
+        cfg = json.loads(json.dumps(base))
+        cfg["seed"], cfg["name"] = seed, f"{base['name']}/seed_{seed}"
+        cfg["dcg"]["ckpt"] = str(Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "dcg.pt")
+        dcg_seconds = None
+        for method in args.methods:
+            logger.info("=== %s, seed %d: %s ===", name, seed, method)
+            if method == "resnet18":
+                result = run_resnet18(cfg, datasets)
+            elif method == "dcg":
+                result = run_dcg(cfg, datasets)
+                dcg_seconds = result["train_s"]
+            else:
+                if dcg_seconds is None and Path(cfg["dcg"]["ckpt"]).exists():
+                    Path(cfg["dcg"]["ckpt"]).unlink()  # a stale DCG of an earlier benchmark: train afresh
+                result = run_diffmic(cfg, dcg_seconds)
+            result.update(method=method, seed=seed,
+                          images_per_s=num_train * result["epochs"] / max(result.get("denoiser_s", result["train_s"]), 1e-9))
+            report["runs"].append(result)
+            logger.info("%s seed %d test: %s (%.0f s)", method, seed,
+                        ", ".join(f"{k} {result['test'][k]:.4f}" for k in METRICS), result["train_s"])
+            report["summary"] = summarise(report["runs"], args.methods)
+            write_report(Path(args.out_dir), name, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

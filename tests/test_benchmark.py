@@ -1,0 +1,29 @@
+"""The accuracy benchmark script runs end to end (one seed, a few batches) and writes its report."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "medmnist" / "breastmnist.npz").is_file(), reason=f"{SHARED} is absent")
+def test_accuracy_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy
+    argv = ["--config", str(ROOT / "configs" / "bench_breastmnist.yml"), "--seeds", "0", "--out-dir", str(tmp_path),
+            "--name", "smoke", f"data.root={SHARED / 'medmnist'}", f"trainer.log_dir={tmp_path / 'logs'}",
+            "dcg.epochs=1", "trainer.max_epochs=1", "trainer.val_every=1", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1", "model.feature_dim=16"]
+    assert accuracy.main(argv) == 0
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert [r["method"] for r in report["runs"]] == ["resnet18", "dcg", "diffmic"]
+    for method in ("resnet18", "dcg", "diffmic"):
+        entry = report["summary"][method]
+        assert 0.0 <= entry["acc"]["mean"] <= 1.0 and entry["train_s"] > 0
+    text = (tmp_path / "smoke.md").read_text()
+    assert "| diffmic |" in text and "Command:" in text and "Machine:" in text
