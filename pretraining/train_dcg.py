@@ -94,9 +94,8 @@ def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None) -> Path:
     trainer.fit(system, datamodule=data)
     trainer.validate(system, datamodule=data, ckpt_path=best.best_model_path or None, verbose=False)
     save_dcg(system.dcg, cfg, path)
-    metric = selection_metric(cfg)
-    logger.info("DCG saved to %s (validation %s %.4f)", path, metric,
-                system.last_metrics.get(metric.split("/", 1)[1], float("nan")))
+    metric = selection_metric(cfg).split("/", 1)[1]
+    logger.info("DCG saved to %s (validation %s %.4f)", path, metric, system.last_metrics.get(metric, float("nan")))
     return path
 
 
