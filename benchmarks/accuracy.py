@@ -33,7 +33,7 @@ import torchvision  # noqa: E402
 import yaml  # noqa: E402
 
 import diffuser_trainer  # noqa: E402
-from config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
+from config import PROJECT_ROOT, ConfigError, check_paths, load_config  # noqa: E402
 from dataloader.datamodule import DiffMICDataModule, build_datasets  # noqa: E402
 from evaluation import EvaluatedSystem  # noqa: E402
 from pretraining.train_dcg import DCGSystem, load_dcg, pretrain_dcg  # noqa: E402
@@ -76,8 +76,8 @@ def _evaluate_best(system: EvaluatedSystem, trainer: pl.Trainer, best: str, data
 def run_resnet18(cfg: dict, datasets: dict) -> dict:
     pl.seed_everything(cfg["seed"], workers=True)
     system, data = ResNetBaseline(cfg), DiffMICDataModule(cfg, datasets=datasets)
-    trainer, best = build_trainer(cfg, f"{cfg['name']}/resnet18", cfg["trainer"]["max_epochs"],
-                                  cfg["trainer"]["val_every"])
+    # validated every epoch, like the DCG pre-training (DiffMIC-v2's DDIM validation follows trainer.val_every)
+    trainer, best = build_trainer(cfg, f"{cfg['name']}/resnet18", cfg["trainer"]["max_epochs"], val_every=1)
     start = time.perf_counter()
     trainer.fit(system, datamodule=data)
     seconds = time.perf_counter() - start
@@ -100,12 +100,11 @@ def run_dcg(cfg: dict, datasets: dict) -> dict:
             "dcg_ckpt": str(path)}
 
 
-def run_diffmic(cfg: dict, dcg_seconds: float | None) -> dict:
-    """DiffMIC-v2's own `fit`; its time includes the DCG pre-training it builds on."""
+def run_diffmic(cfg: dict, dcg_seconds: float) -> dict:
+    """DiffMIC-v2's own `fit`. Its time includes the DCG pre-training it builds on: `dcg_seconds` when the
+    DCG was trained by the `dcg` method of this seed, else `fit` pre-trains it inside the timed call."""
     out = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "diffmic_metrics.json"
     start = time.perf_counter()
-    if dcg_seconds is None:  # no shared DCG: fit pre-trains one and its time is inside
-        dcg_seconds = 0.0
     diffuser_trainer.run("fit", cfg, None, str(out))
     seconds = time.perf_counter() - start
     metrics = json.loads(out.read_text())
@@ -172,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         base = load_config(args.config, args.overrides)
+        check_paths(base, need_dcg=False)
         datasets = build_datasets(base)
     except ConfigError as err:
         logger.error("config error: %s", err)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads(json.dumps(base))
         cfg["seed"], cfg["name"] = seed, f"{base['name']}/seed_{seed}"
         cfg["dcg"]["ckpt"] = str(Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "dcg.pt")
-        dcg_seconds = None
+        dcg_seconds = None  # set once this seed's DCG is trained
         for method in args.methods:
             logger.info("=== %s, seed %d: %s ===", name, seed, method)
             if method == "resnet18":
@@ -195,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                 dcg_seconds = result["train_s"]
             else:
                 if dcg_seconds is None and Path(cfg["dcg"]["ckpt"]).exists():
-                    Path(cfg["dcg"]["ckpt"]).unlink()  # a stale DCG of an earlier benchmark: train afresh
-                result = run_diffmic(cfg, dcg_seconds)
+                    # a DCG left by an earlier benchmark: train afresh, so that the timing includes it
+                    logger.info("removing %s from an earlier benchmark run", cfg["dcg"]["ckpt"])
+                    Path(cfg["dcg"]["ckpt"]).unlink()
+                result = run_diffmic(cfg, dcg_seconds or 0.0)
             result.update(method=method, seed=seed,
                           images_per_s=num_train * result["epochs"] / max(result.get("denoiser_s", result["train_s"]), 1e-9))
             report["runs"].append(result)
