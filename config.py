@@ -36,6 +36,7 @@ CHOICES = {
     "data.medmnist_size": (28, 64, 128, 224),
     "model.image_encoder": ("vit_s", "vit_t"),
     "model.patch_encoder": ("resnet18", "resnet50", "densenet121", "densenet169"),
+    "model.condition_init": ("default", "identity"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
 

@@ -21,7 +21,7 @@ from config import ConfigError, check_paths, dcg_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule
 from evaluation import EvaluatedSystem
 from model import build_denoiser
-from pipeline import (DDIMScheduler, ddim_sample, diffusion_focal_loss, focal_weight, guided_prior_map,
+from pipeline import (DDIMScheduler, condition_prior, ddim_sample, diffusion_focal_loss, focal_weight,
                       heterologous_noise)
 from pretraining.dcg import build_dcg
 from pretraining.train_dcg import load_dcg, pretrain_dcg
@@ -54,7 +54,7 @@ class DiffMICv2(EvaluatedSystem):
         with torch.no_grad():
             guide = self.dcg(image)
         grid = self.denoiser.grid_size
-        prior = guided_prior_map(guide.y_global, guide.y_local, grid)
+        prior = condition_prior(guide, grid, **self.cfg["ablation"])
         y_t, eps, t = heterologous_noise(self.scheduler, y0, grid)
         eps_hat = self.denoiser(image, guide.patches, torch.cat([prior, y_t], dim=1), t)
         weight = focal_weight(guide.y_fusion.float(), y0, d["focal_alpha"], d["focal_gamma"],
@@ -67,7 +67,7 @@ class DiffMICv2(EvaluatedSystem):
         image = batch["image"]
         start = torch.rand(2, image.shape[0], self.cfg["data"]["num_classes"], generator=self.eval_generator)
         grid, _ = ddim_sample(self.dcg, self.denoiser, self.scheduler, image, start.to(image.device),
-                              self.cfg["diffusion"]["sampling_steps"])
+                              self.cfg["diffusion"]["sampling_steps"], **self.cfg["ablation"])
         scores = grid.mean(dim=(2, 3))
         if self.cfg["data"]["task"] == "multilabel":  # disagreement of the cells, averaged over findings
             return {"scores": scores, "spread": grid.flatten(2).std(dim=2).mean(dim=1)}

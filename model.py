@@ -58,9 +58,11 @@ class ConditionalModel(nn.Module):
     sampling runs the encoders once per image."""
 
     def __init__(self, num_classes: int, grid_size: int, feature_dim: int, num_timesteps: int,
-                 image_encoder: str = "vit_s", patch_encoder: str = "resnet18") -> None:
+                 image_encoder: str = "vit_s", patch_encoder: str = "resnet18", roi_tokens: bool = True,
+                 condition_init: str = "default") -> None:
         super().__init__()
         self.num_classes, self.grid_size = num_classes, grid_size
+        self.roi_tokens = roi_tokens  # False (ablation): x_w = g, the patch encoder is not run
         assert image_encoder in ENCODERS, f"image encoder must be one of {sorted(ENCODERS)}, got {image_encoder!r}"
         self.image_encoder = ImageEncoderViT(**ENCODERS[image_encoder])
         self.image_proj = nn.Conv2d(self.image_encoder.embed_dim, feature_dim, kernel_size=1)
@@ -74,6 +76,15 @@ class ConditionalModel(nn.Module):
         self.cc3 = ConditionalConv2d(feature_dim, feature_dim, num_timesteps)
         self.norm3 = nn.BatchNorm2d(feature_dim)
         self.out = nn.Conv2d(feature_dim, num_classes, kernel_size=1)
+        assert condition_init in ("default", "identity"), f"condition_init must be default or identity, got {condition_init!r}"
+        if condition_init == "identity":
+            # [ours] x_w starts at exactly 1 (the softmax weights sum to 1), so the prior reaches the output
+            # unscrambled from the first step; the encoders' share grows as the BatchNorm weights leave 0
+            # (the zero-initialised modulation of DiT's adaLN-Zero). The default BatchNorm init gives
+            # x_w of random sign per image until random-init encoders carry information.
+            for norm in (self.image_norm, self.patch_encoder.norm):
+                nn.init.zeros_(norm.weight)
+                nn.init.ones_(norm.bias)
 
     def load_pretrained(self, efficientsam_weights: str | None, patch_encoder_weights: str | None,
                         dcg_local_trunk: nn.Module | None = None) -> None:
@@ -100,6 +111,8 @@ class ConditionalModel(nn.Module):
         assert patches.shape[1] == self.grid_size, \
             f"need K = {self.grid_size} patches (one per grid row), got {patches.shape[1]}"
         g = self.image_norm(self.image_proj(self.image_encoder(image)).mean(dim=(2, 3)))
+        if not self.roi_tokens:
+            return g
         tokens = torch.cat([g[:, :, None], self.patch_encoder(patches)], dim=2)  # (B, F, K+1)
         return (tokens * torch.softmax(self.token_logits, dim=2)).sum(dim=2)
 
@@ -124,4 +137,5 @@ def build_denoiser(cfg: dict) -> ConditionalModel:
     """The denoiser described by a config."""
     m = cfg["model"]
     return ConditionalModel(cfg["data"]["num_classes"], cfg["dcg"]["num_rois"], m["feature_dim"],
-                            cfg["diffusion"]["timesteps"], m["image_encoder"], m["patch_encoder"])
+                            cfg["diffusion"]["timesteps"], m["image_encoder"], m["patch_encoder"],
+                            roi_tokens=cfg["ablation"]["roi_branch"], condition_init=m["condition_init"])

@@ -29,6 +29,17 @@ def guided_prior_map(y_global: torch.Tensor, y_local: torch.Tensor, grid_size: i
     return (1 - distance) * y_global[:, :, None, None] + distance * y_local[:, :, None, None]
 
 
+def condition_prior(dcg_out: DCGOutput, grid_size: int, guided_map: bool = True, roi_branch: bool = True
+                    ) -> torch.Tensor:
+    """The prior P fed to the denoiser, with the benchmark's ablations (config section `ablation`):
+    guided_map False gives zeros (no DCG prior at all); roi_branch False builds P from y_global alone."""
+    if not guided_map:
+        b, c = dcg_out.y_global.shape
+        return dcg_out.y_global.new_zeros(b, c, grid_size, grid_size)
+    y_local = dcg_out.y_local if roi_branch else dcg_out.y_global
+    return guided_prior_map(dcg_out.y_global, y_local, grid_size)
+
+
 class DDIMScheduler(nn.Module):
     """DDIM (eta = 0) with the authors' diffusers settings: linear betas, epsilon prediction,
     "leading" timestep spacing, x0 clipped to [-1, 1], alpha_bar = 1 after the last step.
@@ -92,17 +103,18 @@ def heterologous_noise(scheduler: DDIMScheduler, y0: torch.Tensor, grid_size: in
 
 @torch.no_grad()
 def ddim_sample(dcg: DCG, denoiser: nn.Module, scheduler: DDIMScheduler, image: torch.Tensor,
-                start: torch.Tensor, num_steps: int, reuse_condition: bool = True
-                ) -> tuple[torch.Tensor, DCGOutput]:
+                start: torch.Tensor, num_steps: int, reuse_condition: bool = True, guided_map: bool = True,
+                roi_branch: bool = True) -> tuple[torch.Tensor, DCGOutput]:
     """Denoise a label grid for `image` (B, 3, H, W) with DDIM.
 
     start: (2, B, C) uniform [0, 1) vectors that stand in for y_global and y_local in Y_T (the
     authors' code). With reuse_condition the DCG and both encoders run once per image; without,
-    they run at every step, as in the authors' code: the results are the same.
+    they run at every step, as in the authors' code: the results are the same. guided_map and
+    roi_branch are the ablation switches of `condition_prior`.
     Returns the final grid (B, C, K, K) and the DCG output."""
     grid_size = denoiser.grid_size
     dcg_out = dcg(image)
-    prior = guided_prior_map(dcg_out.y_global, dcg_out.y_local, grid_size)
+    prior = condition_prior(dcg_out, grid_size, guided_map, roi_branch)
     y_t = guided_prior_map(start[0].to(prior), start[1].to(prior), grid_size)
     condition = denoiser.encode(image, dcg_out.patches) if reuse_condition else None
     scheduler.set_timesteps(num_steps)
@@ -112,7 +124,7 @@ def ddim_sample(dcg: DCG, denoiser: nn.Module, scheduler: DDIMScheduler, image: 
             eps_hat = denoiser.denoise(condition, torch.cat([prior, y_t], dim=1), t_cells)
         else:
             step_dcg = dcg(image)
-            step_prior = guided_prior_map(step_dcg.y_global, step_dcg.y_local, grid_size)
+            step_prior = condition_prior(step_dcg, grid_size, guided_map, roi_branch)
             eps_hat = denoiser(image, step_dcg.patches, torch.cat([step_prior, y_t], dim=1), t_cells)
         y_t = scheduler.step(eps_hat, t, y_t)
     return y_t, dcg_out

@@ -37,10 +37,16 @@ from config import PROJECT_ROOT, ConfigError, check_paths, load_config  # noqa: 
 from dataloader.datamodule import DiffMICDataModule, build_datasets  # noqa: E402
 from evaluation import EvaluatedSystem  # noqa: E402
 from pretraining.train_dcg import DCGSystem, load_dcg, pretrain_dcg  # noqa: E402
-from utils import build_trainer, setup_logging  # noqa: E402
+from utils import adam, build_trainer, setup_logging  # noqa: E402
 
 logger = logging.getLogger("benchmarks.accuracy")
-METHODS = ("resnet18", "dcg", "diffmic")
+# DiffMIC-v2 with one part of SPEC.md switched off, trained like `diffmic` (same DCG, seed and epochs).
+ABLATIONS = {
+    "diffmic-no_guided_map": {"ablation": {"guided_map": False}},
+    "diffmic-no_roi_branch": {"ablation": {"roi_branch": False}},
+    "diffmic-no_focal_weight": {"diffusion": {"focal_alpha": 0.0}},
+}
+METHODS = ("resnet18", "dcg", "diffmic", *ABLATIONS)
 METRICS = ("acc", "f1", "auc", "kappa")
 # MedMNIST v2 (Yang et al., Scientific Data 2023), Table: ResNet-18 (28), test ACC / AUC.
 MEDMNIST_V2_RESNET18_28 = {"retinamnist": {"acc": 0.524, "auc": 0.717}, "breastmnist": {"acc": 0.863, "auc": 0.901}}
@@ -63,7 +69,7 @@ class ResNetBaseline(EvaluatedSystem):
         return {"scores": self.net(batch["image"])}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.net.parameters(), lr=self.cfg["dcg"]["lr"])
+        return adam(self.net.parameters(), lr=self.cfg["dcg"]["lr"])
 
 
 def _evaluate_best(system: EvaluatedSystem, trainer: pl.Trainer, best: str, data) -> dict:
@@ -109,12 +115,32 @@ def run_diffmic(cfg: dict, dcg_seconds: float) -> dict:
     seconds = time.perf_counter() - start
     metrics = json.loads(out.read_text())
     return {"val": metrics["val"], "test": metrics["test"], "train_s": seconds + dcg_seconds,
-            "denoiser_s": seconds, "epochs": cfg["trainer"]["max_epochs"]}
+            "denoiser_s": seconds, "epochs": cfg["trainer"]["max_epochs"], "checkpoint": metrics["checkpoint"]}
 
 
-def summarise(runs: list[dict], methods: list[str]) -> dict:
+def evaluate_sampling_steps(cfg: dict, checkpoint: str, steps: int) -> dict:
+    """The trained `diffmic` checkpoint sampled with another number of DDIM steps (no retraining)."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg["diffusion"]["sampling_steps"] = steps
+    out = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / f"ddim_{steps}"
+    result = {}
+    for command, split in (("validate", "val"), ("test", "test")):
+        diffuser_trainer.run(command, cfg, checkpoint, str(out / f"{split}.json"))
+        result[split] = json.loads((out / f"{split}.json").read_text())[split]
+    return result
+
+
+def merge(cfg: dict, changes: dict) -> dict:
+    """A copy of `cfg` with the nested `changes` applied."""
+    cfg = json.loads(json.dumps(cfg))
+    for section, values in changes.items():
+        cfg[section].update(values)
+    return cfg
+
+
+def summarise(runs: list[dict]) -> dict:
     table = {}
-    for method in methods:
+    for method in dict.fromkeys(r["method"] for r in runs):  # in the order they ran
         rows = [r for r in runs if r["method"] == method]
         if not rows:
             continue
@@ -163,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="benchmark config, e.g. configs/bench_breastmnist.yml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["resnet18", "dcg", "diffmic"],
+                        help="diffmic-no_* are ablations of DiffMIC-v2 (default: the three compared methods)")
+    parser.add_argument("--ddim-steps", type=int, nargs="*", default=[],
+                        help="also sample each diffmic checkpoint with these numbers of DDIM steps (ablation)")
     parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", help="result file name (default: data.flag or the config's name)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
@@ -189,22 +218,31 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             logger.info("=== %s, seed %d: %s ===", name, seed, method)
             if method == "resnet18":
-                result = run_resnet18(cfg, datasets)
+                results = {method: run_resnet18(cfg, datasets)}
             elif method == "dcg":
-                result = run_dcg(cfg, datasets)
-                dcg_seconds = result["train_s"]
-            else:
+                results = {method: run_dcg(cfg, datasets)}
+                dcg_seconds = results[method]["train_s"]
+            elif method == "diffmic":
                 if dcg_seconds is None and Path(cfg["dcg"]["ckpt"]).exists():
                     # a DCG left by an earlier benchmark: train afresh, so that the timing includes it
                     logger.info("removing %s from an earlier benchmark run", cfg["dcg"]["ckpt"])
                     Path(cfg["dcg"]["ckpt"]).unlink()
-                result = run_diffmic(cfg, dcg_seconds or 0.0)
-            result.update(method=method, seed=seed,
-                          images_per_s=num_train * result["epochs"] / max(result.get("denoiser_s", result["train_s"]), 1e-9))
-            report["runs"].append(result)
-            logger.info("%s seed %d test: %s (%.0f s)", method, seed,
-                        ", ".join(f"{k} {result['test'][k]:.4f}" for k in METRICS), result["train_s"])
-            report["summary"] = summarise(report["runs"], args.methods)
+                results = {method: run_diffmic(cfg, dcg_seconds or 0.0)}
+                for steps in args.ddim_steps:
+                    timing = {k: results[method][k] for k in ("train_s", "denoiser_s", "epochs")}
+                    results[f"diffmic-ddim_{steps}"] = {
+                        **evaluate_sampling_steps(cfg, results[method]["checkpoint"], steps), **timing}
+            else:  # an ablation: this seed's DCG (pre-trained here if no earlier method made it)
+                variant = merge(cfg, ABLATIONS[method])
+                variant["name"] = f"{cfg['name']}/{method}"
+                results = {method: run_diffmic(variant, dcg_seconds or 0.0)}
+            for label, result in results.items():
+                result.update(method=label, seed=seed, images_per_s=num_train * result["epochs"]
+                              / max(result.get("denoiser_s", result["train_s"]), 1e-9))
+                report["runs"].append(result)
+                logger.info("%s seed %d test: %s (%.0f s)", label, seed,
+                            ", ".join(f"{k} {result['test'][k]:.4f}" for k in METRICS), result["train_s"])
+            report["summary"] = summarise(report["runs"])
             write_report(Path(args.out_dir), name, report)
     return 0
 

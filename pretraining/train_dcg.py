@@ -23,7 +23,7 @@ from config import ConfigError, check_paths, dcg_ckpt_path, load_config  # noqa:
 from dataloader.datamodule import DiffMICDataModule, build_datasets  # noqa: E402
 from evaluation import EvaluatedSystem  # noqa: E402
 from pretraining.dcg import DCG, build_dcg  # noqa: E402
-from utils import build_trainer, selection_metric, setup_logging  # noqa: E402
+from utils import adam, build_trainer, selection_metric, setup_logging  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class DCGSystem(EvaluatedSystem):
         return {"scores": torch.sigmoid(y_fusion) if self.multilabel else y_fusion}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.dcg.parameters(), lr=self.cfg["dcg"]["lr"])
+        return adam(self.dcg.parameters(), lr=self.cfg["dcg"]["lr"])
 
 
 def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None) -> Path:

@@ -8,6 +8,7 @@ import torch
 from config import ConfigError
 from model import ConditionalConv2d, ConditionalModel, PatchEncoder, build_denoiser
 from pipeline import DDIMScheduler, diffusion_focal_loss, focal_weight, guided_prior_map, heterologous_noise
+from utils import adam
 
 C, K, FEAT = 3, 3, 16
 
@@ -238,12 +239,41 @@ def test_training_step_gradient_flow(make_dcg, make_denoiser):
 def test_build_denoiser_from_config():
     cfg = {"data": {"num_classes": 4}, "dcg": {"num_rois": 2},
            "model": {"feature_dim": 8, "image_encoder": "vit_t", "patch_encoder": "resnet18"},
-           "diffusion": {"timesteps": 50}}
+           "diffusion": {"timesteps": 50}, "ablation": {"roi_branch": True}}
+    cfg["model"]["condition_init"] = "default"
     model = build_denoiser(cfg)
     assert (model.num_classes, model.grid_size) == (4, 2)
     assert model.token_logits.shape == (1, 8, 3)
     assert model.cc1.embed.num_embeddings == 51 and model.cc1.conv.in_channels == 8
     assert model.image_encoder.embed_dim == 192 and model.out.out_channels == 4
+
+
+def test_no_roi_branch_condition_is_the_image_feature(make_denoiser):
+    """Ablation roi_branch False: x_w = g whatever the patches; the default mixes in the patch tokens."""
+    model = make_denoiser(seed=1).eval()
+    image = torch.randn(2, 3, 64, 64)
+    patches, other = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(model.encode(image, patches), model.encode(image, other))
+        model.roi_tokens = False
+        g = model.image_norm(model.image_proj(model.image_encoder(image)).mean(dim=(2, 3)))
+        torch.testing.assert_close(model.encode(image, patches), g)
+        torch.testing.assert_close(model.encode(image, other), g)
+
+
+def test_identity_condition_init_passes_the_prior_through():
+    """condition_init identity: x_w is exactly 1 at the start, and the encoders still receive gradient
+    through the BatchNorm weights, which leave 0 after one step."""
+    torch.manual_seed(0)
+    model = ConditionalModel(num_classes=3, grid_size=3, feature_dim=16, num_timesteps=100, image_encoder="vit_t",
+                             condition_init="identity")
+    image, patches = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model.encode(image, patches), torch.ones(4, 16))
+    y_in, t = torch.randn(4, 6, 3, 3), torch.randint(0, 100, (4, 3, 3))
+    model(image, patches, y_in, t).pow(2).mean().backward()
+    assert model.image_norm.weight.grad.abs().sum() > 0 and model.patch_encoder.norm.weight.grad.abs().sum() > 0
+    with pytest.raises(AssertionError, match="condition_init"):
+        ConditionalModel(3, 3, 16, 100, "vit_t", condition_init="zeros")
 
 
 def test_load_pretrained(make_denoiser, tmp_path, caplog):
@@ -281,3 +311,19 @@ def test_imagenet_weights_unreachable_fall_back_to_random_init_loudly(monkeypatc
         trunk.load_weights("imagenet", key="dcg.backbone_weights")
     assert "STARTING FROM RANDOM INIT" in caplog.text and "dcg.backbone_weights" in caplog.text
     assert all(torch.equal(before[k], v) for k, v in trunk.state_dict().items())
+
+
+def test_adam_helper_uses_the_fused_kernel_with_the_same_update():
+    torch.manual_seed(0)
+    fast, plain = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    plain.load_state_dict(fast.state_dict())
+    opt_fast, opt_plain = adam(fast.parameters(), lr=1e-2), torch.optim.Adam(plain.parameters(), lr=1e-2)
+    assert opt_fast.defaults["fused"]
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model, opt in ((fast, opt_fast), (plain, opt_plain)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(fast.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

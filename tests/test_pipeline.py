@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import (DDIMScheduler, ddim_sample, diffusion_focal_loss, focal_weight, guided_prior_map,
-                      heterologous_noise)
+from pipeline import (DDIMScheduler, condition_prior, ddim_sample, diffusion_focal_loss, focal_weight,
+                      guided_prior_map, heterologous_noise)
 from pretraining.dcg import DCGOutput
 
 T = 1000
@@ -28,6 +28,14 @@ def hand_step(y: np.ndarray, e: np.ndarray, t: int, ratio: int, clip: bool) -> n
 
 
 # --------------------------------------------------------------------------- guided prior map
+
+def test_condition_prior_ablations():
+    g, l = torch.randn(2, 3), torch.randn(2, 3)
+    out = DCGOutput(None, g, l, None, None, None)
+    torch.testing.assert_close(condition_prior(out, 4), guided_prior_map(g, l, 4))
+    assert torch.equal(condition_prior(out, 4, guided_map=False), torch.zeros(2, 3, 4, 4))
+    torch.testing.assert_close(condition_prior(out, 4, roi_branch=False), g[:, :, None, None].expand(2, 3, 4, 4))
+
 
 def test_guided_prior_map_k3_hand_values():
     g = torch.tensor([[2.0, -1.0], [0.5, 4.0]])   # y_global (B=2, C=2), raw logits incl. negatives
