@@ -186,6 +186,8 @@ def _check_values(cfg: dict) -> None:
     steps, timesteps = cfg["diffusion"]["sampling_steps"], cfg["diffusion"]["timesteps"]
     if not 1 <= steps <= timesteps:
         raise ConfigError(f"config key diffusion.sampling_steps: must be in 1..diffusion.timesteps ({timesteps})")
+    if cfg["diffusion"]["eval_samples"] < 1:
+        raise ConfigError(f"config key diffusion.eval_samples: need at least 1, got {cfg['diffusion']['eval_samples']}")
     if len(cfg["optim"]["betas"]) != 2:
         raise ConfigError("config key optim.betas: need two numbers, e.g. [0.9, 0.999]")
     if data["dataset"] == "synthetic" and data["task"] == "multilabel":

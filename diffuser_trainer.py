@@ -65,7 +65,8 @@ class DiffMICv2(EvaluatedSystem):
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         image = batch["image"]
-        start = torch.rand(2, image.shape[0], self.cfg["data"]["num_classes"], generator=self.eval_generator)
+        start = torch.rand(2, self.cfg["diffusion"]["eval_samples"], image.shape[0], self.cfg["data"]["num_classes"],
+                           generator=self.eval_generator)
         grid, _ = ddim_sample(self.dcg, self.denoiser, self.scheduler, image, start.to(image.device),
                               self.cfg["diffusion"]["sampling_steps"], **self.cfg["ablation"])
         scores = grid.mean(dim=(2, 3))

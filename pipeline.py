@@ -108,15 +108,21 @@ def ddim_sample(dcg: DCG, denoiser: nn.Module, scheduler: DDIMScheduler, image: 
     """Denoise a label grid for `image` (B, 3, H, W) with DDIM.
 
     start: (2, B, C) uniform [0, 1) vectors that stand in for y_global and y_local in Y_T (the
-    authors' code). With reuse_condition the DCG and both encoders run once per image; without,
-    they run at every step, as in the authors' code: the results are the same. guided_map and
-    roi_branch are the ablation switches of `condition_prior`.
+    authors' code), or (2, S, B, C) for S samples per image from S starts, whose final grids are
+    averaged [ours; the paper draws one]. With reuse_condition the DCG and both encoders run once per
+    image, whatever S; without, they run at every step, as in the authors' code: the results are the
+    same. guided_map and roi_branch are the ablation switches of `condition_prior`.
     Returns the final grid (B, C, K, K) and the DCG output."""
     grid_size = denoiser.grid_size
+    start = start[:, None] if start.dim() == 3 else start
+    samples = start.shape[1]
+    assert start.dim() == 4 and start.shape[0] == 2 and start.shape[2] == image.shape[0], \
+        f"start must be (2, B, C) or (2, S, B, C) with B = {image.shape[0]}, got {tuple(start.shape)}"
+    assert reuse_condition or samples == 1, "several samples per image need reuse_condition"
     dcg_out = dcg(image)
-    prior = condition_prior(dcg_out, grid_size, guided_map, roi_branch)
-    y_t = guided_prior_map(start[0].to(prior), start[1].to(prior), grid_size)
-    condition = denoiser.encode(image, dcg_out.patches) if reuse_condition else None
+    prior = condition_prior(dcg_out, grid_size, guided_map, roi_branch).repeat(samples, 1, 1, 1)  # (S*B, ...)
+    y_t = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid_size)
+    condition = denoiser.encode(image, dcg_out.patches).repeat(samples, 1) if reuse_condition else None
     scheduler.set_timesteps(num_steps)
     for t in scheduler.timesteps.tolist():
         t_cells = torch.full(y_t.shape[:1] + y_t.shape[2:], t, device=y_t.device, dtype=torch.long)
@@ -127,7 +133,7 @@ def ddim_sample(dcg: DCG, denoiser: nn.Module, scheduler: DDIMScheduler, image: 
             step_prior = condition_prior(step_dcg, grid_size, guided_map, roi_branch)
             eps_hat = denoiser(image, step_dcg.patches, torch.cat([step_prior, y_t], dim=1), t_cells)
         y_t = scheduler.step(eps_hat, t, y_t)
-    return y_t, dcg_out
+    return y_t.view(samples, image.shape[0], *y_t.shape[1:]).mean(dim=0), dcg_out
 
 
 def focal_weight(y_fusion: torch.Tensor, y0: torch.Tensor, alpha: float, gamma: float,

@@ -16,16 +16,24 @@ def test_accuracy_benchmark_smoke(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import accuracy
     argv = ["--config", str(ROOT / "configs" / "bench_breastmnist.yml"), "--seeds", "0", "--methods", "resnet18",
-            "dcg", "diffmic", "diffmic-no_guided_map", "diffmic-no_roi_branch", "--ddim-steps", "2",
+            "dcg", "diffmic", "diffmic-no_guided_map", "diffmic-no_roi_branch", "--ddim-steps", "2", "--eval-samples", "3",
             "--out-dir", str(tmp_path), "--name", "smoke", f"data.root={SHARED / 'medmnist'}", f"trainer.log_dir={tmp_path / 'logs'}",
             "dcg.epochs=1", "trainer.max_epochs=1", "trainer.val_every=1", "trainer.limit_train_batches=2",
             "trainer.limit_val_batches=1", "model.feature_dim=16"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "smoke.json").read_text())
-    methods = ["resnet18", "dcg", "diffmic", "diffmic-ddim_2", "diffmic-no_guided_map", "diffmic-no_roi_branch"]
+    methods = ["resnet18", "dcg", "diffmic", "diffmic-ddim_2", "diffmic-samples_3", "diffmic-no_guided_map",
+               "diffmic-no_roi_branch"]
     assert [r["method"] for r in report["runs"]] == methods
     for method in methods:
         entry = report["summary"][method]
         assert 0.0 <= entry["acc"]["mean"] <= 1.0 and entry["train_s"] > 0
     text = (tmp_path / "smoke.md").read_text()
     assert "| diffmic |" in text and "| diffmic-no_roi_branch |" in text and "Command:" in text and "Machine:" in text
+
+    # a later call re-evaluates the trained diffmic checkpoint of each seed without training anything
+    again = [a if a != "smoke" else "again" for a in argv[argv.index("--out-dir"):]]
+    assert accuracy.main(["--config", argv[1], "--seeds", "0", "--methods", "--eval-samples", "2", *again]) == 0
+    report = json.loads((tmp_path / "again.json").read_text())
+    assert [r["method"] for r in report["runs"]] == ["diffmic-samples_2"]
+    assert 0.0 <= report["runs"][0]["test"]["acc"] <= 1.0

@@ -419,3 +419,21 @@ def test_ddim_sample_reuse_condition_identical_and_counted(small_models):
     # the sample depends on the start vectors
     out_other, _ = ddim_sample(dcg, denoiser, DDIMScheduler(), image, start.flip(0) * 0.5, steps)
     assert not torch.allclose(out_other, out_reuse)
+
+
+def test_ddim_sample_several_starts_is_the_mean_of_single_samples(small_models):
+    """(2, S, B, C) starts: S samples per image from one run of the encoders, averaged; the same as S
+    separate single-sample runs, and a (2, 1, B, C) start is the single-sample case."""
+    dcg, denoiser = small_models
+    calls = []
+    denoiser.image_encoder.register_forward_hook(lambda *args: calls.append(1))
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(2, 3, 64, 64, generator=g)
+    start = torch.rand(2, 4, 2, 3, generator=g)
+    averaged, _ = ddim_sample(dcg, denoiser, DDIMScheduler(), image, start, 5)
+    assert len(calls) == 1 and averaged.shape == (2, 3, 3, 3)
+    singles = [ddim_sample(dcg, denoiser, DDIMScheduler(), image, start[:, s], 5)[0] for s in range(4)]
+    torch.testing.assert_close(averaged, torch.stack(singles).mean(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ddim_sample(dcg, denoiser, DDIMScheduler(), image, start[:, :1], 5)[0], singles[0])
+    with pytest.raises(AssertionError, match="start must be"):
+        ddim_sample(dcg, denoiser, DDIMScheduler(), image, torch.rand(2, 4, 3, 3), 5)
