@@ -146,6 +146,15 @@ def merge(cfg: dict, changes: dict) -> dict:
     return cfg
 
 
+def record(report: dict, result: dict, out_dir: Path, name: str) -> None:
+    """Add one run to the report, log it, and rewrite the report files (a stopped benchmark keeps its runs)."""
+    report["runs"].append(result)
+    logger.info("%s seed %d test: %s (%.0f s)", result["method"], result["seed"],
+                ", ".join(f"{k} {result['test'][k]:.4f}" for k in METRICS), result["train_s"])
+    report["summary"] = summarise(report["runs"])
+    write_report(out_dir, name, report)
+
+
 def summarise(runs: list[dict]) -> dict:
     table = {}
     for method in dict.fromkeys(r["method"] for r in runs):  # in the order they ran
@@ -172,7 +181,8 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
              "| method | test ACC | macro F1 | AUC | kappa | train time (s) | train images/s |", "|---|---|---|---|---|---|---|"]
     for method, e in report["summary"].items():
         cells = [f"{e[k]['mean']:.3f} ± {e[k]['std']:.3f}" for k in METRICS]
-        lines.append(f"| {method} | {' | '.join(cells)} | {e['train_s']:.0f} | {e['images_per_s']:.1f} |")
+        time_cells = "| – | – |" if np.isnan(e["train_s"]) else f"| {e['train_s']:.0f} | {e['images_per_s']:.1f} |"
+        lines.append(f"| {method} | {' | '.join(cells)} {time_cells}")
     ref = MEDMNIST_V2_RESNET18_28.get(report["dataset"])
     if ref:
         lines.append(f"| MedMNIST v2 ResNet-18 (28), published | {ref['acc']:.3f} | | {ref['auc']:.3f} | | | |")
@@ -180,7 +190,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
               "|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['method']} | {r['seed']} | " + " | ".join(f"{r['test'][k]:.3f}" for k in METRICS)
-                     + f" | {r['val']['f1']:.3f} | {r['train_s']:.0f} |")
+                     + f" | {r['val']['f1']:.3f} | " + ("–" if np.isnan(r["train_s"]) else f"{r['train_s']:.0f}") + " |")
     lines += ["", f"Command: `{report['command']}`", "", f"Machine: {report['machine']}", "", "Config (resolved):", "",
               "```yaml", yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", ""]
     (out_dir / f"{name}.md").write_text("\n".join(lines))
@@ -228,46 +238,35 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             logger.info("=== %s, seed %d: %s ===", name, seed, method)
             if method == "resnet18":
-                results = {method: run_resnet18(cfg, datasets)}
+                result = run_resnet18(cfg, datasets)
             elif method == "dcg":
-                results = {method: run_dcg(cfg, datasets)}
-                dcg_seconds = results[method]["train_s"]
+                result = run_dcg(cfg, datasets)
+                dcg_seconds = result["train_s"]
             elif method == "diffmic":
                 if dcg_seconds is None and Path(cfg["dcg"]["ckpt"]).exists():
                     # a DCG left by an earlier benchmark: train afresh, so that the timing includes it
                     logger.info("removing %s from an earlier benchmark run", cfg["dcg"]["ckpt"])
                     Path(cfg["dcg"]["ckpt"]).unlink()
-                results = {method: run_diffmic(cfg, dcg_seconds or 0.0)}
-                timing = {k: results[method][k] for k in ("train_s", "denoiser_s", "epochs")}
-                for label, changes in reevaluations(args):
-                    results[label] = {**reevaluate(cfg, results[method]["checkpoint"], label, changes), **timing}
+                result = run_diffmic(cfg, dcg_seconds or 0.0)
             else:  # an ablation: this seed's DCG (pre-trained here if no earlier method made it)
                 variant = merge(cfg, ABLATIONS[method])
                 variant["name"] = f"{cfg['name']}/{method}"
-                results = {method: run_diffmic(variant, dcg_seconds or 0.0)}
-            for label, result in results.items():
-                result.update(method=label, seed=seed, images_per_s=num_train * result["epochs"]
-                              / max(result.get("denoiser_s", result["train_s"]), 1e-9))
-                report["runs"].append(result)
-                logger.info("%s seed %d test: %s (%.0f s)", label, seed,
-                            ", ".join(f"{k} {result['test'][k]:.4f}" for k in METRICS), result["train_s"])
-            report["summary"] = summarise(report["runs"])
-            write_report(Path(args.out_dir), name, report)
-        if reevaluations(args) and "diffmic" not in args.methods:
-            # re-evaluate the diffmic checkpoint that an earlier benchmark run trained for this seed
-            earlier = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "diffmic_metrics.json"
-            if not earlier.is_file():
-                logger.error("--ddim-steps / --eval-samples without the diffmic method need %s from an earlier "
-                             "run of the diffmic method", earlier)
+                result = run_diffmic(variant, dcg_seconds or 0.0)
+            result.update(method=method, seed=seed, images_per_s=num_train * result["epochs"]
+                          / max(result.get("denoiser_s", result["train_s"]), 1e-9))
+            record(report, result, Path(args.out_dir), name)
+        if reevaluations(args):
+            # this seed's diffmic checkpoint, trained above or by an earlier benchmark run: evaluated only
+            fitted = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "diffmic_metrics.json"
+            if not fitted.is_file():
+                logger.error("--ddim-steps / --eval-samples need %s: run the diffmic method first", fitted)
                 return 2
-            checkpoint = json.loads(earlier.read_text())["checkpoint"]
+            checkpoint = json.loads(fitted.read_text())["checkpoint"]
             for label, changes in reevaluations(args):
-                result = {**reevaluate(cfg, checkpoint, label, changes), "method": label, "seed": seed,
-                          "train_s": float("nan"), "epochs": cfg["trainer"]["max_epochs"], "images_per_s": float("nan")}
-                report["runs"].append(result)
-                logger.info("%s seed %d test: %s", label, seed, ", ".join(f"{k} {result['test'][k]:.4f}" for k in METRICS))
-            report["summary"] = summarise(report["runs"])
-            write_report(Path(args.out_dir), name, report)
+                result = reevaluate(cfg, checkpoint, label, changes)
+                result.update(method=label, seed=seed, epochs=cfg["trainer"]["max_epochs"], train_s=float("nan"),
+                              images_per_s=float("nan"))  # no training: the same checkpoint
+                record(report, result, Path(args.out_dir), name)
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,14 +23,15 @@ def test_accuracy_benchmark_smoke(tmp_path):
             "trainer.limit_val_batches=1", "model.feature_dim=16"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "smoke.json").read_text())
-    methods = ["resnet18", "dcg", "diffmic", "diffmic-ddim_2", "diffmic-samples_3", "diffmic-no_guided_map",
-               "diffmic-no_roi_branch"]
-    assert [r["method"] for r in report["runs"]] == methods
-    for method in methods:
+    trained = ["resnet18", "dcg", "diffmic", "diffmic-no_guided_map", "diffmic-no_roi_branch"]
+    evaluated = ["diffmic-ddim_2", "diffmic-samples_3"]  # the diffmic checkpoint re-evaluated, not retrained
+    assert [r["method"] for r in report["runs"]] == trained + evaluated
+    for method in trained + evaluated:
         entry = report["summary"][method]
-        assert 0.0 <= entry["acc"]["mean"] <= 1.0 and entry["train_s"] > 0
+        assert 0.0 <= entry["acc"]["mean"] <= 1.0
+        assert entry["train_s"] > 0 if method in trained else math.isnan(entry["train_s"])
     text = (tmp_path / "smoke.md").read_text()
-    assert "| diffmic |" in text and "| diffmic-no_roi_branch |" in text and "Command:" in text and "Machine:" in text
+    assert "| diffmic |" in text and "| diffmic-no_roi_branch |" in text and "| diffmic-samples_3 |" in text and "Command:" in text and "Machine:" in text
 
     # a later call re-evaluates the trained diffmic checkpoint of each seed without training anything
     again = [a if a != "smoke" else "again" for a in argv[argv.index("--out-dir"):]]

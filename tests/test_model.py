@@ -238,9 +238,8 @@ def test_training_step_gradient_flow(make_dcg, make_denoiser):
 
 def test_build_denoiser_from_config():
     cfg = {"data": {"num_classes": 4}, "dcg": {"num_rois": 2},
-           "model": {"feature_dim": 8, "image_encoder": "vit_t", "patch_encoder": "resnet18"},
+           "model": {"feature_dim": 8, "image_encoder": "vit_t", "patch_encoder": "resnet18", "condition_init": "default"},
            "diffusion": {"timesteps": 50}, "ablation": {"roi_branch": True}}
-    cfg["model"]["condition_init"] = "default"
     model = build_denoiser(cfg)
     assert (model.num_classes, model.grid_size) == (4, 2)
     assert model.token_logits.shape == (1, 8, 3)
