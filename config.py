@@ -188,6 +188,9 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError(f"config key diffusion.sampling_steps: must be in 1..diffusion.timesteps ({timesteps})")
     if cfg["diffusion"]["eval_samples"] < 1:
         raise ConfigError(f"config key diffusion.eval_samples: need at least 1, got {cfg['diffusion']['eval_samples']}")
+    for key in ("dcg.min_lr_ratio", "optim.min_lr_ratio"):
+        if not 0.0 <= _get(cfg, key) <= 1.0:
+            raise ConfigError(f"config key {key}: must be in [0, 1] (a fraction of the learning rate), got {_get(cfg, key)}")
     if len(cfg["optim"]["betas"]) != 2:
         raise ConfigError("config key optim.betas: need two numbers, e.g. [0.9, 0.999]")
     if data["dataset"] == "synthetic" and data["task"] == "multilabel":

@@ -36,8 +36,8 @@ import diffuser_trainer  # noqa: E402
 from config import PROJECT_ROOT, ConfigError, check_paths, load_config  # noqa: E402
 from dataloader.datamodule import DiffMICDataModule, build_datasets  # noqa: E402
 from evaluation import EvaluatedSystem  # noqa: E402
-from pretraining.train_dcg import DCGSystem, load_dcg, pretrain_dcg  # noqa: E402
-from utils import adam, build_trainer, setup_logging  # noqa: E402
+from pretraining.train_dcg import DCGSystem, dcg_optimizer, load_dcg, pretrain_dcg  # noqa: E402
+from utils import build_trainer, setup_logging  # noqa: E402
 
 logger = logging.getLogger("benchmarks.accuracy")
 # DiffMIC-v2 with one part of SPEC.md switched off, trained like `diffmic` (same DCG, seed and epochs).
@@ -56,7 +56,7 @@ MEDMNIST_V2_RESNET18_28 = {"retinamnist": {"acc": 0.524, "auc": 0.717}, "breastm
 
 class ResNetBaseline(EvaluatedSystem):
     """torchvision ResNet-18 with a C-way head and cross-entropy, optimised like the DCG (a CNN trained the
-    same way): Adam at dcg.lr, constant."""
+    same way): Adam at dcg.lr with the DCG's schedule (dcg.min_lr_ratio) over the same epochs."""
 
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
@@ -70,8 +70,8 @@ class ResNetBaseline(EvaluatedSystem):
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"scores": self.net(batch["image"])}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adam(self.net.parameters(), lr=self.cfg["dcg"]["lr"])
+    def configure_optimizers(self):
+        return dcg_optimizer(self.net.parameters(), self.cfg)
 
 
 def _evaluate_best(system: EvaluatedSystem, trainer: pl.Trainer, best: str, data) -> dict:
@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         base = load_config(args.config, args.overrides)
+        if base["dcg"]["epochs"] != base["trainer"]["max_epochs"]:
+            raise ConfigError(f"dcg.epochs ({base['dcg']['epochs']}) and trainer.max_epochs "
+                              f"({base['trainer']['max_epochs']}) must agree: every method trains the same epochs")
         check_paths(base, need_dcg=False)
         datasets = build_datasets(base)
     except ConfigError as err:

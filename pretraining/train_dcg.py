@@ -23,7 +23,7 @@ from config import ConfigError, check_paths, dcg_ckpt_path, load_config  # noqa:
 from dataloader.datamodule import DiffMICDataModule, build_datasets  # noqa: E402
 from evaluation import EvaluatedSystem  # noqa: E402
 from pretraining.dcg import DCG, build_dcg  # noqa: E402
-from utils import adam, build_trainer, selection_metric, setup_logging  # noqa: E402
+from utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,14 @@ def load_dcg(dcg: DCG, cfg: dict, path: Path) -> None:
     logger.info("DCG weights loaded from %s", path)
 
 
+def dcg_optimizer(params, cfg: dict) -> dict:
+    """Adam at dcg.lr (SPEC 2), annealed per epoch to dcg.min_lr_ratio * lr over dcg.epochs (1.0, the
+    default: constant)."""
+    optimizer = adam(params, lr=cfg["dcg"]["lr"])
+    schedule = cosine_schedule(optimizer, cfg["dcg"]["epochs"], cfg["dcg"]["min_lr_ratio"])
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+
 class DCGSystem(EvaluatedSystem):
     """Lightning wrapper of the DCG for pre-training; its prediction is y_fusion (multi-label:
     sigmoid(y_fusion), so that F1 is taken at probability 0.5)."""
@@ -78,8 +86,8 @@ class DCGSystem(EvaluatedSystem):
         y_fusion = self.dcg(batch["image"]).y_fusion
         return {"scores": torch.sigmoid(y_fusion) if self.multilabel else y_fusion}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return adam(self.dcg.parameters(), lr=self.cfg["dcg"]["lr"])
+    def configure_optimizers(self):
+        return dcg_optimizer(self.dcg.parameters(), self.cfg)
 
 
 def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None) -> Path:

@@ -39,3 +39,13 @@ def test_accuracy_benchmark_smoke(tmp_path):
     report = json.loads((tmp_path / "again.json").read_text())
     assert [r["method"] for r in report["runs"]] == ["diffmic-samples_2"]
     assert 0.0 <= report["runs"][0]["test"]["acc"] <= 1.0
+
+
+def test_accuracy_benchmark_needs_the_same_epochs_for_every_method(tmp_path, caplog):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy
+    argv = ["--config", str(ROOT / "configs" / "bench_breastmnist.yml"), "--out-dir", str(tmp_path),
+            f"trainer.log_dir={tmp_path / 'logs'}", "dcg.epochs=3", "trainer.max_epochs=4"]
+    assert accuracy.main(argv) == 2
+    assert "dcg.epochs (3) and trainer.max_epochs (4) must agree" in caplog.text
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -54,6 +54,8 @@ def test_overrides_parse_types():
     ("data.task=multilabel", "data.task"),  # the demo set is multiclass
     ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
     ("trainer.limit_val_batches=0", "trainer.limit_val_batches"),
+    ("dcg.min_lr_ratio=1.5", "dcg.min_lr_ratio"),
+    ("optim.min_lr_ratio=-0.1", "optim.min_lr_ratio"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

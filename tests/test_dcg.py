@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from config import load_config
 from pretraining.dcg import (DCG, GatedAttentionMIL, build_dcg, cells_to_pixels, crop_patches, propose_rois,
                              roi_window, top_t_pool)
+from pretraining.train_dcg import dcg_optimizer
 
 
 def greedy_reference(cam: torch.Tensor, num_rois: int, window: int) -> list[list[tuple[int, int]]]:
@@ -284,3 +286,21 @@ def test_build_dcg_from_config():
     dcg = build_dcg(cfg)
     assert (dcg.cam_size, dcg.num_rois, dcg.roi_size, dcg.percent_t, dcg.window) == (7, 4, 112, 0.5, 4)
     assert dcg.saliency_conv.out_channels == 4 and dcg.saliency_conv.bias is None
+
+
+@pytest.mark.parametrize("ratio, last_lr", [(1.0, 1e-3), (0.01, 1e-5)])
+def test_dcg_optimizer_anneals_to_min_lr_ratio(ratio, last_lr):
+    """dcg.min_lr_ratio 1.0 (default) keeps Adam's lr constant; below 1 it is annealed by a cosine over
+    dcg.epochs, reaching ratio * lr after the last epoch."""
+    cfg = load_config(None, ["dcg.lr=1e-3", f"dcg.min_lr_ratio={ratio}", "dcg.epochs=4"])
+    opt = dcg_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    optimizer, schedule = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
+    assert opt["lr_scheduler"]["interval"] == "epoch"
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(1e-3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
