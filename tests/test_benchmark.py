@@ -41,11 +41,11 @@ def test_accuracy_benchmark_smoke(tmp_path):
     assert 0.0 <= report["runs"][0]["test"]["acc"] <= 1.0
 
 
-def test_accuracy_benchmark_needs_the_same_epochs_for_every_method(tmp_path, caplog):
+def test_accuracy_benchmark_needs_the_same_epochs_for_every_method(tmp_path, capfd):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import accuracy
     argv = ["--config", str(ROOT / "configs" / "bench_breastmnist.yml"), "--out-dir", str(tmp_path),
             f"trainer.log_dir={tmp_path / 'logs'}", "dcg.epochs=3", "trainer.max_epochs=4"]
     assert accuracy.main(argv) == 2
-    assert "dcg.epochs (3) and trainer.max_epochs (4) must agree" in caplog.text
+    assert "dcg.epochs (3) and trainer.max_epochs (4) must agree" in capfd.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
