@@ -138,6 +138,14 @@ def reevaluations(args: argparse.Namespace) -> list[tuple[str, dict]]:
             + [(f"diffmic-samples_{n}", {"diffusion": {"eval_samples": n}}) for n in args.eval_samples])
 
 
+def seed_config(base: dict, seed: int) -> dict:
+    """The config of one seed's runs: its own seed, run folder and DCG file (shared by dcg and diffmic)."""
+    cfg = json.loads(json.dumps(base))
+    cfg["seed"], cfg["name"] = seed, f"{base['name']}/seed_{seed}"
+    cfg["dcg"]["ckpt"] = str(Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "dcg.pt")
+    return cfg
+
+
 def merge(cfg: dict, changes: dict) -> dict:
     """A copy of `cfg` with the nested `changes` applied."""
     cfg = json.loads(json.dumps(cfg))
@@ -234,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine(), "config": base}
     num_train = len(datasets["train"])
     for seed in args.seeds:
-        cfg = json.loads(json.dumps(base))
-        cfg["seed"], cfg["name"] = seed, f"{base['name']}/seed_{seed}"
-        cfg["dcg"]["ckpt"] = str(Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "dcg.pt")
+        cfg = seed_config(base, seed)
         dcg_seconds = None  # set once this seed's DCG is trained
         for method in args.methods:
             logger.info("=== %s, seed %d: %s ===", name, seed, method)

@@ -40,6 +40,19 @@ def test_accuracy_benchmark_smoke(tmp_path):
     assert [r["method"] for r in report["runs"]] == ["diffmic-samples_2"]
     assert 0.0 <= report["runs"][0]["test"]["acc"] <= 1.0
 
+    # the fit of the seed's DCG prior on its own training images and on the validation split
+    import prior_fit
+    overrides = [a for a in argv[argv.index("--name") + 2:]]
+    assert prior_fit.main(["--config", argv[1], "--seeds", "0", "--out-dir", str(tmp_path), *overrides]) == 0
+    rows = json.loads((tmp_path / "breastmnist_prior_fit.json").read_text())["rows"]
+    assert [(r["seed"], r["split"], r["images"]) for r in rows] == [(0, "train", 546), (0, "val", 78)]
+    for r in rows:  # gamma = 1: w = 1 + alpha (1 - p), so the means obey the same line
+        assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["p_true"] <= 1.0
+        assert r["focal_weight"] == pytest.approx(1 + 10.0 * (1 - r["p_true"]), rel=1e-4)
+    assert "| mean | train |" in (tmp_path / "breastmnist_prior_fit.md").read_text()
+    # without a trained DCG it says which file is missing
+    assert prior_fit.main(["--config", argv[1], "--seeds", "5", "--out-dir", str(tmp_path), *overrides]) == 2
+
 
 def test_accuracy_benchmark_needs_the_same_epochs_for_every_method(tmp_path, capfd):
     sys.path.insert(0, str(ROOT / "benchmarks"))

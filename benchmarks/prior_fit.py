@@ -1,0 +1,106 @@
+"""How well each seed's trained DCG fits its own training images, against the validation split.
+
+DiffMIC-v2 trains its denoiser on the same training images the DCG was pre-trained on (SPEC 2). If the
+DCG's prior is (nearly) always right on those images, the denoiser only ever sees a correct prior while
+training, and learns to copy it; its focal weight (SPEC 4) is then close to 1 for every image. This
+reads the DCG files left by `benchmarks/accuracy.py` and reports, per split: accuracy and AUC of the
+fused prior, the mean probability of the true class, the share of images above 0.9 and the mean focal
+weight. Training images use the evaluation transform. The test split is not read.
+
+    python benchmarks/prior_fit.py --config configs/bench_breastmnist.yml --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from accuracy import seed_config  # noqa: E402
+from config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
+from dataloader.datamodule import build_datasets  # noqa: E402
+from dataloader.transforms import build_transform  # noqa: E402
+from pipeline import focal_weight  # noqa: E402
+from pretraining.dcg import build_dcg  # noqa: E402
+from pretraining.train_dcg import load_dcg  # noqa: E402
+from utils import classification_metrics, one_hot, setup_logging  # noqa: E402
+
+logger = logging.getLogger("benchmarks.prior_fit")
+
+
+@torch.no_grad()
+def prior_fit(cfg: dict, dataset) -> dict[str, float]:
+    """Fit of the DCG prior y_fusion on one split (single-label)."""
+    dcg = build_dcg(cfg)
+    load_dcg(dcg, cfg, Path(cfg["dcg"]["ckpt"]))
+    dcg.eval()
+    logits, labels = [], []
+    for batch in DataLoader(dataset, batch_size=cfg["dcg"]["batch_size"], shuffle=False):
+        logits.append(dcg(batch["image"]).y_fusion)
+        labels.append(batch["label"])
+    y_fusion, y = torch.cat(logits), torch.cat(labels)
+    d = cfg["diffusion"]
+    p_true = torch.softmax(y_fusion, dim=1).gather(1, y[:, None]).squeeze(1)
+    metrics = classification_metrics(y.numpy(), y_fusion.numpy())
+    return {"images": len(y), "acc": metrics["acc"], "auc": metrics["auc"], "p_true": float(p_true.mean()),
+            "share_p_above_0.9": float((p_true > 0.9).float().mean()),
+            "focal_weight": float(focal_weight(y_fusion, one_hot(y, y_fusion.shape[1]), d["focal_alpha"],
+                                               d["focal_gamma"]).mean())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the benchmark config the DCGs were trained with")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, as given to benchmarks/accuracy.py")
+    args = parser.parse_intermixed_args(argv)
+    setup_logging()
+    try:
+        base = load_config(args.config, args.overrides)
+        if base["data"]["task"] != "multiclass":
+            raise ConfigError("benchmarks/prior_fit.py reads single-label data sets (data.task: multiclass)")
+        datasets = build_datasets(base)
+        missing = [path for path in (seed_config(base, seed)["dcg"]["ckpt"] for seed in args.seeds)
+                   if not Path(path).is_file()]
+        if missing:
+            raise ConfigError(f"no DCG file {missing[0]}: run benchmarks/accuracy.py with this config first")
+    except ConfigError as err:
+        logger.error("config error: %s", err)
+        return 2
+    train_images = copy.copy(datasets["train"])
+    train_images.transform = build_transform(base, train=False)  # the images as they are, not augmented
+    splits = {"train": train_images, "val": datasets["val"]}
+    rows = []
+    for seed in args.seeds:
+        cfg = seed_config(base, seed)
+        for split, dataset in splits.items():
+            rows.append({"seed": seed, "split": split, **prior_fit(cfg, dataset)})
+            logger.info("seed %d %s: %s", seed, split, ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
+                                                                 if isinstance(v, float)))
+    name = f"{base['data']['flag'] or base['name']}_prior_fit"
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"config": args.config, "rows": rows}, indent=2))
+    lines = [f"# DCG prior fit: {name}", "", "| seed | split | images | ACC | AUC | mean p(true) | p(true) > 0.9 | "
+             "mean focal weight |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['seed']} | {r['split']} | {r['images']} | {r['acc']:.3f} | {r['auc']:.3f} | {r['p_true']:.3f} | "
+              f"{r['share_p_above_0.9']:.3f} | {r['focal_weight']:.2f} |" for r in rows]
+    for split in splits:
+        mean = {k: np.mean([r[k] for r in rows if r["split"] == split]) for k in ("acc", "p_true", "focal_weight")}
+        lines.append(f"| mean | {split} | | {mean['acc']:.3f} | | {mean['p_true']:.3f} | | {mean['focal_weight']:.2f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    logger.info("wrote %s", out / f"{name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
