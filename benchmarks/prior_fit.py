@@ -5,7 +5,7 @@ DCG's prior is (nearly) always right on those images, the denoiser only ever see
 training, and learns to copy it; its focal weight (SPEC 4) is then close to 1 for every image. This
 reads the DCG files left by `benchmarks/accuracy.py` and reports, per split: accuracy and AUC of the
 fused prior, the mean probability of the true class, the share of images above 0.9 and the mean focal
-weight. Training images use the evaluation transform. The test split is not read.
+weight. Training images use the evaluation transform. The test split is not evaluated.
 
     python benchmarks/prior_fit.py --config configs/bench_breastmnist.yml --seeds 0 1 2
 """
