@@ -213,7 +213,7 @@ def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: floa
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, min_lr_ratio: float
                     ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Cosine annealing per epoch from each group's lr down to min_lr_ratio * lr over `epochs`
+    """Cosine annealing per epoch from the optimiser's lr down to min_lr_ratio * lr over `epochs`
     (min_lr_ratio 1.0: a constant lr)."""
     lr = optimizer.param_groups[0]["lr"]
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=lr * min_lr_ratio)
@@ -239,10 +239,13 @@ class BestCheckpoint(ModelCheckpoint):
     values), and a tie says nothing about which model is better, while the later one has trained
     longer at an annealed learning rate. (Lightning's own rule keeps the first.)"""
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        assert self.save_top_k == 1 and self.mode == "max", "BestCheckpoint keeps one checkpoint, highest first"
+
     def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
         if current is None or not self.best_k_models:
             return super().check_monitor_top_k(trainer, current)
-        assert self.save_top_k == 1 and self.mode == "max", "BestCheckpoint keeps one checkpoint, highest first"
         better_or_tie = bool(current >= self.best_k_models[self.kth_best_model_path])
         return trainer.strategy.reduce_boolean_decision(better_or_tie)
 
@@ -250,7 +253,8 @@ class BestCheckpoint(ModelCheckpoint):
 def build_trainer(cfg: dict, run_name: str, max_epochs: int, val_every: int, version: int | None = None
                   ) -> tuple[pl.Trainer, ModelCheckpoint]:
     """A Trainer logging to <log_dir>/<run_name>/version_N with TensorBoard, a progress bar, the
-    learning rate, `best.ckpt` (highest `selection_metric`, the later epoch on a tie) and `last.ckpt` (every epoch, for resuming)."""
+    learning rate, `best.ckpt` (highest `selection_metric`, the later epoch on a tie) and `last.ckpt`
+    (every epoch, for resuming)."""
     t = cfg["trainer"]
     best = BestCheckpoint(monitor=selection_metric(cfg), mode="max", filename="best", save_top_k=1,
                            auto_insert_metric_name=False)

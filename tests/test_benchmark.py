@@ -42,7 +42,7 @@ def test_accuracy_benchmark_smoke(tmp_path):
 
     # the fit of the seed's DCG prior on its own training images and on the validation split
     import prior_fit
-    overrides = [a for a in argv[argv.index("--name") + 2:]]
+    overrides = argv[argv.index("--name") + 2:]
     assert prior_fit.main(["--config", argv[1], "--seeds", "0", "--out-dir", str(tmp_path), *overrides]) == 0
     rows = json.loads((tmp_path / "breastmnist_prior_fit.json").read_text())["rows"]
     assert [(r["seed"], r["split"], r["images"]) for r in rows] == [(0, "train", 546), (0, "val", 78)]
