@@ -23,7 +23,7 @@ from evaluation import EvaluatedSystem
 from model import build_denoiser
 from pipeline import (DDIMScheduler, condition_prior, ddim_sample, diffusion_focal_loss, focal_weight,
                       heterologous_noise)
-from pretraining.dcg import build_dcg
+from pretraining.cross_fit import CrossFitDCG, assign_folds, build_guide
 from pretraining.train_dcg import load_dcg, pretrain_dcg
 from utils import build_optimizer, build_trainer, one_hot, selection_metric, setup_logging
 
@@ -39,7 +39,7 @@ class DiffMICv2(EvaluatedSystem):
         super().__init__(cfg)
         self.save_hyperparameters({"config": cfg})
         d = cfg["diffusion"]
-        self.dcg = build_dcg(cfg).requires_grad_(False)
+        self.dcg = build_guide(cfg).requires_grad_(False)  # one DCG, or cross-fitted members (dcg.cross_fit_folds)
         self.denoiser = build_denoiser(cfg)
         self.scheduler = DDIMScheduler(d["timesteps"], d["beta_start"], d["beta_end"], d["clip_sample"])
 
@@ -51,8 +51,9 @@ class DiffMICv2(EvaluatedSystem):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, d = batch["image"], self.cfg["diffusion"]
         y0 = one_hot(batch["label"], self.cfg["data"]["num_classes"]).to(image.dtype)
-        with torch.no_grad():
-            guide = self.dcg(image)
+        with torch.no_grad():  # cross-fitted: each image's prior from the member that did not train on it
+            guide = (self.dcg.out_of_fold(image, batch["index"]) if isinstance(self.dcg, CrossFitDCG)
+                     else self.dcg(image))
         grid = self.denoiser.grid_size
         prior = condition_prior(guide, grid, **self.cfg["ablation"])
         y_t, eps, t = heterologous_noise(self.scheduler, y0, grid)
@@ -158,6 +159,8 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
     system = DiffMICv2(cfg)
     names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
     if command == "fit":
+        if isinstance(system.dcg, CrossFitDCG):  # the folds follow from the training labels and the seed
+            system.dcg.set_folds(assign_folds(data.datasets["train"].labels, system.dcg.num_folds, cfg["seed"]))
         if ckpt is None:
             dcg_path = dcg_ckpt_path(cfg)
             if not dcg_path.is_file():

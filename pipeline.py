@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pretraining.cross_fit import CrossFitDCG, guide_outputs
 from pretraining.dcg import DCG, DCGOutput
 
 
@@ -102,7 +103,7 @@ def heterologous_noise(scheduler: DDIMScheduler, y0: torch.Tensor, grid_size: in
 
 
 @torch.no_grad()
-def ddim_sample(dcg: DCG, denoiser: nn.Module, scheduler: DDIMScheduler, image: torch.Tensor,
+def ddim_sample(dcg: DCG | CrossFitDCG, denoiser: nn.Module, scheduler: DDIMScheduler, image: torch.Tensor,
                 start: torch.Tensor, num_steps: int, reuse_condition: bool = True, guided_map: bool = True,
                 roi_branch: bool = True) -> tuple[torch.Tensor, DCGOutput]:
     """Denoise a label grid for `image` (B, 3, H, W) with DDIM.
@@ -111,18 +112,26 @@ def ddim_sample(dcg: DCG, denoiser: nn.Module, scheduler: DDIMScheduler, image: 
     authors' code), or (2, S, B, C) for S samples per image from S starts, whose final grids are
     averaged [ours; the paper draws one]. With reuse_condition the DCG and both encoders run once per
     image, whatever S; without, they run at every step, as in the authors' code: the results are the
-    same. guided_map and roi_branch are the ablation switches of `condition_prior`.
-    Returns the final grid (B, C, K, K) and the DCG output."""
+    same. guided_map and roi_branch are the ablation switches of `condition_prior`. A cross-fitted DCG
+    (k members) guides sample s with member s mod k; S must be a multiple of k.
+    Returns the final grid (B, C, K, K) and the DCG output (member 0's when cross-fitted)."""
     grid_size = denoiser.grid_size
     start = start[:, None] if start.dim() == 3 else start
     samples = start.shape[1]
     assert start.dim() == 4 and start.shape[0] == 2 and start.shape[2] == image.shape[0], \
         f"start must be (2, B, C) or (2, S, B, C) with B = {image.shape[0]}, got {tuple(start.shape)}"
     assert reuse_condition or samples == 1, "several samples per image need reuse_condition"
-    dcg_out = dcg(image)
-    prior = condition_prior(dcg_out, grid_size, guided_map, roi_branch).repeat(samples, 1, 1, 1)  # (S*B, ...)
+    outs = guide_outputs(dcg, image)
+    assert samples % len(outs) == 0, \
+        f"{samples} samples per image cannot be shared out evenly over {len(outs)} cross-fitted DCG members"
+    dcg_out = outs[0]
+    # sample s is guided by member s mod k (one member: every sample); rows are sample-major, (S*B, ...)
+    prior = torch.cat([condition_prior(outs[s % len(outs)], grid_size, guided_map, roi_branch) for s in range(samples)])
     y_t = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid_size)
-    condition = denoiser.encode(image, dcg_out.patches).repeat(samples, 1) if reuse_condition else None
+    condition = None
+    if reuse_condition:
+        encoded = [denoiser.encode(image, out.patches) for out in outs]
+        condition = torch.cat([encoded[s % len(outs)] for s in range(samples)])
     scheduler.set_timesteps(num_steps)
     for t in scheduler.timesteps.tolist():
         t_cells = torch.full(y_t.shape[:1] + y_t.shape[2:], t, device=y_t.device, dtype=torch.long)

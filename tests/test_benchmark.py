@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -17,21 +18,27 @@ def test_accuracy_benchmark_smoke(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import accuracy
     argv = ["--config", str(ROOT / "configs" / "bench_breastmnist.yml"), "--seeds", "0", "--methods", "resnet18",
-            "dcg", "diffmic", "diffmic-no_guided_map", "diffmic-no_roi_branch", "--ddim-steps", "2", "--eval-samples", "3",
+            "dcg", "diffmic", "diffmic-cross_fit", "diffmic-no_guided_map", "diffmic-no_roi_branch", "--ddim-steps", "2",
+            "--eval-samples", "4",
             "--out-dir", str(tmp_path), "--name", "smoke", f"data.root={SHARED / 'medmnist'}", f"trainer.log_dir={tmp_path / 'logs'}",
             "dcg.epochs=1", "trainer.max_epochs=1", "trainer.val_every=1", "trainer.limit_train_batches=2",
             "trainer.limit_val_batches=1", "model.feature_dim=16"]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "smoke.json").read_text())
-    trained = ["resnet18", "dcg", "diffmic", "diffmic-no_guided_map", "diffmic-no_roi_branch"]
-    evaluated = ["diffmic-ddim_2", "diffmic-samples_3"]  # the diffmic checkpoint re-evaluated, not retrained
-    assert [r["method"] for r in report["runs"]] == trained + evaluated
-    for method in trained + evaluated:
+    trained = ["resnet18", "dcg", "diffmic", "diffmic-cross_fit", "diffmic-no_guided_map", "diffmic-no_roi_branch"]
+    # the cross-fitted DCGs' own prediction (trained inside diffmic-cross_fit) and the diffmic checkpoint
+    # re-evaluated with other sampling settings: no training of their own
+    evaluated = ["diffmic-ddim_2", "diffmic-samples_4"]
+    assert [r["method"] for r in report["runs"]] == trained[:4] + ["dcg-cross_fit"] + trained[4:] + evaluated
+    for method in trained + evaluated + ["dcg-cross_fit"]:
         entry = report["summary"][method]
         assert 0.0 <= entry["acc"]["mean"] <= 1.0
         assert entry["train_s"] > 0 if method in trained else math.isnan(entry["train_s"])
+    cross_fit_dcg = Path(report["runs"][3]["checkpoint"]).parents[2] / "dcg.pt"
+    assert len(torch.load(cross_fit_dcg, weights_only=True)["members"]) == 2
     text = (tmp_path / "smoke.md").read_text()
-    assert "| diffmic |" in text and "| diffmic-no_roi_branch |" in text and "| diffmic-samples_3 |" in text and "Command:" in text and "Machine:" in text
+    assert "| diffmic |" in text and "| diffmic-no_roi_branch |" in text and "| diffmic-samples_4 |" in text and "Command:" in text and "Machine:" in text
+    assert "| dcg-cross_fit |" in text
 
     # a later call re-evaluates the trained diffmic checkpoint of each seed without training anything
     again = [a if a != "smoke" else "again" for a in argv[argv.index("--out-dir"):]]
@@ -50,6 +57,10 @@ def test_accuracy_benchmark_smoke(tmp_path):
         assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["p_true"] <= 1.0
         assert r["focal_weight"] == pytest.approx(1 + 10.0 * (1 - r["p_true"]), rel=1e-4)
     assert "| mean | train |" in (tmp_path / "breastmnist_prior_fit.md").read_text()
+    # the out-of-fold priors of diffmic-cross_fit's DCGs on training images
+    assert prior_fit.main(["--config", argv[1], "--seeds", "0", "--cross-fit", "--out-dir", str(tmp_path), *overrides]) == 0
+    rows = json.loads((tmp_path / "breastmnist_cross_fit_prior_fit.json").read_text())["rows"]
+    assert [(r["seed"], r["split"], r["images"]) for r in rows] == [(0, "train", 546), (0, "val", 78)]
     # without a trained DCG it says which file is missing
     assert prior_fit.main(["--config", argv[1], "--seeds", "5", "--out-dir", str(tmp_path), *overrides]) == 2
 

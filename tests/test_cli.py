@@ -105,6 +105,8 @@ CONFIG_ERRORS = [
     (["dcg.num_rois=9"], "dcg.num_rois"),
     (["validate", "--ckpt", "best"], "best.ckpt"),
     (["model.patch_encoder=resnet50", "model.patch_encoder_weights=dcg"], "model.patch_encoder_weights"),
+    (["dcg.cross_fit_folds=1"], "dcg.cross_fit_folds"),
+    (["dcg.cross_fit_folds=2", "diffusion.eval_samples=3"], "diffusion.eval_samples"),
 ]
 
 
