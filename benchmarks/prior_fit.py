@@ -42,7 +42,8 @@ logger = logging.getLogger("benchmarks.prior_fit")
 @torch.no_grad()
 def prior_fit(cfg: dict, dataset, out_of_fold: bool = False) -> dict[str, float]:
     """Fit of the DCG prior y_fusion on one split (single-label); out_of_fold: a cross-fitted DCG's
-    out-of-fold prior of training images."""
+    out-of-fold prior of training images. The focal weight is SPEC 4's, with the config's alpha and gamma;
+    wrong_weight_share is the part of the total focal weight that falls on images the prior gets wrong."""
     dcg = build_guide(cfg)
     load_dcg(dcg, cfg, Path(cfg["dcg"]["ckpt"]))
     dcg.eval()
@@ -56,15 +57,19 @@ def prior_fit(cfg: dict, dataset, out_of_fold: bool = False) -> dict[str, float]
     d = cfg["diffusion"]
     p_true = torch.softmax(y_fusion, dim=1).gather(1, y[:, None]).squeeze(1)
     metrics = classification_metrics(y.numpy(), y_fusion.numpy())
+    weight = focal_weight(y_fusion, one_hot(y, y_fusion.shape[1]), d["focal_alpha"], d["focal_gamma"])
+    wrong = y_fusion.argmax(dim=1) != y
     return {"images": len(y), "acc": metrics["acc"], "auc": metrics["auc"], "p_true": float(p_true.mean()),
-            "share_p_above_0.9": float((p_true > 0.9).float().mean()),
-            "focal_weight": float(focal_weight(y_fusion, one_hot(y, y_fusion.shape[1]), d["focal_alpha"],
-                                               d["focal_gamma"]).mean())}
+            "share_p_above_0.9": float((p_true > 0.9).float().mean()), "focal_weight": float(weight.mean()),
+            "wrong_weight_share": float(weight[wrong].sum() / weight.sum())}
 
 
 def config_of(base: dict, seed: int, cross_fit: bool) -> dict:
+    """One seed's config; cross_fit: diffmic-cross_fit's DCG file, with the base config's focal weight."""
     cfg = seed_config(base, seed)
-    return variant_config(cfg, "diffmic-cross_fit") if cross_fit else cfg
+    if not cross_fit:
+        return cfg
+    return {**variant_config(cfg, "diffmic-cross_fit"), "diffusion": cfg["diffusion"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"config": args.config, "rows": rows}, indent=2))
     lines = [f"# DCG prior fit: {name}", "", "| seed | split | images | ACC | AUC | mean p(true) | p(true) > 0.9 | "
-             "mean focal weight |", "|---|---|---|---|---|---|---|---|"]
+             "mean focal weight | focal weight on wrong priors |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['split']} | {r['images']} | {r['acc']:.3f} | {r['auc']:.3f} | {r['p_true']:.3f} | "
-              f"{r['share_p_above_0.9']:.3f} | {r['focal_weight']:.2f} |" for r in rows]
+              f"{r['share_p_above_0.9']:.3f} | {r['focal_weight']:.2f} | {r['wrong_weight_share']:.3f} |" for r in rows]
     for split in splits:
-        mean = {k: np.mean([r[k] for r in rows if r["split"] == split]) for k in ("acc", "p_true", "focal_weight")}
-        lines.append(f"| mean | {split} | | {mean['acc']:.3f} | | {mean['p_true']:.3f} | | {mean['focal_weight']:.2f} |")
+        mean = {k: np.mean([r[k] for r in rows if r["split"] == split])
+                for k in ("acc", "p_true", "focal_weight", "wrong_weight_share")}
+        lines.append(f"| mean | {split} | | {mean['acc']:.3f} | | {mean['p_true']:.3f} | | {mean['focal_weight']:.2f} | "
+                     f"{mean['wrong_weight_share']:.3f} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     logger.info("wrote %s", out / f"{name}.md")
     return 0

@@ -56,11 +56,14 @@ def test_accuracy_benchmark_smoke(tmp_path):
     for r in rows:  # gamma = 1: w = 1 + alpha (1 - p), so the means obey the same line
         assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["p_true"] <= 1.0
         assert r["focal_weight"] == pytest.approx(1 + 10.0 * (1 - r["p_true"]), rel=1e-4)
+        assert (r["wrong_weight_share"] == 0.0) == (r["acc"] == 1.0) and 0.0 <= r["wrong_weight_share"] <= 1.0
     assert "| mean | train |" in (tmp_path / "breastmnist_prior_fit.md").read_text()
     # the out-of-fold priors of diffmic-cross_fit's DCGs on training images
     assert prior_fit.main(["--config", argv[1], "--seeds", "0", "--cross-fit", "--out-dir", str(tmp_path), *overrides]) == 0
     rows = json.loads((tmp_path / "breastmnist_cross_fit_prior_fit.json").read_text())["rows"]
     assert [(r["seed"], r["split"], r["images"]) for r in rows] == [(0, "train", 546), (0, "val", 78)]
+    for r in rows:  # the variant trains without the focal weight; the diagnosis reports SPEC's (alpha 10)
+        assert r["focal_weight"] == pytest.approx(1 + 10.0 * (1 - r["p_true"]), rel=1e-4)
     # without a trained DCG it says which file is missing
     assert prior_fit.main(["--config", argv[1], "--seeds", "5", "--out-dir", str(tmp_path), *overrides]) == 2
 
