@@ -5,8 +5,9 @@ number of epochs:
   resnet18  a torchvision ResNet-18 classifier trained with cross-entropy (random init);
   dcg       the DCG guidance model alone, its fused output taken as the prediction (the prior);
   diffmic   DiffMIC-v2, guided by the DCG of the same seed (trained once, shared with `dcg`).
-Opt-in: diffmic-cross_fit (DiffMIC-v2 with 2 cross-fitted DCGs, pretraining/cross_fit.py, trained inside
-its timed run) adds a row dcg-cross_fit, the mean of those DCGs alone; diffmic-no_* are ablations.
+Opt-in: diffmic-cross_fit (DiffMIC-v2 with 2 cross-fitted DCGs, pretraining/cross_fit.py, and no focal
+weight; the DCGs are trained inside its timed run, so its images per second count them too) adds a row
+dcg-cross_fit, the mean of those DCGs alone; diffmic-no_* are ablations.
 Every method keeps the checkpoint with the best validation score (macro F1) and is evaluated once on
 the test split. Writes benchmarks/results/<name>.json and .md (mean and standard deviation over
 seeds, per-seed rows, wall time, images per second, command, config and machine).

@@ -148,6 +148,10 @@ def test_fit_end_to_end_and_resume(tmp_path, capsys):
     metrics = json.loads((tmp_path / "demo" / "version_0" / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["acc"] <= 1.0 and np.isfinite(metrics["test"]["auc"])
     assert (tmp_path / "demo" / "dcg_fold1").is_dir()
+    # evaluation from the saved checkpoint (it holds the members; the folds are not needed) reproduces fit's test metrics
+    out = tmp_path / "test.json"
+    assert diffuser_trainer.main(["test", "--ckpt", "best", "--out", str(out), *args]) == 0
+    assert json.loads(out.read_text())["test"] == pytest.approx(metrics["test"])
     # resuming re-derives the folds (they are not stored in the Lightning checkpoint)
     assert diffuser_trainer.main(["fit", "--ckpt", "last", *args, "trainer.max_epochs=2"]) == 0
     # the DCG file of this seed's folds does not fit another seed
