@@ -1,6 +1,7 @@
 """Pre-train the DCG guidance model (SPEC section 2): cross-entropy (binary cross-entropy for
 multi-label) on y_global, y_local and y_fusion, Adam, the diffusion model's training split; the best
-epoch by validation macro F1 (multi-label: mean AUROC) is saved.
+epoch by validation macro F1 (multi-label: mean AUROC) is saved. With dcg.cross_fit_folds = k >= 2 [ours],
+k DCGs are trained, member j without fold j, and saved together with the fold of every training image.
 
     python pretraining/train_dcg.py --config configs/demo.yml [key.sub=value ...]
 """
