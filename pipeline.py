@@ -124,14 +124,13 @@ def ddim_sample(dcg: DCG | CrossFitDCG, denoiser: nn.Module, scheduler: DDIMSche
     outs = guide_outputs(dcg, image)
     assert samples % len(outs) == 0, \
         f"{samples} samples per image cannot be shared out evenly over {len(outs)} cross-fitted DCG members"
-    dcg_out = outs[0]
-    # sample s is guided by member s mod k (one member: every sample); rows are sample-major, (S*B, ...)
-    prior = torch.cat([condition_prior(outs[s % len(outs)], grid_size, guided_map, roi_branch) for s in range(samples)])
+    dcg_out, repeats = outs[0], samples // len(outs)
+    # rows are sample-major (S*B, ...): the members' blocks repeated, so sample s is guided by member s mod k
+    prior = torch.cat([condition_prior(out, grid_size, guided_map, roi_branch) for out in outs]).repeat(repeats, 1, 1, 1)
     y_t = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid_size)
     condition = None
     if reuse_condition:
-        encoded = [denoiser.encode(image, out.patches) for out in outs]
-        condition = torch.cat([encoded[s % len(outs)] for s in range(samples)])
+        condition = torch.cat([denoiser.encode(image, out.patches) for out in outs]).repeat(repeats, 1)
     scheduler.set_timesteps(num_steps)
     for t in scheduler.timesteps.tolist():
         t_cells = torch.full(y_t.shape[:1] + y_t.shape[2:], t, device=y_t.device, dtype=torch.long)
