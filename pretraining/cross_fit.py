@@ -59,21 +59,17 @@ class CrossFitDCG(nn.Module):
 
     def out_of_fold(self, image: torch.Tensor, index: torch.Tensor) -> DCGOutput:
         """(B, 3, H, W) images with their training-set indices -> one DCGOutput, row b from member fold_of[index[b]]."""
-        assert self.fold_of.numel() > 0, "set_folds() first: the fold of every training image is unknown"
-        assert int(index.max()) < self.fold_of.numel(), \
-            f"image index {int(index.max())} is outside the {self.fold_of.numel()} training images the folds cover"
-        fold = self.fold_of[index.to(self.fold_of.device)]
-        merged = None
-        for j, member in enumerate(self.members):  # one forward per member over its own rows
-            rows = torch.nonzero(fold == j).squeeze(1)
-            if rows.numel() == 0:
-                continue
-            out = member(image[rows])
-            if merged is None:
-                merged = [field.new_empty((image.shape[0], *field.shape[1:])) for field in out]
-            for target, field in zip(merged, out):
-                target[rows] = field
-        return DCGOutput(*merged)
+        n = self.fold_of.numel()
+        assert n > 0, "set_folds() first: the fold of every training image is unknown"
+        fold = self.fold_of[index.to(self.fold_of.device).clamp(0, n - 1)]  # checked below, with the sizes
+        order = torch.argsort(fold)  # the batch's rows grouped by member
+        # one host sync per step: the members' row counts (to split the batch) and the largest index (the check)
+        *sizes, largest = torch.cat([torch.bincount(fold, minlength=self.num_folds),
+                                     index.max().view(1).to(fold.device)]).tolist()
+        assert largest < n, f"image index {largest} is outside the {n} training images the folds cover"
+        outs = [member(image[rows]) for member, rows, size in zip(self.members, order.split(sizes), sizes) if size]
+        merged = [torch.cat(fields) for fields in zip(*outs)]  # row i belongs to batch row order[i]
+        return DCGOutput(*[torch.empty_like(field).index_copy_(0, order, field) for field in merged])
 
     def each(self, image: torch.Tensor) -> list[DCGOutput]:
         return [member(image) for member in self.members]
