@@ -4,14 +4,13 @@ they cannot be fetched), or a local state-dict file."""
 from __future__ import annotations
 
 import logging
+import pickle
 import urllib.error
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
-
-from config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +45,14 @@ class Trunk(nn.Module):
     def __init__(self, name: str) -> None:
         super().__init__()
         if name not in TRUNK_WIDTH:
-            raise ConfigError(f"unknown backbone {name!r}; use one of {', '.join(TRUNK_WIDTH)}")
+            raise ValueError(f"unknown backbone {name!r}; use one of {', '.join(TRUNK_WIDTH)}")
         self.name, self.width = name, TRUNK_WIDTH[name]
         self.features = _features(torchvision.models.get_model(name, weights=None), name)
 
     def load_weights(self, weights: str | None, key: str) -> None:
         """Keep random init (None), load ImageNet ("imagenet"), or load a local state-dict file of the
-        full torchvision model; `key` is the config key named in errors and logs."""
+        full torchvision model; `key` is the config key named in the logs. A file that does not fit raises
+        ValueError."""
         if weights is None:
             logger.info("%s (%s): random init", self.name, key)
             return
@@ -61,14 +61,17 @@ class Trunk(nn.Module):
             if state is None:
                 return
         else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # not a torch file, truncated, or code
+                raise ValueError(f"{weights}: not a readable weights-only state dict "
+                                 f"({str(err).splitlines()[0]})") from None
             state, source = state.get("state_dict", state), weights
         model = torchvision.models.get_model(self.name, weights=None)
         missing, _ = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
         if missing:
-            raise ConfigError(f"config key {key}: {source} is not a {self.name} state dict "
-                              f"(missing {', '.join(missing[:3])} ...)")
+            raise ValueError(f"{source} is not a {self.name} state dict (missing {', '.join(missing[:3])} ...)")
         self.features.load_state_dict(_features(model, self.name).state_dict())
         logger.info("%s (%s): %s", self.name, key, source)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,16 @@ CHOICES = {
 
 class ConfigError(Exception):
     """A bad configuration: the message names the key or the path and what to do."""
+
+
+@contextmanager
+def errors_of(key: str) -> Iterator[None]:
+    """Turn the OSError or ValueError with which the model layer refuses a file into a ConfigError
+    naming the config key that gave the file."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config key {key}: {err}") from None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -188,12 +200,6 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError(f"config key diffusion.sampling_steps: must be in 1..diffusion.timesteps ({timesteps})")
     if cfg["diffusion"]["eval_samples"] < 1:
         raise ConfigError(f"config key diffusion.eval_samples: need at least 1, got {cfg['diffusion']['eval_samples']}")
-    folds = dcg["cross_fit_folds"]
-    if folds == 1 or folds < 0:
-        raise ConfigError(f"config key dcg.cross_fit_folds: 0 (one DCG, as the paper) or at least 2, got {folds}")
-    if folds and cfg["diffusion"]["eval_samples"] % folds:
-        raise ConfigError(f"config key diffusion.eval_samples: {cfg['diffusion']['eval_samples']} samples per image "
-                          f"cannot be shared out evenly over dcg.cross_fit_folds = {folds} DCGs; use a multiple of {folds}")
     for key in ("dcg.min_lr_ratio", "optim.min_lr_ratio"):
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(f"config key {key}: must be in [0, 1] (a fraction of the learning rate), got {_get(cfg, key)}")

@@ -1,7 +1,9 @@
-"""DiffMIC-v2: the LightningModule and the command line.
+"""The command line: train and evaluate DiffMIC-v2.
 
     python diffuser_trainer.py [fit|validate|test|predict] [--config FILE] [--ckpt PATH|best|last]
                                [--out FILE] [key.sub=value ...]
+
+A config error ends the command with exit code 2 and one line that names the key or the file.
 """
 from __future__ import annotations
 
@@ -17,70 +19,14 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from config import ConfigError, check_paths, dcg_ckpt_path, load_config
+from config import ConfigError, check_paths, dcg_ckpt_path, errors_of, load_config
 from dataloader.datamodule import DiffMICDataModule
-from evaluation import EvaluatedSystem
-from model import build_denoiser
-from pipeline import (DDIMScheduler, condition_prior, ddim_sample, diffusion_focal_loss, focal_weight,
-                      heterologous_noise)
-from pretraining.cross_fit import CrossFitDCG, assign_folds, build_guide
+from diffmic_v2 import DiffMICv2
 from pretraining.train_dcg import load_dcg, pretrain_dcg
-from utils import build_optimizer, build_trainer, one_hot, selection_metric, setup_logging
+from utils import build_trainer, selection_metric, setup_logging
 
 logger = logging.getLogger("diffuser_trainer")
 COMMANDS = ("fit", "validate", "test", "predict")
-
-
-class DiffMICv2(EvaluatedSystem):
-    """Frozen DCG + ConditionalModel denoiser trained with the diffusion focal loss; evaluation
-    samples the K x K label grid with DDIM and averages its cells."""
-
-    def __init__(self, cfg: dict) -> None:
-        super().__init__(cfg)
-        self.save_hyperparameters({"config": cfg})
-        d = cfg["diffusion"]
-        self.dcg = build_guide(cfg).requires_grad_(False)  # one DCG, or cross-fitted members (dcg.cross_fit_folds)
-        self.denoiser = build_denoiser(cfg)
-        self.scheduler = DDIMScheduler(d["timesteps"], d["beta_start"], d["beta_end"], d["clip_sample"])
-
-    def train(self, mode: bool = True) -> "DiffMICv2":
-        super().train(mode)
-        self.dcg.eval()  # frozen guidance: BatchNorm keeps its pre-trained statistics
-        return self
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        image, d = batch["image"], self.cfg["diffusion"]
-        y0 = one_hot(batch["label"], self.cfg["data"]["num_classes"]).to(image.dtype)
-        with torch.no_grad():  # cross-fitted: each image's prior from the member that did not train on it
-            guide = (self.dcg.out_of_fold(image, batch["index"]) if isinstance(self.dcg, CrossFitDCG)
-                     else self.dcg(image))
-        grid = self.denoiser.grid_size
-        prior = condition_prior(guide, grid, **self.cfg["ablation"])
-        y_t, eps, t = heterologous_noise(self.scheduler, y0, grid)
-        eps_hat = self.denoiser(image, guide.patches, torch.cat([prior, y_t], dim=1), t)
-        weight = focal_weight(guide.y_fusion.float(), y0, d["focal_alpha"], d["focal_gamma"],
-                              multilabel=self.cfg["data"]["task"] == "multilabel")
-        loss = diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
-
-    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        image = batch["image"]
-        start = torch.rand(2, self.cfg["diffusion"]["eval_samples"], image.shape[0], self.cfg["data"]["num_classes"],
-                           generator=self.eval_generator)
-        grid, _ = ddim_sample(self.dcg, self.denoiser, self.scheduler, image, start.to(image.device),
-                              self.cfg["diffusion"]["sampling_steps"], **self.cfg["ablation"])
-        scores = grid.mean(dim=(2, 3))
-        if self.cfg["data"]["task"] == "multilabel":  # disagreement of the cells, averaged over findings
-            return {"scores": scores, "spread": grid.flatten(2).std(dim=2).mean(dim=1)}
-        predicted = scores.argmax(dim=1)
-        cells = grid.flatten(2)[torch.arange(grid.shape[0], device=grid.device), predicted]  # (B, K*K)
-        return {"scores": scores, "spread": cells.std(dim=1)}
-
-    def configure_optimizers(self):
-        optimizer, schedule = build_optimizer(self.denoiser.parameters(), self.cfg["optim"],
-                                              self.cfg["trainer"]["max_epochs"])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
 
 def find_checkpoint(cfg: dict, spec: str) -> Path:
@@ -129,7 +75,7 @@ def write_predictions(path: Path, outputs: list[dict], dataset, class_names: lis
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         rows = [(i, s, sp, y) for out in outputs
-                for i, s, sp, y in zip(out["index"], out["scores"], out["spread"], out["label"])]
+                for i, s, sp, y in zip(out["index"], out["scores"], out["spread"], out["label"], strict=True)]
         multilabel = bool(rows) and rows[0][3].dim() == 1
         if multilabel:
             writer.writerow(["image", "label"] + scores_head + ["pred", "spread"])
@@ -138,8 +84,8 @@ def write_predictions(path: Path, outputs: list[dict], dataset, class_names: lis
         for i, scores, spread, label in rows:
             values = [f"{s:.6f}" for s in scores.tolist()]
             if multilabel:
-                truth = "|".join(n for n, y in zip(class_names, label.tolist()) if y >= 0.5)
-                pred = "|".join(n for n, s in zip(class_names, scores.tolist()) if s >= 0.5)
+                truth = "|".join(n for n, y in zip(class_names, label.tolist(), strict=True) if y >= 0.5)
+                pred = "|".join(n for n, s in zip(class_names, scores.tolist(), strict=True) if s >= 0.5)
                 writer.writerow([dataset.ids[int(i)], truth] + values + [pred, f"{float(spread):.6f}"])
             else:
                 pred = int(scores.argmax())
@@ -149,7 +95,7 @@ def write_predictions(path: Path, outputs: list[dict], dataset, class_names: lis
 
 
 def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None:
-    """Everything that can be a config error is checked before the first file is written."""
+    """Run one command on a checked config; `out` replaces the default output file."""
     check_paths(cfg, need_dcg=False)
     ckpt = find_checkpoint(cfg, ckpt_spec) if ckpt_spec else None
     if command != "fit" and ckpt is None:
@@ -159,17 +105,17 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
     system = DiffMICv2(cfg)
     names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
     if command == "fit":
-        if isinstance(system.dcg, CrossFitDCG):  # the folds follow from the training labels and the seed
-            system.dcg.set_folds(assign_folds(data.datasets["train"].labels, system.dcg.num_folds, cfg["seed"]))
-        if ckpt is None:
+        if ckpt is None:  # a new run: the DCG (pre-trained first if missing) and the encoders' initial weights
             dcg_path = dcg_ckpt_path(cfg)
             if not dcg_path.is_file():
                 logger.info("DCG checkpoint %s does not exist: pre-training the DCG first (%d epochs)",
                             dcg_path, cfg["dcg"]["epochs"])
                 pretrain_dcg(cfg, data.datasets)
             load_dcg(system.dcg, cfg, dcg_path)
-            system.denoiser.load_pretrained(cfg["model"]["efficientsam_weights"], cfg["model"]["patch_encoder_weights"],
-                                            system.dcg.local_trunk)
+            with errors_of("model.efficientsam_weights"):
+                system.denoiser.load_image_encoder(cfg["model"]["efficientsam_weights"])
+            with errors_of("model.patch_encoder_weights"):
+                system.denoiser.load_patch_encoder(cfg["model"]["patch_encoder_weights"], system.dcg.local_trunk)
         trainer, best = build_trainer(cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"],
                                       version_of(ckpt))
         save_config(cfg, trainer)

@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from utils import classification_metrics, confusion_matrix, confusion_matrix_image, multilabel_metrics
+from figures import confusion_matrix_image
+from metrics import classification_metrics, confusion_matrix, multilabel_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import Trunk
-from config import ConfigError
 from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
 
 logger = logging.getLogger(__name__)
@@ -86,19 +85,19 @@ class ConditionalModel(nn.Module):
                 nn.init.zeros_(norm.weight)
                 nn.init.ones_(norm.bias)
 
-    def load_pretrained(self, efficientsam_weights: str | None, patch_encoder_weights: str | None,
-                        dcg_local_trunk: nn.Module | None = None) -> None:
-        """Initialise the encoders of a new run: the EfficientSAM file (or random init, warned) and
-        the patch CNN: None, "imagenet", a file, or "dcg" (a copy of the pre-trained DCG's local
-        ResNet-18, which was trained on the same ROI patches) [ours]."""
+    def load_image_encoder(self, efficientsam_weights: str | None) -> None:
+        """The EfficientSAM image encoder of a new run: the official file, or random init (warned). A file
+        that cannot be read or does not fit raises OSError or ValueError naming it."""
         if efficientsam_weights is None:
             logger.warning("model.efficientsam_weights is null: the EfficientSAM image encoder starts from "
                            "random init; results will be below the paper's (see README, pretrained weights)")
         else:
-            try:
-                load_efficientsam_encoder(self.image_encoder, efficientsam_weights)
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"config key model.efficientsam_weights: {err}") from None
+            load_efficientsam_encoder(self.image_encoder, efficientsam_weights)
+
+    def load_patch_encoder(self, patch_encoder_weights: str | None, dcg_local_trunk: nn.Module | None = None
+                           ) -> None:
+        """The patch CNN of a new run: None (random init), "imagenet", a state-dict file, or "dcg": a copy
+        of the pre-trained DCG's local ResNet-18, which was trained on the same ROI patches [ours]."""
         if patch_encoder_weights == "dcg":
             assert dcg_local_trunk is not None, "patch_encoder_weights 'dcg' needs the DCG's local trunk"
             self.patch_encoder.trunk.load_state_dict(dcg_local_trunk.state_dict())

@@ -4,19 +4,21 @@ Notation (the paper's symbols -> names here):
     T                   num_train_timesteps
     beta_t              betas[t], linear from beta_start to beta_end
     alpha_bar_t         alphas_cumprod[t] = prod_{s<=t} (1 - beta_s)
+    y_0                 y0: the label vector, one-hot (multi-label: multi-hot), (B, C)
     Y_0                 y0_grid: the label vector copied to every grid cell, (B, C, K, K)
     Y_t                 y_t: noisy grid; each cell has its own t while training
     P                   guided_prior_map(y_global, y_local): the dual-granularity prior, (B, C, K, K)
     eps, eps_hat        the noise and the denoiser's estimate of it
     x0_hat              (Y_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t), clipped to [-1, 1]
+    x_w                 condition: the denoiser's image feature, computed once per image (model.py)
+
+The parts here know nothing of the guidance model or the denoiser's inside: the sampler takes a
+denoiser with `denoise(condition, concat[P, Y_t], t)`, the condition, the prior map and the start.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from pretraining.cross_fit import CrossFitDCG, guide_outputs
-from pretraining.dcg import DCG, DCGOutput
 
 
 def guided_prior_map(y_global: torch.Tensor, y_local: torch.Tensor, grid_size: int) -> torch.Tensor:
@@ -28,17 +30,6 @@ def guided_prior_map(y_global: torch.Tensor, y_local: torch.Tensor, grid_size: i
     index = torch.arange(grid_size, device=y_global.device, dtype=y_global.dtype)
     distance = (index[:, None] - index[None, :]).abs() / max(grid_size - 1, 1)
     return (1 - distance) * y_global[:, :, None, None] + distance * y_local[:, :, None, None]
-
-
-def condition_prior(dcg_out: DCGOutput, grid_size: int, guided_map: bool = True, roi_branch: bool = True
-                    ) -> torch.Tensor:
-    """The prior P fed to the denoiser, with the benchmark's ablations (config section `ablation`):
-    guided_map False gives zeros (no DCG prior at all); roi_branch False builds P from y_global alone."""
-    if not guided_map:
-        b, c = dcg_out.y_global.shape
-        return dcg_out.y_global.new_zeros(b, c, grid_size, grid_size)
-    y_local = dcg_out.y_local if roi_branch else dcg_out.y_global
-    return guided_prior_map(dcg_out.y_global, y_local, grid_size)
 
 
 class DDIMScheduler(nn.Module):
@@ -90,6 +81,14 @@ class DDIMScheduler(nn.Module):
         return a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps_hat
 
 
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Integer labels (B,) -> float one-hot vectors y0 (B, C); multi-hot rows (B, C) pass through."""
+    if labels.dim() == 2:
+        assert labels.shape[1] == num_classes, f"multi-hot labels of width {labels.shape[1]}, expected {num_classes}"
+        return labels.float()
+    return torch.nn.functional.one_hot(labels.long(), num_classes).float()
+
+
 def heterologous_noise(scheduler: DDIMScheduler, y0: torch.Tensor, grid_size: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise every one of the B*K*K cells with its own t ~ U{0..T-1} and eps ~ N(0, I).
@@ -103,45 +102,26 @@ def heterologous_noise(scheduler: DDIMScheduler, y0: torch.Tensor, grid_size: in
 
 
 @torch.no_grad()
-def ddim_sample(dcg: DCG | CrossFitDCG, denoiser: nn.Module, scheduler: DDIMScheduler, image: torch.Tensor,
-                start: torch.Tensor, num_steps: int, reuse_condition: bool = True, guided_map: bool = True,
-                roi_branch: bool = True) -> tuple[torch.Tensor, DCGOutput]:
-    """Denoise a label grid for `image` (B, 3, H, W) with DDIM.
+def ddim_sample(denoiser: nn.Module, scheduler: DDIMScheduler, condition: torch.Tensor, prior: torch.Tensor,
+                y_start: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Denoise label grids with DDIM from S starts per image; the encoders are not run here.
 
-    start: (2, B, C) uniform [0, 1) vectors that stand in for y_global and y_local in Y_T (the
-    authors' code), or (2, S, B, C) for S samples per image from S starts, whose final grids are
-    averaged [ours; the paper draws one]. With reuse_condition the DCG and both encoders run once per
-    image, whatever S; without, they run at every step, as in the authors' code: the results are the
-    same. guided_map and roi_branch are the ablation switches of `condition_prior`. A cross-fitted DCG
-    (k members) guides sample s with member s mod k; S must be a multiple of k.
-    Returns the final grid (B, C, K, K) and the DCG output (member 0's when cross-fitted)."""
-    grid_size = denoiser.grid_size
-    start = start[:, None] if start.dim() == 3 else start
-    samples = start.shape[1]
-    assert start.dim() == 4 and start.shape[0] == 2 and start.shape[2] == image.shape[0], \
-        f"start must be (2, B, C) or (2, S, B, C) with B = {image.shape[0]}, got {tuple(start.shape)}"
-    assert reuse_condition or samples == 1, "several samples per image need reuse_condition"
-    outs = guide_outputs(dcg, image)
-    assert samples % len(outs) == 0, \
-        f"{samples} samples per image cannot be shared out evenly over {len(outs)} cross-fitted DCG members"
-    dcg_out, repeats = outs[0], samples // len(outs)
-    # rows are sample-major (S*B, ...): the members' blocks repeated, so sample s is guided by member s mod k
-    prior = torch.cat([condition_prior(out, grid_size, guided_map, roi_branch) for out in outs]).repeat(repeats, 1, 1, 1)
-    y_t = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid_size)
-    condition = None
-    if reuse_condition:
-        condition = torch.cat([denoiser.encode(image, out.patches) for out in outs]).repeat(repeats, 1)
+    condition x_w (B, F) and prior P (B, C, K, K) are computed once per image; y_start Y_T is
+    (S, B, C, K, K). Every step calls `denoiser.denoise(x_w, concat[P, Y_t], t)` on all S * B grids at
+    once, each cell at the same t. Returns the final grids, (S, B, C, K, K)."""
+    samples, batch = y_start.shape[:2]
+    assert y_start.dim() == 5 and y_start.shape[2:] == prior.shape[1:] and batch == prior.shape[0], \
+        f"y_start must be (S, B, C, K, K) with (B, C, K, K) = {tuple(prior.shape)}, got {tuple(y_start.shape)}"
+    assert condition.shape[0] == batch, f"condition has {condition.shape[0]} rows for {batch} images"
+    # rows are sample-major (S * B): sample s of image b is row s * B + b
+    prior, condition = prior.repeat(samples, 1, 1, 1), condition.repeat(samples, 1)
+    y_t = y_start.flatten(0, 1)
     scheduler.set_timesteps(num_steps)
     for t in scheduler.timesteps.tolist():
         t_cells = torch.full(y_t.shape[:1] + y_t.shape[2:], t, device=y_t.device, dtype=torch.long)
-        if reuse_condition:
-            eps_hat = denoiser.denoise(condition, torch.cat([prior, y_t], dim=1), t_cells)
-        else:
-            step_dcg = dcg(image)
-            step_prior = condition_prior(step_dcg, grid_size, guided_map, roi_branch)
-            eps_hat = denoiser(image, step_dcg.patches, torch.cat([step_prior, y_t], dim=1), t_cells)
+        eps_hat = denoiser.denoise(condition, torch.cat([prior, y_t], dim=1), t_cells)
         y_t = scheduler.step(eps_hat, t, y_t)
-    return y_t.view(samples, image.shape[0], *y_t.shape[1:]).mean(dim=0), dcg_out
+    return y_t.view(samples, batch, *y_t.shape[1:])
 
 
 def focal_weight(y_fusion: torch.Tensor, y0: torch.Tensor, alpha: float, gamma: float,

@@ -1,6 +1,7 @@
-"""EfficientSAM ViT image encoder (trunk only, no neck) used as DiffMIC-v2's backbone."""
+"""EfficientSAM ViT image encoder (trunk only, no neck) used as DiffMIC-v2's backbone, and the loader of
+the official checkpoints."""
 
-from .image_encoder import ENCODERS, ImageEncoderViT, build_image_encoder
+from .image_encoder import ENCODERS, ImageEncoderViT
 from .weights import load_efficientsam_encoder
 
-__all__ = ["ENCODERS", "ImageEncoderViT", "build_image_encoder", "load_efficientsam_encoder"]
+__all__ = ["ENCODERS", "ImageEncoderViT", "load_efficientsam_encoder"]

@@ -8,8 +8,6 @@ norm2,mlp.fc1,mlp.fc2}``.
 
 from __future__ import annotations
 
-import logging
-import os
 from functools import partial
 
 import torch
@@ -17,8 +15,6 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 PATCH_SIZE = 16
 PRETRAIN_IMG_SIZE = 224  # the position embedding was learnt on a 14x14 grid
@@ -112,27 +108,3 @@ class ImageEncoderViT(nn.Module):
         x = x + self.position_embedding(h, w)
         x = self.blocks(x)
         return x.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w)
-
-
-def build_image_encoder(
-    name: str, weights: str | os.PathLike | None = None
-) -> ImageEncoderViT:
-    """Build the ``name`` encoder ("vit_s" or "vit_t"), loading ``weights`` if given."""
-    if name not in ENCODERS:
-        raise ValueError(
-            f"unknown EfficientSAM encoder {name!r}; valid names: {sorted(ENCODERS)}"
-        )
-    encoder = ImageEncoderViT(**ENCODERS[name])
-    if weights is None:
-        logger.warning(
-            "EfficientSAM weights not given: the image encoder starts from random init "
-            "(%s). Results will be far below the paper's; pass the official "
-            "EfficientSAM checkpoint to use the pre-trained encoder.",
-            name,
-        )
-    else:
-        # Imported here because weights.py imports this module.
-        from .weights import load_efficientsam_encoder
-
-        load_efficientsam_encoder(encoder, weights)
-    return encoder

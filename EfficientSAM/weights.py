@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -59,7 +60,10 @@ def load_efficientsam_encoder(encoder: ImageEncoderViT, path: str | os.PathLike)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"EfficientSAM checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # not a torch file, truncated, or code
+        raise ValueError(f"{path}: not a readable weights-only checkpoint ({str(err).splitlines()[0]})") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
     state = checkpoint.get("model", checkpoint)

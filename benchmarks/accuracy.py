@@ -5,14 +5,12 @@ number of epochs:
   resnet18  a torchvision ResNet-18 classifier trained with cross-entropy (random init);
   dcg       the DCG guidance model alone, its fused output taken as the prediction (the prior);
   diffmic   DiffMIC-v2, guided by the DCG of the same seed (trained once, shared with `dcg`).
-Opt-in: diffmic-cross_fit (DiffMIC-v2 with 2 cross-fitted DCGs, pretraining/cross_fit.py, and no focal
-weight; the DCGs are trained inside its timed run, so its images per second count them too) adds a row
-dcg-cross_fit, the mean of those DCGs alone; diffmic-no_* are ablations.
+Opt-in: diffmic-no_* are ablations of DiffMIC-v2 (benchmarks/README.md).
 Every method keeps the checkpoint with the best validation score (macro F1) and is evaluated once on
 the test split. Writes benchmarks/results/<name>.json and .md (mean and standard deviation over
 seeds, per-seed rows, wall time, images per second, command, config and machine).
 
-    python benchmarks/accuracy.py --config configs/bench_breastmnist.yml [--seeds 0 1 2] [key=value ...]
+    python -m benchmarks.accuracy --config configs/bench_breastmnist.yml [--seeds 0 1 2] [key=value ...]
 """
 from __future__ import annotations
 
@@ -26,22 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchvision
+import yaml
 
-import numpy as np  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
-import yaml  # noqa: E402
-
-import diffuser_trainer  # noqa: E402
-from config import PROJECT_ROOT, ConfigError, check_paths, load_config  # noqa: E402
-from dataloader.datamodule import DiffMICDataModule, build_datasets  # noqa: E402
-from evaluation import EvaluatedSystem  # noqa: E402
-from pretraining.cross_fit import build_guide  # noqa: E402
-from pretraining.train_dcg import DCGSystem, dcg_optimizer, load_dcg, pretrain_dcg  # noqa: E402
-from utils import build_trainer, setup_logging  # noqa: E402
+import diffuser_trainer
+from config import PROJECT_ROOT, ConfigError, check_paths, load_config
+from dataloader.datamodule import DiffMICDataModule, build_datasets
+from evaluation import EvaluatedSystem
+from pretraining.train_dcg import DCGSystem, dcg_optimizer, load_dcg, pretrain_dcg
+from utils import build_trainer, setup_logging
 
 logger = logging.getLogger("benchmarks.accuracy")
 # DiffMIC-v2 with one part of SPEC.md switched off, trained like `diffmic` (same DCG, seed and epochs).
@@ -52,12 +47,7 @@ ABLATIONS = {
     # not a part of SPEC.md but this project's departure from the authors' init (README, the demo)
     "diffmic-default_condition_init": {"model": {"condition_init": "default"}},
 }
-# DiffMIC-v2 guided by out-of-fold DCG priors [ours]: the fix for a DCG that fits its training images. With honest
-# priors SPEC 4's focal weight (alpha 10) puts most of the loss on the images the prior gets wrong, and the
-# denoiser learns to invert the prior (README), so the variant trains without it; _focal keeps it.
-VARIANTS = {"diffmic-cross_fit": {"dcg": {"cross_fit_folds": 2}, "diffusion": {"focal_alpha": 0.0}},
-            "diffmic-cross_fit_focal": {"dcg": {"cross_fit_folds": 2}}}
-METHODS = ("resnet18", "dcg", "diffmic", *VARIANTS, *ABLATIONS)
+METHODS = ("resnet18", "dcg", "diffmic", *ABLATIONS)
 METRICS = ("acc", "f1", "auc", "kappa")
 # MedMNIST v2 (Yang et al., Scientific Data 2023), Table: ResNet-18 (28), test ACC / AUC.
 MEDMNIST_V2_RESNET18_28 = {"retinamnist": {"acc": 0.524, "auc": 0.717}, "breastmnist": {"acc": 0.863, "auc": 0.901}}
@@ -111,9 +101,8 @@ def run_dcg(cfg: dict, datasets: dict) -> dict:
 
 
 def evaluate_dcg(cfg: dict, datasets: dict, path: Path) -> dict:
-    """The DCG file of `cfg` (one DCG, or the member mean of a cross-fitted one) on val and test."""
+    """The DCG file of `cfg` on val and test."""
     system = DCGSystem(cfg)
-    system.dcg = build_guide(cfg)
     load_dcg(system.dcg, cfg, path)
     trainer, _ = build_trainer(cfg, f"{cfg['name']}/dcg_eval", 1, 1)
     data = DiffMICDataModule(cfg, batch_size=cfg["dcg"]["batch_size"], datasets=datasets)
@@ -161,13 +150,11 @@ def seed_config(base: dict, seed: int) -> dict:
     return cfg
 
 
-def variant_config(cfg: dict, method: str) -> dict:
-    """The config of an ablation or variant of one seed: its own run folder; a variant also its own DCG file."""
-    variant = merge(cfg, VARIANTS.get(method) or ABLATIONS[method])
-    variant["name"] = f"{cfg['name']}/{method}"
-    if method in VARIANTS:
-        variant["dcg"]["ckpt"] = str(Path(variant["trainer"]["log_dir"]) / variant["name"] / "dcg.pt")
-    return variant
+def ablation_config(cfg: dict, method: str) -> dict:
+    """The config of an ablation of one seed: its own run folder, the seed's DCG file."""
+    ablation = merge(cfg, ABLATIONS[method])
+    ablation["name"] = f"{cfg['name']}/{method}"
+    return ablation
 
 
 def merge(cfg: dict, changes: dict) -> dict:
@@ -240,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="benchmark config, e.g. configs/bench_breastmnist.yml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=["resnet18", "dcg", "diffmic"],
-                        help="diffmic-no_* are ablations of DiffMIC-v2, diffmic-cross_fit its cross-fitted variant "
-                             "(default: the three compared methods)")
+                        help="diffmic-no_* are ablations of DiffMIC-v2 (default: the three compared methods)")
     parser.add_argument("--ddim-steps", type=int, nargs="*", default=[],
                         help="also sample each diffmic checkpoint with these numbers of DDIM steps (ablation)")
     parser.add_argument("--eval-samples", type=int, nargs="*", default=[],
@@ -282,23 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                     logger.info("removing %s from an earlier benchmark run", cfg["dcg"]["ckpt"])
                     Path(cfg["dcg"]["ckpt"]).unlink()
                 result = run_diffmic(cfg, dcg_seconds or 0.0)
-            elif method in VARIANTS:  # its own DCG file, pre-trained inside the timed fit
-                variant = variant_config(cfg, method)
-                dcg_file = Path(variant["dcg"]["ckpt"])
-                dcg_file.unlink(missing_ok=True)  # left by an earlier benchmark run: the timing must include it
-                result = run_diffmic(variant, 0.0)
             else:  # an ablation: this seed's DCG (pre-trained here if no earlier method made it)
-                result = run_diffmic(variant_config(cfg, method), dcg_seconds or 0.0)
+                result = run_diffmic(ablation_config(cfg, method), dcg_seconds or 0.0)
             result.update(method=method, seed=seed, images_per_s=num_train * result["epochs"]
                           / max(result.get("denoiser_s", result["train_s"]), 1e-9))
             record(report, result, Path(args.out_dir), name)
-            if method in VARIANTS and not any(r["method"] == "dcg-cross_fit" and r["seed"] == seed
-                                              for r in report["runs"]):
-                # the prior DiffMIC-v2 was guided by: its DCGs alone (trained inside the run above, no own time)
-                prior = {**evaluate_dcg(variant, datasets, dcg_file), "train_s": float("nan"),
-                         "images_per_s": float("nan"), "epochs": variant["dcg"]["epochs"]}
-                record(report, {**prior, "method": "dcg-cross_fit", "seed": seed},
-                       Path(args.out_dir), name)
         if reevaluations(args):
             # this seed's diffmic checkpoint, trained above or by an earlier benchmark run: evaluated only
             fitted = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "diffmic_metrics.json"

@@ -7,10 +7,7 @@ reads the DCG files left by `benchmarks/accuracy.py` and reports, per split: acc
 fused prior, the mean probability of the true class, the share of images above 0.9 and the mean focal
 weight. Training images use the evaluation transform. The test split is not evaluated.
 
-With --cross-fit it reads the cross-fitted DCGs of `diffmic-cross_fit` instead: on training images the
-out-of-fold prior the denoiser trains on, on validation the members' mean.
-
-    python benchmarks/prior_fit.py --config configs/bench_breastmnist.yml --seeds 0 1 2 [--cross-fit]
+    python -m benchmarks.prior_fit --config configs/bench_breastmnist.yml --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -21,37 +18,34 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from accuracy import seed_config, variant_config  # noqa: E402
-from config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
-from dataloader.datamodule import build_datasets  # noqa: E402
-from dataloader.transforms import build_transform  # noqa: E402
-from pipeline import focal_weight  # noqa: E402
-from pretraining.cross_fit import CrossFitDCG, build_guide  # noqa: E402
-from pretraining.train_dcg import load_dcg  # noqa: E402
-from utils import classification_metrics, one_hot, setup_logging  # noqa: E402
+from benchmarks.accuracy import seed_config
+from config import PROJECT_ROOT, ConfigError, load_config
+from dataloader.datamodule import build_datasets
+from dataloader.transforms import build_transform
+from metrics import classification_metrics
+from pipeline import focal_weight, one_hot
+from pretraining.dcg import build_dcg
+from pretraining.train_dcg import load_dcg
+from utils import setup_logging
 
 logger = logging.getLogger("benchmarks.prior_fit")
 
 
 @torch.no_grad()
-def prior_fit(cfg: dict, dataset, out_of_fold: bool = False) -> dict[str, float]:
-    """Fit of the DCG prior y_fusion on one split (single-label); out_of_fold: a cross-fitted DCG's
-    out-of-fold prior of training images. The focal weight is SPEC 4's, with the config's alpha and gamma;
-    wrong_weight_share is the part of the total focal weight that falls on images the prior gets wrong."""
-    dcg = build_guide(cfg)
+def prior_fit(cfg: dict, dataset) -> dict[str, float]:
+    """Fit of the DCG prior y_fusion on one split (single-label). The focal weight is SPEC 4's, with the
+    config's alpha and gamma; wrong_weight_share is the part of the total focal weight that falls on images
+    the prior gets wrong."""
+    dcg = build_dcg(cfg)
     load_dcg(dcg, cfg, Path(cfg["dcg"]["ckpt"]))
     dcg.eval()
-    assert not out_of_fold or isinstance(dcg, CrossFitDCG), "out-of-fold priors need dcg.cross_fit_folds >= 2"
     logits, labels = [], []
     for batch in DataLoader(dataset, batch_size=cfg["dcg"]["batch_size"], shuffle=False):
-        out = dcg.out_of_fold(batch["image"], batch["index"]) if out_of_fold else dcg(batch["image"])
-        logits.append(out.y_fusion)
+        logits.append(dcg(batch["image"]).y_fusion)
         labels.append(batch["label"])
     y_fusion, y = torch.cat(logits), torch.cat(labels)
     d = cfg["diffusion"]
@@ -64,20 +58,11 @@ def prior_fit(cfg: dict, dataset, out_of_fold: bool = False) -> dict[str, float]
             "wrong_weight_share": float(weight[wrong].sum() / weight.sum())}
 
 
-def config_of(base: dict, seed: int, cross_fit: bool) -> dict:
-    """One seed's config; cross_fit: diffmic-cross_fit's DCG file, with the base config's focal weight."""
-    cfg = seed_config(base, seed)
-    if not cross_fit:
-        return cfg
-    return {**variant_config(cfg, "diffmic-cross_fit"), "diffusion": cfg["diffusion"]}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the benchmark config the DCGs were trained with")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
-    parser.add_argument("--cross-fit", action="store_true", help="the DCGs of diffmic-cross_fit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, as given to benchmarks/accuracy.py")
     args = parser.parse_intermixed_args(argv)
     setup_logging()
@@ -86,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if base["data"]["task"] != "multiclass":
             raise ConfigError("benchmarks/prior_fit.py reads single-label data sets (data.task: multiclass)")
         datasets = build_datasets(base)
-        missing = [path for path in (config_of(base, seed, args.cross_fit)["dcg"]["ckpt"] for seed in args.seeds)
+        missing = [path for path in (seed_config(base, seed)["dcg"]["ckpt"] for seed in args.seeds)
                    if not Path(path).is_file()]
         if missing:
             raise ConfigError(f"no DCG file {missing[0]}: run benchmarks/accuracy.py with this config first")
@@ -98,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     splits = {"train": train_images, "val": datasets["val"]}
     rows = []
     for seed in args.seeds:
-        cfg = config_of(base, seed, args.cross_fit)
+        cfg = seed_config(base, seed)
         for split, dataset in splits.items():
             rows.append({"seed": seed, "split": split,
-                         **prior_fit(cfg, dataset, out_of_fold=args.cross_fit and split == "train")})
+                         **prior_fit(cfg, dataset)})
             logger.info("seed %d %s: %s", seed, split, ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
                                                                  if isinstance(v, float)))
-    name = f"{base['data']['flag'] or base['name']}{'_cross_fit' if args.cross_fit else ''}_prior_fit"
+    name = f"{base['data']['flag'] or base['name']}_prior_fit"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"config": args.config, "rows": rows}, indent=2))

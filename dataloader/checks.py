@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 from PIL import Image, ImageFile
 
@@ -86,7 +87,7 @@ def verify_images(paths: Sequence[Path], list_name: str, full: bool = False, wor
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
     logger.info("%s: checked %d image(s) in %.1f s (%s check)", list_name, len(paths),
                 time.perf_counter() - start, "full" if full else "cheap")
-    bad = [(p, k) for p, k in zip(paths, kinds) if k is not None]
+    bad = [(p, k) for p, k in zip(paths, kinds, strict=True) if k is not None]
     if not bad:
         return
     parts = [_describe(kind, [p for p, k in bad if k == kind], bad[0][0])

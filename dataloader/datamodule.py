@@ -37,8 +37,10 @@ def carve_validation(split: SplitList, fraction: float, seed: int) -> tuple[Spli
 
 def _list_datasets(cfg: dict, train_tf, eval_tf) -> dict[str, Dataset]:
     data = cfg["data"]
-    read = lambda path: read_list(path, data["num_classes"], data["task"] == "multilabel",  # noqa: E731
-                                  data["class_names"])
+
+    def read(path: str) -> SplitList:
+        return read_list(path, data["num_classes"], data["task"] == "multilabel", data["class_names"])
+
     train = read(data["train_list"])
     if data["val_list"] is None:
         train, val = carve_validation(train, data["val_fraction"], cfg["seed"])
@@ -51,7 +53,7 @@ def _list_datasets(cfg: dict, train_tf, eval_tf) -> dict[str, Dataset]:
             "test": ImageList(test, data["root"], eval_tf)}
     if data["verify_images"] != "off":
         checked: set = set()
-        for split, lst in zip(("train", "val", "test"), (train, val, test)):
+        for split, lst in zip(("train", "val", "test"), (train, val, test), strict=True):
             new = [p for p in sets[split].paths if p not in checked]
             verify_images(new, lst.name, full=data["verify_images"] == "full")
             checked.update(new)
@@ -103,8 +105,10 @@ def build_datasets(cfg: dict) -> dict[str, Dataset]:
     train_tf, eval_tf = build_transform(cfg, train=True), build_transform(cfg, train=False)
     if data["dataset"] == "synthetic":
         syn, seed = data["synthetic"], cfg["seed"]
-        make = lambda n, offset, tf: SyntheticPatterns(n, data["num_classes"], data["image_size"],  # noqa: E731
-                                                       syn["pattern_size"], seed + offset, tf)
+
+        def make(n: int, offset: int, tf) -> SyntheticPatterns:  # each split from its own seed
+            return SyntheticPatterns(n, data["num_classes"], data["image_size"], syn["pattern_size"], seed + offset, tf)
+
         return {"train": make(syn["num_train"], 0, train_tf), "val": make(syn["num_val"], 1, eval_tf),
                 "test": make(syn["num_test"], 2, eval_tf)}
     if data["dataset"] == "medmnist":

@@ -35,7 +35,7 @@ class SplitList:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, rows: np.ndarray, name: str) -> "SplitList":
+    def subset(self, rows: np.ndarray, name: str) -> SplitList:
         return SplitList(name, [self.paths[i] for i in rows], self.labels[rows])
 
 
@@ -43,7 +43,7 @@ class _PlainUnpickler(pickle.Unpickler):
     """Refuses every class: only lists, dicts, strings and numbers can be unpickled, so a list
     file cannot run code."""
 
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+    def find_class(self, module: str, name: str):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain lists, dicts, "
                                      "strings and numbers are allowed in a split list")
 
@@ -163,7 +163,7 @@ class ImageList(Dataset):
     def __init__(self, split: SplitList, root: str | Path, transform=None) -> None:
         root = Path(root)
         resolved = [resolve_image(root, p) for p in split.paths]
-        missing = [p for p, r in zip(split.paths, resolved) if r is None]
+        missing = [p for p, r in zip(split.paths, resolved, strict=True) if r is None]
         if missing:
             raise ConfigError(f"{len(missing)} of {len(split)} image(s) of {split.name} not found under {root}: "
                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")

@@ -2,7 +2,7 @@
 chest X-ray variant with RandomResizedCrop)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from PIL import Image

@@ -48,7 +48,8 @@ def test_truncated_images_are_refused(tmp_path, kind, full):
     path = truncate(make(tmp_path, kind, "cut"))
     with pytest.raises(ConfigError) as err:
         verify_images([path], "train", full=full)
-    assert "truncated" in str(err.value) and path.name in str(err.value)
+    # the kind and the file together, the first bad file with its folder
+    assert f"1 truncated ({path})" in str(err.value)
     assert "1 of 1 image(s)" in str(err.value)
 
 
@@ -94,7 +95,7 @@ def test_mixed_list_names_only_bad_files(tmp_path):
 
 
 def test_missing_file_is_reported_not_raised(tmp_path):
-    with pytest.raises(ConfigError, match="1 unreadable"):
+    with pytest.raises(ConfigError, match=r"train: 1 of 1 image\(s\) cannot be used: 1 unreadable \(.*gone\.png\)"):
         verify_images([tmp_path / "gone.png"], "train")
 
 
@@ -105,7 +106,7 @@ def test_full_mode_catches_damage_inside_a_file(tmp_path):
     data[len(data) // 2: len(data) // 2 + 64] = b"\x00" * 64
     path.write_bytes(bytes(data))
     verify_images([path], "train")
-    with pytest.raises(ConfigError, match="corrupt|truncated"):
+    with pytest.raises(ConfigError, match=r"1 (corrupt|truncated) \(.*img\.png\)"):
         verify_images([path], "train", full=True)
 
 

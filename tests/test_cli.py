@@ -83,7 +83,11 @@ def test_predict_writes_one_row_per_image(tiny_run, tmp_path):
     for row in rows:
         scores = [float(row[f"score_{n}"]) for n in names]
         assert int(row["pred"]) == scores.index(max(scores)) and row["pred_name"] == names[int(row["pred"])]
-        assert float(row["spread"]) >= 0
+        # every DDIM step clips x0 to [-1, 1], so the cells, their mean and their standard deviation stay within it
+        assert all(-1.0 <= s <= 1.0 for s in scores) and 0.0 <= float(row["spread"]) <= 1.0
+    # the spread is each image's own (computed exactly in tests/test_diffmic_v2.py), not a constant column
+    assert len({row["spread"] for row in rows}) > 1
+    assert sorted(row["image"] for row in rows) == sorted(f"synthetic_9_{k:05d}" for k in range(24))
 
 
 def test_resume_from_last_continues_the_same_version(tiny_run):
@@ -105,8 +109,8 @@ CONFIG_ERRORS = [
     (["dcg.num_rois=9"], "dcg.num_rois"),
     (["validate", "--ckpt", "best"], "best.ckpt"),
     (["model.patch_encoder=resnet50", "model.patch_encoder_weights=dcg"], "model.patch_encoder_weights"),
-    (["dcg.cross_fit_folds=1"], "dcg.cross_fit_folds"),
-    (["dcg.cross_fit_folds=2", "diffusion.eval_samples=3"], "diffusion.eval_samples"),
+    (["dcg.cross_fit_folds=2"], "unknown config key dcg.cross_fit_folds"),
+    (["diffusion.eval_samples=0"], "diffusion.eval_samples"),
 ]
 
 
@@ -121,6 +125,20 @@ def test_config_error_returns_2_with_one_line(tmp_path, capsys, args, needle):
     assert not logs.exists(), "a config error must not write anything"
 
 
+@pytest.mark.parametrize("key", ["model.efficientsam_weights", "model.patch_encoder_weights"])
+def test_unreadable_weights_file_exits_2_naming_key_and_file(tiny_run, tmp_path, key):
+    """The model layer refuses the file with a plain error; the command line names the config key."""
+    logs, args = tiny_run
+    bad = tmp_path / "weights.pt"
+    bad.write_bytes(b"not a checkpoint")
+    versions = sorted(p.name for p in (logs / "demo").iterdir())
+    result = cli("fit", *args, f"{key}={bad}")
+    lines = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1 and f"config key {key}: {bad}: not a readable" in lines[0], result.stderr[-2000:]
+    assert sorted(p.name for p in (logs / "demo").iterdir()) == versions, "no new run folder"
+
+
 def test_config_error_exit_code_of_the_process(tmp_path):
     result = cli("optim.lrr=0.1", f"trainer.log_dir={tmp_path / 'logs'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -130,8 +148,9 @@ def test_config_error_exit_code_of_the_process(tmp_path):
 
 
 def test_train_dcg_script_alone(tmp_path):
+    """Run as the README shows it, from another directory: the installed project needs no path set-up."""
     ok(cli(f"trainer.log_dir={tmp_path}", *TINY, "dcg.ckpt=" + str(tmp_path / "dcg_alone.pt"),
-           script="pretraining/train_dcg.py"))
+           script="pretraining/train_dcg.py", cwd=tmp_path))
     assert (tmp_path / "dcg_alone.pt").is_file()
 
 

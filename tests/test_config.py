@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config import PROJECT_ROOT, ConfigError, check_paths, dcg_ckpt_path, load_config
+from config import PATH_KEYS, PROJECT_ROOT, ConfigError, check_paths, dcg_ckpt_path, load_config
 
 
 def write(tmp_path: Path, content: dict) -> Path:
@@ -15,16 +15,44 @@ def write(tmp_path: Path, content: dict) -> Path:
     return path
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, written here independently of config.py."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_yaml(name: str) -> dict:
+    return flatten(yaml.safe_load((PROJECT_ROOT / "configs" / name).read_text()))
+
+
 def test_demo_is_the_default_and_merges_over_defaults():
-    cfg = load_config()
-    assert cfg["name"] == "demo" and cfg["data"]["dataset"] == "synthetic"
-    assert cfg["diffusion"]["beta_end"] == 0.02 and cfg["diffusion"]["sampling_steps"] == 10  # from default.yml
+    cfg = flatten(load_config())
+    assert cfg["name"] == "demo" and cfg["data.dataset"] == "synthetic"
+    default, demo = read_yaml("default.yml"), read_yaml("demo.yml")
+    assert cfg.keys() == default.keys()
+    for key, value in cfg.items():
+        if key in PATH_KEYS and isinstance(value, str):
+            continue  # made absolute: test_default_paths_do_not_depend_on_the_shell
+        # demo.yml's own value where it sets the key, default.yml's everywhere else
+        assert value == demo.get(key, default[key]), key
+    assert set(default) - set(demo)  # some keys do come from default.yml only
 
 
-def test_every_config_key_has_a_default():
+def test_every_config_key_has_a_default(tmp_path):
     default = yaml.safe_load((PROJECT_ROOT / "configs" / "default.yml").read_text())
-    for path in (PROJECT_ROOT / "configs").glob("*.yml"):
-        load_config(path)  # raises on any key default.yml lacks
+    paths = sorted((PROJECT_ROOT / "configs").glob("*.yml"))
+    assert len(paths) > 1
+    for path in paths:
+        assert set(read_yaml(path.name)) <= set(flatten(default)), path.name
+        load_config(path)
+    # and load_config refuses a file with a key default.yml lacks, naming the key
+    with pytest.raises(ConfigError, match=r"unknown config key data\.nonsense"):
+        load_config(write(tmp_path, {"data": {"nonsense": 1}}))
     assert default["model"]["feature_dim"] == 6144 and default["dcg"]["num_rois"] == 6  # paper defaults
 
 
@@ -107,13 +135,17 @@ def test_batch_limits_keep_their_type():
     assert cfg["trainer"]["limit_val_batches"] == 0.5
 
 
-@pytest.mark.parametrize("name", ["isic", "aptos", "placental", "chest", "retinamnist", "breastmnist"])
-def test_task_configs_load_with_the_papers_settings(name):
+# classes of each task's data set: ISIC 2018 Task 3, APTOS DR grades, placental maturity grades,
+# ChestX-ray14 findings, RetinaMNIST grades, BreastMNIST
+@pytest.mark.parametrize("name, num_classes", [("isic", 7), ("aptos", 5), ("placental", 4), ("chest", 14),
+                                               ("retinamnist", 5), ("breastmnist", 2)])
+def test_task_configs_load_with_the_papers_settings(name, num_classes):
     cfg = load_config(PROJECT_ROOT / "configs" / f"{name}.yml")
     assert cfg["name"] == name and cfg["data"]["image_size"] == 224 and cfg["model"]["feature_dim"] == 6144
     assert cfg["diffusion"]["timesteps"] == 1000 and cfg["diffusion"]["sampling_steps"] == 10
     assert cfg["optim"]["lr"] == 1e-3 and cfg["data"]["batch_size"] == 64
-    assert len(cfg["data"]["class_names"]) == cfg["data"]["num_classes"]
+    assert cfg["data"]["num_classes"] == num_classes
+    assert cfg["data"]["class_names"] is not None and len(cfg["data"]["class_names"]) == num_classes
     chest = name == "chest"
     assert cfg["data"]["task"] == ("multilabel" if chest else "multiclass")
     assert (cfg["dcg"]["num_rois"], cfg["dcg"]["roi_size"]) == ((4, 112) if chest else (6, 32))

@@ -52,9 +52,9 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, needle", [
-    ("path,label\n", "empty"),
-    ("path,grade\na.png,1\n", "label column"),
-    ("path,label\na.png,x\n", "row 0"),
+    ("path,label\n", r"l\.csv is empty"),
+    ("path,grade\na.png,1\n", r"l\.csv: needs a label column .*found path, grade"),
+    ("path,label\na.png,x\n", r"l\.csv, row 0: label 'x' is not an integer class"),
 ])
 def test_bad_lists_name_the_problem(tmp_path, content, needle):
     (tmp_path / "l.csv").write_text(content)
@@ -128,14 +128,26 @@ def test_synthetic_set_is_deterministic_and_balanced():
     assert np.bincount(a.labels).tolist() == [10, 10, 10, 10]
 
 
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+WHITE, BLACK = (1 - MEAN) / STD, (0 - MEAN) / STD  # ImageNet-normalised white and black pixels
+
+
+def framed_image() -> Image.Image:
+    """30 x 50 (h x w), white with 10 black columns at each side: its central 30 x 30 square is all white."""
+    array = np.full((30, 50, 3), 255, np.uint8)
+    array[:, :10] = array[:, 40:] = 0
+    return Image.fromarray(array)
+
+
 def test_transforms_normalise_and_crop_square():
     cfg = load_config(None, ["data.image_size=64"])
-    image = Image.fromarray(np.full((30, 50, 3), 255, np.uint8))
+    image = framed_image()
     for train in (True, False):
         out = build_transform(cfg, train)(image)
         assert out.shape == (3, 64, 64)
     out = build_transform(cfg, False)(image)
-    assert torch.allclose(out[:, 32, 32], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    # the centre square is cut before resizing: the black side columns are gone, every pixel is white
+    torch.testing.assert_close(out, WHITE[:, None, None].expand(3, 64, 64))
 
 
 FINDINGS = ["a", "b", "c"]
@@ -183,6 +195,11 @@ def test_multilabel_carve_is_seeded_without_stratification():
     split = SplitList("l.csv", [f"{k}.png" for k in range(50)], labels)
     train, val = carve_validation(split, 0.2, seed=1)
     assert len(val) == 10 and val.labels.shape == (10, 3) and val.paths == carve_validation(split, 0.2, 1)[1].paths
+    assert len(train) == 40 and not set(val.paths) & set(train.paths)
+    # each image keeps its own multi-hot row
+    row = {p: tuple(r) for p, r in zip(split.paths, labels.tolist(), strict=True)}
+    assert all(row[p] == tuple(r) for part in (train, val)
+               for p, r in zip(part.paths, part.labels.tolist(), strict=True))
 
 
 def _list_config(tmp_path, train_labels, test_labels, extra=()):
@@ -215,11 +232,20 @@ def test_truncated_image_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="truncated.*img_1.png"):
         build_datasets(cfg)
     cfg["data"]["verify_images"] = "off"
-    assert len(build_datasets(cfg)["train"]) == 4  # the check can be switched off; loading then raises
+    train = build_datasets(cfg)["train"]
+    assert len(train) == 4  # the check can be switched off; loading then raises
+    (index,) = [k for k, p in enumerate(train.paths) if p.name == "img_1.png"]
+    with pytest.raises(OSError, match="img_1.png"):
+        train[index]
 
 
 def test_chest_transform():
     cfg = load_config(None, ["data.image_size=64", "data.transform=chest", "data.rotation_degrees=20"])
-    image = Image.fromarray(np.full((30, 50, 3), 255, np.uint8))
+    image = framed_image()
     assert build_transform(cfg, True)(image).shape == (3, 64, 64)
-    assert build_transform(cfg, False)(image).shape == (3, 64, 64)  # resize, no square crop
+    out = build_transform(cfg, False)(image)
+    assert out.shape == (3, 64, 64)
+    # resize, no square crop: the whole width is squeezed in, so the black side columns stay at the edges
+    torch.testing.assert_close(out[:, :, 0], BLACK[:, None].expand(3, 64))
+    torch.testing.assert_close(out[:, :, -1], BLACK[:, None].expand(3, 64))
+    torch.testing.assert_close(out[:, :, 32], WHITE[:, None].expand(3, 64))

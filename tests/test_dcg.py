@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from config import load_config
-from pretraining.dcg import (DCG, GatedAttentionMIL, build_dcg, cells_to_pixels, crop_patches, propose_rois,
-                             roi_window, top_t_pool)
+from pretraining.dcg import (
+    DCG,
+    GatedAttentionMIL,
+    build_dcg,
+    cells_to_pixels,
+    crop_patches,
+    propose_rois,
+    roi_window,
+    top_t_pool,
+)
 from pretraining.train_dcg import dcg_optimizer
 
 
@@ -274,10 +282,12 @@ def test_dcg_gradients_reach_both_trunks(make_dcg):
 
 
 def test_dcg_rejects_bad_config():
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="image_size 100 must be a multiple of 32"):
         DCG(num_classes=2, image_size=100, num_rois=3, roi_size=32)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=r"5 ROIs do not fit a 2\^2 CAM"):
         DCG(num_classes=2, image_size=64, num_rois=5, roi_size=32)  # a 2 x 2 CAM holds 4 ROIs
+    with pytest.raises(AssertionError, match=r"0 ROIs do not fit a 2\^2 CAM"):
+        DCG(num_classes=2, image_size=64, num_rois=0, roi_size=32)
 
 
 def test_build_dcg_from_config():
@@ -303,4 +313,4 @@ def test_dcg_optimizer_anneals_to_min_lr_ratio(ratio, last_lr):
         schedule.step()
     assert lrs[0] == pytest.approx(1e-3)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))

@@ -1,21 +1,26 @@
 """Tests for the EfficientSAM image encoder package (CPU only)."""
 
 import logging
-
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from EfficientSAM import (
-    ENCODERS,
-    ImageEncoderViT,
-    build_image_encoder,
-    load_efficientsam_encoder,
-)
+from config import CHOICES, ConfigError, load_config
+from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
 
-WIDTH = {"vit_s": 384, "vit_t": 192}
+# SPEC facts of the EfficientSAM variants: token width, attention heads per block, number of blocks.
+SPEC = {
+    "vit_s": dict(width=384, heads=6, depth=12),
+    "vit_t": dict(width=192, heads=3, depth=12),
+}
+WIDTH = {name: spec["width"] for name, spec in SPEC.items()}
+
+
+def build(name: str) -> ImageEncoderViT:
+    """A randomly initialised encoder of a registered variant, as the model layer builds it."""
+    return ImageEncoderViT(**ENCODERS[name])
 
 
 def official_shapes(name: str) -> dict:
@@ -26,7 +31,7 @@ def official_shapes(name: str) -> dict:
         "patch_embed.proj.bias": (d,),
         "pos_embed": (1, 197, d),
     }
-    for i in range(12):
+    for i in range(SPEC[name]["depth"]):
         p = f"blocks.{i}."
         shapes.update({
             p + "norm1.weight": (d,), p + "norm1.bias": (d,),
@@ -64,17 +69,40 @@ def save_official(path: Path, enc_state: dict, wrap: bool = True) -> Path:
 @pytest.fixture(scope="module")
 def vit_t() -> ImageEncoderViT:
     torch.manual_seed(0)
-    return build_image_encoder("vit_t", None).eval()
+    return build("vit_t").eval()
 
 
-def test_registry():
-    assert ENCODERS["vit_s"] == dict(embed_dim=384, depth=12, num_heads=6)
-    assert ENCODERS["vit_t"] == dict(embed_dim=192, depth=12, num_heads=3)
+@pytest.mark.parametrize("name", sorted(set(ENCODERS) | set(SPEC)))
+def test_registered_variant_builds_the_spec_architecture(name):
+    assert name in ENCODERS, f"SPEC variant {name} is not registered"
+    assert name in SPEC, f"registered variant {name} has no SPEC facts in this test"
+    spec = SPEC[name]
+    torch.manual_seed(0)
+    enc = build(name).eval()
+    assert enc.embed_dim == spec["width"]
+    assert len(enc.blocks) == spec["depth"]
+    for i, blk in enumerate(enc.blocks):
+        assert blk.attn.num_heads == spec["heads"], i
+        assert blk.attn.num_heads * blk.attn.head_dim == spec["width"], i
+    with torch.no_grad():
+        y = enc(torch.randn(2, 3, 64, 96))
+    assert y.shape == (2, spec["width"], 64 // 16, 96 // 16)
 
 
-@pytest.mark.parametrize("name", ["vit_t", "vit_s"])
+def test_config_accepts_exactly_the_registered_encoders():
+    # The package has no name lookup of its own: config.py refuses an unknown name before the model
+    # builds ImageEncoderViT(**ENCODERS[name]), so its choices must be the registered variants.
+    assert set(CHOICES["model.image_encoder"]) == set(ENCODERS)
+    for name in ENCODERS:
+        assert load_config(None, [f"model.image_encoder={name}"])["model"]["image_encoder"] == name
+    with pytest.raises(ConfigError, match=r"model\.image_encoder: 'vit_h' is not one of") as info:
+        load_config(None, ["model.image_encoder=vit_h"])
+    assert all(name in str(info.value) for name in ENCODERS)  # the valid names are listed
+
+
+@pytest.mark.parametrize("name", sorted(SPEC))
 def test_state_dict_is_official_layout(name):
-    enc = build_image_encoder(name, None)
+    enc = build(name)
     got = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
     assert got == official_shapes(name)
     assert {k for k, _ in enc.named_parameters()} == set(official_shapes(name))
@@ -90,7 +118,7 @@ def test_output_shapes_vit_t(vit_t, size):
 
 
 def test_output_shapes_vit_s():
-    enc = build_image_encoder("vit_s", None).eval()
+    enc = build("vit_s").eval()
     with torch.no_grad():
         assert enc(torch.randn(1, 3, 224, 224)).shape == (1, 384, 14, 14)
         y = enc(torch.randn(1, 3, 96, 128))
@@ -166,7 +194,10 @@ def test_load_official_checkpoint(tmp_path, caplog, wrap):
         before = enc(x)
     with caplog.at_level(logging.INFO, logger="EfficientSAM"):
         load_efficientsam_encoder(enc, path)
-    assert any(str(path) in r.getMessage() and "Loaded" in r.getMessage() for r in caplog.records)
+    # one INFO record of the package's logger naming the file and how many tensors were loaded
+    loaded_msgs = [r.getMessage() for r in caplog.records
+                   if r.name.startswith("EfficientSAM") and r.levelno == logging.INFO and str(path) in r.getMessage()]
+    assert len(loaded_msgs) == 1 and f"Loaded {len(state)} " in loaded_msgs[0]
     loaded = enc.state_dict()
     assert loaded.keys() == state.keys()
     for k, v in state.items():
@@ -176,11 +207,16 @@ def test_load_official_checkpoint(tmp_path, caplog, wrap):
     assert not torch.allclose(before, after)
 
 
-def test_build_with_weights_path(tmp_path):
-    state = fake_encoder_state("vit_t", seed=2)
-    path = save_official(tmp_path / "w.pt", state)
-    enc = build_image_encoder("vit_t", str(path))
-    assert torch.equal(enc.pos_embed, state["pos_embed"])
+@pytest.mark.parametrize("name", sorted(SPEC))
+def test_each_variant_loads_its_official_checkpoint_from_a_str_path(tmp_path, name):
+    state = fake_encoder_state(name, seed=2)
+    path = save_official(tmp_path / f"efficient_sam_{name.replace('_', '')}.pt", state)
+    enc = build(name)
+    load_efficientsam_encoder(enc, str(path))  # the config passes a str
+    loaded = enc.state_dict()
+    assert loaded.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k
 
 
 def test_load_resamples_pos_embed_of_other_size(tmp_path):
@@ -206,27 +242,24 @@ def test_missing_file(tmp_path):
 
 def test_vit_t_file_into_vit_s_is_rejected(tmp_path):
     path = save_official(tmp_path / "tiny.pt", fake_encoder_state("vit_t"))
-    enc = build_image_encoder("vit_s", None)
-    with pytest.raises(ValueError, match="vit_t") as info:
+    enc = build("vit_s")
+    # the file's variant and the encoder's, each with its width, in that order
+    match = r"looks like vit_t \(width 192\) but the encoder is vit_s \(width 384\)"
+    with pytest.raises(ValueError, match=match) as info:
         load_efficientsam_encoder(enc, path)
     assert "tiny.pt" in str(info.value)
+
+
+def test_same_width_other_depth_is_rejected(tmp_path):
+    path = save_official(tmp_path / "deep.pt", fake_encoder_state("vit_t"))
+    enc = ImageEncoderViT(embed_dim=192, depth=1, num_heads=3)
+    with pytest.raises(ValueError, match=r"deep\.pt: encoder weights do not match the model") as info:
+        load_efficientsam_encoder(enc, path)
+    assert "blocks.1.attn.qkv.weight" in str(info.value)  # the surplus blocks are named
 
 
 def test_file_without_image_encoder_keys(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"model": {"mask_decoder.y": torch.zeros(2)}}, path)
-    with pytest.raises(ValueError, match="other.pt"):
+    with pytest.raises(ValueError, match=r"other\.pt: no 'image_encoder\.\*' entries found"):
         load_efficientsam_encoder(ImageEncoderViT(192, 1, 3), path)
-
-
-def test_random_init_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="EfficientSAM"):
-        build_image_encoder("vit_s", None)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("weights not given" in r.getMessage() for r in warnings)
-
-
-def test_unknown_name():
-    with pytest.raises(ValueError, match="vit_s") as info:
-        build_image_encoder("vit_h", None)
-    assert "vit_t" in str(info.value) and "vit_h" in str(info.value)

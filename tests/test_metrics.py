@@ -1,4 +1,5 @@
-"""Tests for the metrics in utils.py; expected values are worked out by hand in the comments."""
+"""Tests for the metrics in metrics.py and the confusion-matrix figure in figures.py; expected values
+are worked out by hand in the comments."""
 
 import logging
 import math
@@ -6,12 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from utils import (
-    classification_metrics,
-    confusion_matrix,
-    confusion_matrix_image,
-    multilabel_metrics,
-)
+from figures import confusion_matrix_image
+from metrics import classification_metrics, confusion_matrix, multilabel_metrics
+
+
+def metric_warnings(caplog) -> list[str]:
+    """Messages of the WARNING records that came from the `metrics` module's own logger."""
+    return [r.getMessage() for r in caplog.records if r.name == "metrics" and r.levelno == logging.WARNING]
+
 
 # N=8, C=3.  sample: true, pred (argmax), raw scores (s0, s1, s2)
 #   0: 0 0 ( 5,  1, -2)    4: 1 1 ( 0,  3, -3)
@@ -23,8 +26,10 @@ S3 = np.array([[5, 1, -2], [3, 2, 0], [1, 4, -1], [-1, 6, 2],
                [0, 3, -3], [4, -2, 1], [-2, 5, 3], [-3, -1, 7]], dtype=float)
 
 
-def test_hand_example_three_classes():
-    m = classification_metrics(Y3, S3)
+def test_hand_example_three_classes(caplog):
+    with caplog.at_level(logging.WARNING, logger="metrics"):
+        m = classification_metrics(Y3, S3)
+    assert metric_warnings(caplog) == []  # every class has positives and negatives: no AUC is undefined
     assert set(m) == {"acc", "balanced_acc", "precision", "recall", "f1", "auc", "kappa"}
     # confusion (rows true): [[2,1,0],[0,2,0],[1,1,1]]; 5 correct of 8
     assert m["acc"] == pytest.approx(5 / 8)
@@ -64,8 +69,9 @@ def test_absent_class_auc_mean_of_others_and_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="metrics"):
         m = classification_metrics(y, s)
     assert m["auc"] == pytest.approx((0.75 + 0.625) / 2)
-    warns = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert warns and "2" in warns[0].getMessage()
+    (message,) = metric_warnings(caplog)  # exactly one, from the "metrics" logger
+    # the skipped class as the message renders it, and the number of classes averaged over
+    assert "for classes ['2'];" in message and message.endswith("averaging over the other 2")
 
 
 def test_binary_case():
@@ -88,8 +94,14 @@ def test_single_class_degenerate_no_exception(caplog):
     with caplog.at_level(logging.WARNING, logger="metrics"):
         m = classification_metrics(np.array([0, 0]), np.array([[1.0, 0.0], [2.0, 1.0]]))
     assert m["acc"] == 1.0
-    assert m["kappa"] == 0.0
+    assert m["balanced_acc"] == 1.0  # recall over the classes present (class 0 only)
+    # macro over both labels, absent class 1 scoring 0 (zero_division=0): (1 + 0) / 2
+    assert m["precision"] == m["recall"] == m["f1"] == pytest.approx(0.5)
+    assert m["kappa"] == 0.0  # undefined (NaN) kappa is reported as 0
     assert math.isnan(m["auc"])
+    # class 0 has no negatives and class 1 no positives: both skipped, none left to average
+    (message,) = metric_warnings(caplog)
+    assert "for classes ['0', '1'];" in message and message.endswith("averaging over the other 0")
 
 
 def test_multilabel_hand_example(caplog):
@@ -102,7 +114,9 @@ def test_multilabel_hand_example(caplog):
     assert m["auc/b"] == pytest.approx(1.0)
     assert math.isnan(m["auc/c"])  # all negative
     assert m["auc"] == pytest.approx(0.875)
-    assert any("c" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    (message,) = metric_warnings(caplog)
+    assert message.startswith("multilabel AUC")
+    assert "for classes ['c'];" in message and message.endswith("averaging over the other 2")
     # pred @0.5: [[1,0,0],[0,1,0],[0,1,1],[0,0,0]]
     # F1 a: TP1 FN1 -> 2/3; b: TP2 -> 1; c: FP1 -> 0; macro 5/9.  2 wrong of 12 elements.
     assert m["f1"] == pytest.approx(5 / 9)
@@ -112,7 +126,15 @@ def test_multilabel_hand_example(caplog):
 def test_multilabel_default_names():
     m = multilabel_metrics(np.array([[1, 0], [0, 1]]), np.array([[0.8, 0.3], [0.1, 0.9]]))
     assert set(m) == {"auc", "auc/0", "auc/1", "f1", "acc"}
-    assert m["auc"] == pytest.approx(1.0)
+    assert m["auc"] == m["auc/0"] == m["auc/1"] == pytest.approx(1.0)
+    assert m["f1"] == m["acc"] == pytest.approx(1.0)  # pred @0.5 [[1, 0], [0, 1]] is exact
+
+
+def test_multilabel_threshold_is_inclusive():
+    # prediction = score >= threshold: 0.5 counts as positive at the default threshold, not at 0.6
+    y, p = np.array([[1, 0], [0, 1]]), np.array([[0.5, 0.2], [0.1, 0.5]])
+    assert multilabel_metrics(y, p)["acc"] == pytest.approx(1.0)
+    assert multilabel_metrics(y, p, threshold=0.6)["acc"] == pytest.approx(0.5)
 
 
 def test_confusion_matrix_counts():
@@ -134,25 +156,67 @@ def test_confusion_matrix_image_shape_and_colour(c):
     assert diag.sum() < off.sum()  # darker
     assert diag[2] > diag[0]  # blue dominates red
     assert tuple(off) == (255, 255, 255)
+    # row-normalised: every diagonal cell holds its whole row, so all share one colour whatever the count
+    for k in range(1, c):
+        assert tuple(grid[k * cell + 3, k * cell + 3]) == tuple(diag), k
+
+
+def test_confusion_matrix_image_shade_follows_row_fraction():
+    cell = 48
+    img = confusion_matrix_image(np.array([[1, 3], [2, 2]]), cell=cell)
+    grid = img[-2 * cell:, -2 * cell:].astype(int)
+    shade = {(i, j): grid[i * cell + 3, j * cell + 3].sum() for i in range(2) for j in range(2)}
+    # fractions of each row: (0,0) 1/4, (0,1) 3/4, (1,0) = (1,1) = 1/2; darker means a larger fraction
+    assert shade[0, 1] < shade[1, 0] == shade[1, 1] < shade[0, 0] < 3 * 255
 
 
 def test_confusion_matrix_image_with_names():
-    img = confusion_matrix_image(np.array([[3, 1], [0, 4]]), class_names=["benign", "malignant"])
+    cell = 48
+    cm = np.array([[3, 1], [0, 4]])
+    img = confusion_matrix_image(cm, class_names=["benign", "malignant"], cell=cell)
+    plain = confusion_matrix_image(cm, cell=cell)  # default names "0", "1"
     assert img.shape[2] == 3 and img.dtype == np.uint8
+    # the names are drawn in the margins: longer names widen the left margin (row labels) and deepen the
+    # top margin (vertical column labels); the grid itself is the same
+    assert img.shape[0] > plain.shape[0] and img.shape[1] > plain.shape[1]
+    np.testing.assert_array_equal(img[-2 * cell:, -2 * cell:], plain[-2 * cell:, -2 * cell:])
+    # row label "malignant" (right-aligned against the grid, left of the axis title's column): beside row 1
+    # there is dark text where the plain image's narrower margin would already end
+    left, plain_left = img.shape[1] - 2 * cell, plain.shape[1] - 2 * cell
+    assert img[-cell:, plain_left:left].min() < 128
+    # names are cut to 20 characters
+    long = confusion_matrix_image(cm, class_names=["b" * 20 + "TAIL", "m"], cell=cell)
+    np.testing.assert_array_equal(long, confusion_matrix_image(cm, class_names=["b" * 20, "m"], cell=cell))
 
 
-def test_bad_inputs():
-    with pytest.raises((AssertionError, ValueError), match="0..2"):
-        classification_metrics(np.array([0, 3]), np.zeros((2, 3)))
-    with pytest.raises((AssertionError, ValueError), match="samples"):
-        classification_metrics(np.array([0, 1, 2]), np.zeros((2, 3)))
-    with pytest.raises((AssertionError, ValueError), match="C >= 2"):
-        classification_metrics(np.array([0, 0]), np.zeros((2, 1)))
-    with pytest.raises((AssertionError, ValueError), match="empty"):
-        classification_metrics(np.array([], dtype=int), np.zeros((0, 3)))
-    with pytest.raises((AssertionError, ValueError), match="shape"):
-        multilabel_metrics(np.zeros((2, 3)), np.zeros((2, 2)))
-    with pytest.raises((AssertionError, ValueError), match="0 and 1"):
-        multilabel_metrics(np.array([[2, 0]]), np.zeros((1, 2)))
-    with pytest.raises((AssertionError, ValueError), match="0..1"):
-        confusion_matrix(np.array([0, 2]), np.array([0, 1]), 2)
+@pytest.mark.parametrize("cm, names, match", [
+    (np.zeros((2, 3), int), None, r"square \(C, C\), got \(2, 3\)"),
+    (np.zeros(3, int), None, r"square \(C, C\), got \(3,\)"),
+    (np.zeros((2, 2), int), ["a", "b", "c"], "got 3 class names for 2 classes"),
+])
+def test_confusion_matrix_image_bad_inputs(cm, names, match):
+    with pytest.raises(ValueError, match=match):
+        confusion_matrix_image(cm, class_names=names)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: classification_metrics(np.array([0, 3]), np.zeros((2, 3))),
+     r"y_true values must lie in 0\.\.2, got range 0\.\.3"),
+    (lambda: classification_metrics(np.array([0, 1, 2]), np.zeros((2, 3))), "y_true has 3 samples but scores has 2"),
+    (lambda: classification_metrics(np.array([0, 0]), np.zeros((2, 1))), r"C >= 2, got \(2, 1\)"),
+    (lambda: classification_metrics(np.array([], dtype=int), np.zeros((0, 3))), "y_true is empty"),
+    (lambda: classification_metrics(np.array([0.5, 1]), np.zeros((2, 3))), "y_true must hold integer class indices"),
+    (lambda: classification_metrics(np.array([0, 1]), np.array([[0, 1, np.nan], [0, 1, 2]])), "NaN or inf"),
+    (lambda: multilabel_metrics(np.zeros((2, 3)), np.zeros((2, 2))), r"got \(2, 3\) and \(2, 2\)"),
+    (lambda: multilabel_metrics(np.array([[2, 0]]), np.zeros((1, 2))), "y_true must contain only 0 and 1"),
+    (lambda: multilabel_metrics(np.zeros((1, 2)), np.zeros((1, 2)), names=["a"]), "got 1 names for 2 findings"),
+    (lambda: confusion_matrix(np.array([0, 2]), np.array([0, 1]), 2),
+     r"y_true values must lie in 0\.\.1, got range 0\.\.2"),
+    (lambda: confusion_matrix(np.array([0, 1]), np.array([0, 2]), 2),
+     r"y_pred values must lie in 0\.\.1, got range 0\.\.2"),
+    (lambda: confusion_matrix(np.array([0, 1]), np.array([0, 1, 1]), 2), r"y_true \(2,\) and y_pred \(3,\) differ"),
+], ids=["label_range", "length", "one_column", "empty", "non_integer", "nan_score", "ml_shape", "ml_not_binary",
+        "ml_names", "cm_true_range", "cm_pred_range", "cm_length"])
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

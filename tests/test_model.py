@@ -5,7 +5,6 @@ import logging
 import pytest
 import torch
 
-from config import ConfigError
 from model import ConditionalConv2d, ConditionalModel, PatchEncoder, build_denoiser
 from pipeline import DDIMScheduler, diffusion_focal_loss, focal_weight, guided_prior_map, heterologous_noise
 from utils import adam
@@ -275,20 +274,34 @@ def test_identity_condition_init_passes_the_prior_through():
         ConditionalModel(3, 3, 16, 100, "vit_t", condition_init="zeros")
 
 
-def test_load_pretrained(make_denoiser, tmp_path, caplog):
+def test_load_image_encoder(make_denoiser, tmp_path, caplog):
     model = make_denoiser(seed=1)
+    before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
     with caplog.at_level(logging.WARNING, logger="model"):
-        model.load_pretrained(None, None)
-    assert "random init" in caplog.text
-    with pytest.raises(ConfigError, match="model.efficientsam_weights"):
-        model.load_pretrained(str(tmp_path / "missing.pt"), None)
+        model.load_image_encoder(None)
+    assert [r.name for r in caplog.records] == ["model"] and "random init" in caplog.text
+    assert all(torch.equal(v, before[k]) for k, v in model.image_encoder.state_dict().items())
+    # the model layer raises a plain error naming the file; the command line names the config key
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        model.load_image_encoder(str(tmp_path / "missing.pt"))
     # an official-layout checkpoint loads into the image encoder
     source = make_denoiser(seed=2).image_encoder.state_dict()
     path = tmp_path / "efficient_sam_vitt.pt"
     torch.save({"model": {"image_encoder." + k: v for k, v in source.items()}}, path)
-    model.load_pretrained(str(path), None)
+    model.load_image_encoder(str(path))
     for k, v in model.image_encoder.state_dict().items():
         assert torch.equal(v, source[k]), k
+
+
+def test_load_patch_encoder_from_the_dcg_or_a_file(make_denoiser, make_dcg, tmp_path):
+    model, dcg = make_denoiser(seed=1), make_dcg(seed=3)
+    model.load_patch_encoder("dcg", dcg.local_trunk)
+    for k, v in model.patch_encoder.trunk.state_dict().items():
+        assert torch.equal(v, dcg.local_trunk.state_dict()[k]), k
+    # a file that is no ResNet-18 state dict is refused with a plain error naming the file
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt is not a resnet18 state dict"):
+        model.load_patch_encoder(str(tmp_path / "other.pt"))
 
 
 def test_imagenet_weights_unreachable_fall_back_to_random_init_loudly(monkeypatch, caplog):
@@ -324,5 +337,5 @@ def test_adam_helper_uses_the_fused_kernel_with_the_same_update():
             opt.zero_grad()
             model(x).pow(2).mean().backward()
             opt.step()
-    for a, b in zip(fast.parameters(), plain.parameters()):
+    for a, b in zip(fast.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -7,9 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import (DDIMScheduler, condition_prior, ddim_sample, diffusion_focal_loss, focal_weight,
-                      guided_prior_map, heterologous_noise)
-from pretraining.dcg import DCGOutput
+from pipeline import (
+    DDIMScheduler,
+    ddim_sample,
+    diffusion_focal_loss,
+    focal_weight,
+    guided_prior_map,
+    heterologous_noise,
+)
 
 T = 1000
 # Closed-form schedule in float64: linear betas 1e-4 .. 0.02 over 1000 steps, alpha_bar = cumprod(1 - beta).
@@ -28,14 +33,6 @@ def hand_step(y: np.ndarray, e: np.ndarray, t: int, ratio: int, clip: bool) -> n
 
 
 # --------------------------------------------------------------------------- guided prior map
-
-def test_condition_prior_ablations():
-    g, l = torch.randn(2, 3), torch.randn(2, 3)
-    out = DCGOutput(None, g, l, None, None, None)
-    torch.testing.assert_close(condition_prior(out, 4), guided_prior_map(g, l, 4))
-    assert torch.equal(condition_prior(out, 4, guided_map=False), torch.zeros(2, 3, 4, 4))
-    torch.testing.assert_close(condition_prior(out, 4, roi_branch=False), g[:, :, None, None].expand(2, 3, 4, 4))
-
 
 def test_guided_prior_map_k3_hand_values():
     g = torch.tensor([[2.0, -1.0], [0.5, 4.0]])   # y_global (B=2, C=2), raw logits incl. negatives
@@ -104,7 +101,7 @@ def test_set_timesteps_leading(steps, expected):
 
 @pytest.mark.parametrize("steps", [0, T + 1])
 def test_set_timesteps_rejects_out_of_range(steps):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"num_inference_steps must be in 1..{T}, got {steps}"):
         DDIMScheduler().set_timesteps(steps)
 
 
@@ -210,7 +207,7 @@ def test_sampling_loop_matches_diffusers(steps, clip):
     ref.set_timesteps(steps)
     ours.set_timesteps(steps)
     assert ours.timesteps.tolist() == ref.timesteps.tolist()
-    for t_ref, t_ours in zip(ref.timesteps, ours.timesteps.tolist()):
+    for t_ref, t_ours in zip(ref.timesteps, ours.timesteps.tolist(), strict=True):
         y_ref = ref.step(fake_eps(y_ref, int(t_ref)), t_ref, y_ref, eta=0.0).prev_sample
         y_ours = ours.step(fake_eps(y_ours, t_ours), t_ours, y_ours)
         torch.testing.assert_close(y_ours, y_ref, rtol=0, atol=1e-5)
@@ -321,20 +318,6 @@ def test_diffusion_focal_loss_gradient():
 
 # --------------------------------------------------------------------------- DDIM sampling
 
-class FakeDCG(nn.Module):
-    def __init__(self, y_global, y_local, k):
-        super().__init__()
-        self.y_global, self.y_local, self.k = y_global, y_local, k
-        self.calls = 0
-
-    def forward(self, image):
-        self.calls += 1
-        b = image.shape[0]
-        patches = image[:, :1, :8, :8].expand(b, self.k, 8, 8)
-        return DCGOutput((self.y_global + self.y_local) / 2, self.y_global, self.y_local, patches,
-                         torch.full((b, self.k), 1 / self.k), torch.zeros(b, 2, 2, 2))
-
-
 class FakeDenoiser(nn.Module):
     """eps_hat = 0.2 Y_t - 0.1 P + x_w + t / 2000, x_w = mean of the image per sample."""
 
@@ -350,21 +333,17 @@ class FakeDenoiser(nn.Module):
         assert t.shape == (y_in.shape[0], self.grid_size, self.grid_size) and t.dtype == torch.long
         return 0.2 * y_in[:, c:] - 0.1 * y_in[:, :c] + x_w[:, :, None, None] + t[:, None].float() / 2000
 
-    def forward(self, image, patches, y_in, t):
-        return self.denoise(self.encode(image, patches), y_in, t)
 
-
-@pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("steps", [10, 4])
-def test_ddim_sample_matches_hand_loop(steps, reuse):
+def test_ddim_sample_matches_hand_loop(steps):
     b, c, k = 2, 2, 3
     g = torch.Generator().manual_seed(5)
     y_global, y_local = torch.randn(b, c, generator=g), torch.randn(b, c, generator=g)
     image = torch.rand(b, 3, 16, 16, generator=g) * 0.1
     start = torch.rand(2, b, c, generator=g)
-    out, dcg_out = ddim_sample(FakeDCG(y_global, y_local, k), FakeDenoiser(c, k), DDIMScheduler(), image, start,
-                               steps, reuse_condition=reuse)
-    torch.testing.assert_close(dcg_out.y_global, y_global)
+    denoiser = FakeDenoiser(c, k)
+    out = ddim_sample(denoiser, DDIMScheduler(), denoiser.encode(image, None), guided_prior_map(y_global, y_local, k),
+                      guided_prior_map(start[0], start[1], k)[None], steps)
 
     def grid(gv, lv):  # hand guided map (float64)
         d = np.abs(np.arange(k)[:, None] - np.arange(k)[None, :]) / (k - 1)
@@ -377,8 +356,8 @@ def test_ddim_sample_matches_hand_loop(steps, reuse):
     for t in range(ratio * (steps - 1), -1, -ratio):
         e = 0.2 * y - 0.1 * prior + x_w + t / 2000
         y = hand_step(y, e, t, ratio, clip=True)
-    assert out.shape == (b, c, k, k)
-    np.testing.assert_allclose(out.double().numpy(), y, rtol=1e-4, atol=1e-5)
+    assert out.shape == (1, b, c, k, k)
+    np.testing.assert_allclose(out[0].double().numpy(), y, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture
@@ -386,54 +365,69 @@ def small_models(make_dcg, make_denoiser):
     return make_dcg().eval(), make_denoiser().eval()
 
 
-def test_ddim_sample_reuse_condition_identical_and_counted(small_models):
+def count_calls(**modules: nn.Module) -> dict[str, int]:
+    counts = dict.fromkeys(modules, 0)
+    for name, module in modules.items():
+        module.register_forward_hook(lambda *args, name=name: counts.__setitem__(name, counts[name] + 1))
+    return counts
+
+
+@torch.no_grad()
+def authors_sampling_loop(dcg, denoiser, scheduler, image, y_t, steps):
+    """The authors' sampler: the DCG, the prior map and both encoders run again at every DDIM step."""
+    k = denoiser.grid_size
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps.tolist():
+        out = dcg(image)
+        prior = guided_prior_map(out.y_global, out.y_local, k)
+        t_cells = torch.full((image.shape[0], k, k), t, dtype=torch.long)
+        y_t = scheduler.step(denoiser(image, out.patches, torch.cat([prior, y_t], dim=1), t_cells), t, y_t)
+    return y_t
+
+
+def test_sampling_with_the_encoders_once_equals_the_authors_loop(small_models):
+    """SPEC 6: the DCG and both encoders depend only on the image. Computed once, they give the same grid
+    as the authors' loop that recomputes them at every step."""
     dcg, denoiser = small_models
-    counts = {"dcg": 0, "image": 0, "patch": 0}
-
-    def counter(name):
-        def hook(module, args, output):
-            counts[name] += 1
-        return hook
-
-    dcg.register_forward_hook(counter("dcg"))
-    denoiser.image_encoder.register_forward_hook(counter("image"))
-    denoiser.patch_encoder.register_forward_hook(counter("patch"))
+    counts = count_calls(dcg=dcg, image=denoiser.image_encoder, patch=denoiser.patch_encoder)
     g = torch.Generator().manual_seed(0)
     image = torch.randn(2, 3, 64, 64, generator=g)
     start = torch.rand(2, 2, 3, generator=g)
-    steps = 10
+    y_start, steps = guided_prior_map(start[0], start[1], 3), 10
 
-    out_reuse, dcg_reuse = ddim_sample(dcg, denoiser, DDIMScheduler(), image, start, steps, reuse_condition=True)
+    with torch.no_grad():
+        out = dcg(image)
+        cached = ddim_sample(denoiser, DDIMScheduler(), denoiser.encode(image, out.patches),
+                             guided_prior_map(out.y_global, out.y_local, 3), y_start[None], steps)[0]
     assert counts == {"dcg": 1, "image": 1, "patch": 1}
-
     counts.update(dcg=0, image=0, patch=0)
-    out_every, _ = ddim_sample(dcg, denoiser, DDIMScheduler(), image, start, steps, reuse_condition=False)
-    assert counts["image"] == steps and counts["patch"] == steps
-    # once per step (the implementation may add one call for the returned DCG output and prior)
-    assert steps <= counts["dcg"] <= steps + 1
-
-    assert out_reuse.shape == (2, 3, 3, 3)
-    assert torch.isfinite(out_reuse).all()
-    torch.testing.assert_close(out_reuse, out_every, rtol=0, atol=1e-6)
-    assert dcg_reuse.patches.shape == (2, 3, 32, 32)
-    # the sample depends on the start vectors
-    out_other, _ = ddim_sample(dcg, denoiser, DDIMScheduler(), image, start.flip(0) * 0.5, steps)
-    assert not torch.allclose(out_other, out_reuse)
+    reference = authors_sampling_loop(dcg, denoiser, DDIMScheduler(), image, y_start, steps)
+    assert counts == {"dcg": steps, "image": steps, "patch": steps}
+    assert cached.shape == (2, 3, 3, 3) and torch.isfinite(cached).all()
+    torch.testing.assert_close(cached, reference, rtol=0, atol=1e-6)
+    # the sample depends on its start
+    other = ddim_sample(denoiser, DDIMScheduler(), denoiser.encode(image, out.patches),
+                        guided_prior_map(out.y_global, out.y_local, 3), y_start.flip(0)[None] * 0.5, steps)[0]
+    assert not torch.allclose(other, cached)
 
 
-def test_ddim_sample_several_starts_is_the_mean_of_single_samples(small_models):
-    """(2, S, B, C) starts: S samples per image from one run of the encoders, averaged; the same as S
-    separate single-sample runs, and a (2, 1, B, C) start is the single-sample case."""
+def test_ddim_sample_several_starts_equal_separate_runs(small_models):
+    """(S, B, C, K, K) starts: all S samples of every image in one batched loop, each the same as a
+    separate single-start run; the condition and the prior are given once per image."""
     dcg, denoiser = small_models
-    calls = []
-    denoiser.image_encoder.register_forward_hook(lambda *args: calls.append(1))
     g = torch.Generator().manual_seed(3)
     image = torch.randn(2, 3, 64, 64, generator=g)
-    start = torch.rand(2, 4, 2, 3, generator=g)
-    averaged, _ = ddim_sample(dcg, denoiser, DDIMScheduler(), image, start, 5)
-    assert len(calls) == 1 and averaged.shape == (2, 3, 3, 3)
-    singles = [ddim_sample(dcg, denoiser, DDIMScheduler(), image, start[:, s], 5)[0] for s in range(4)]
-    torch.testing.assert_close(averaged, torch.stack(singles).mean(0), rtol=0, atol=1e-5)
-    torch.testing.assert_close(ddim_sample(dcg, denoiser, DDIMScheduler(), image, start[:, :1], 5)[0], singles[0])
-    with pytest.raises(AssertionError, match="start must be"):
-        ddim_sample(dcg, denoiser, DDIMScheduler(), image, torch.rand(2, 4, 3, 3), 5)
+    y_start = torch.rand(4, 2, 3, 3, 3, generator=g)
+    with torch.no_grad():
+        out = dcg(image)
+        condition, prior = denoiser.encode(image, out.patches), guided_prior_map(out.y_global, out.y_local, 3)
+    grids = ddim_sample(denoiser, DDIMScheduler(), condition, prior, y_start, 5)
+    assert grids.shape == (4, 2, 3, 3, 3)
+    for s in range(4):
+        single = ddim_sample(denoiser, DDIMScheduler(), condition, prior, y_start[s:s + 1], 5)
+        torch.testing.assert_close(grids[s], single[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(grids[0], grids[1])
+    with pytest.raises(AssertionError, match="y_start must be"):
+        ddim_sample(denoiser, DDIMScheduler(), condition, prior, torch.rand(4, 3, 3, 3, 3), 5)
+    with pytest.raises(AssertionError, match="condition has 1 rows"):
+        ddim_sample(denoiser, DDIMScheduler(), condition[:1], prior, y_start, 5)

@@ -93,8 +93,12 @@ def test_isic_200_image_subset_trains_and_validates(tmp_path, ham_images):
     train.to_csv(tmp_path / "train.csv", index=False)
     test.to_csv(tmp_path / "test.csv", index=False)
     metrics = fit("isic.yml", tmp_path, *isic_paths(ham_images, tmp_path / "train.csv", tmp_path / "test.csv"))
-    assert 0.0 <= metrics["val"]["acc"] <= 1.0 and math.isfinite(metrics["val"]["f1"])
-    assert math.isfinite(metrics["test"]["kappa"])
+    # every image is scored: the 14 carved for validation (ceil(0.1 * 140), 2 per class, one batch) and all
+    # 60 test images, so each accuracy is a whole number of images out of that count
+    for split, n in (("val", 14), ("test", 60)):
+        acc = metrics[split]["acc"]
+        assert 0.0 <= acc <= 1.0 and acc * n == pytest.approx(round(acc * n)), (split, acc)
+        assert all(math.isfinite(v) for v in metrics[split].values()), metrics[split]
 
 
 def test_chest_multilabel_trains_and_reports_mean_auroc(tmp_path):
@@ -111,6 +115,14 @@ def test_chest_multilabel_trains_and_reports_mean_auroc(tmp_path):
     assert metrics["selection"]["monitor"] == "val/auc"
     assert math.isfinite(metrics["test"]["auc"]) and 0.0 <= metrics["test"]["auc"] <= 1.0
     assert {f"auc/{name}" for name in findings} <= set(metrics["test"])
+    # a finding's AUROC is undefined exactly when the 181 test images hold no positive (or no negative) of it,
+    # and the reported AUROC is the mean over the defined ones
+    test_truth = labels[labels["split_chexnet"] == "test"]
+    for name in findings:
+        defined = 0 < int(test_truth[name].sum()) < len(test_truth)
+        assert math.isfinite(metrics["test"][f"auc/{name}"]) == defined, name
+    per_finding = [metrics["test"][f"auc/{name}"] for name in findings]
+    assert metrics["test"]["auc"] == pytest.approx(float(np.nanmean(per_finding)))
     # predict: one score per finding for each of the 181 test images
     ckpt = next((tmp_path / "logs").glob("chest/version_0/checkpoints/best.ckpt"))
     out = tmp_path / "predictions.csv"

@@ -1,0 +1,102 @@
+"""DiffMIC-v2 as a LightningModule: the paper's path, top-down.
+
+Training (SPEC 2, 3, 4, 5), one batch:
+    image -> frozen DCG -> y_global, y_local, y_fusion, ROI patches
+          -> guided prior map P (K x K)            label y0 -> Y_0 noised per cell at its own t -> Y_t
+          -> denoiser(image, patches, concat[P, Y_t], t) -> eps_hat
+          -> diffusion focal loss: mean of w (eps_hat - eps)^2, w from the DCG's confidence y_fusion
+Evaluation (SPEC 6): the DCG, P and the condition x_w once per image; DDIM from S uniform starts Y_T;
+the prediction is the mean of the final grids over the S samples and the K x K cells.
+"""
+from __future__ import annotations
+
+import torch
+
+from evaluation import EvaluatedSystem
+from model import build_denoiser
+from pipeline import (
+    DDIMScheduler,
+    ddim_sample,
+    diffusion_focal_loss,
+    focal_weight,
+    guided_prior_map,
+    heterologous_noise,
+    one_hot,
+)
+from pretraining.dcg import DCGOutput, build_dcg
+from utils import build_optimizer
+
+
+class DiffMICv2(EvaluatedSystem):
+    """Frozen DCG guidance + ConditionalModel denoiser + DDIM scheduler.
+
+    The guidance model is anything that maps an image batch to a `DCGOutput`; this class calls it in
+    exactly two places, `training_step` and `evaluate_batch`, and never trains it."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__(cfg)
+        self.save_hyperparameters({"config": cfg})
+        d = cfg["diffusion"]
+        self.dcg = build_dcg(cfg).requires_grad_(False)
+        self.denoiser = build_denoiser(cfg)
+        self.scheduler = DDIMScheduler(d["timesteps"], d["beta_start"], d["beta_end"], d["clip_sample"])
+
+    def train(self, mode: bool = True) -> DiffMICv2:
+        super().train(mode)
+        self.dcg.eval()  # frozen guidance: BatchNorm keeps its pre-trained statistics
+        return self
+
+    def prior(self, guide: DCGOutput) -> torch.Tensor:
+        """The guided prior map P (B, C, K, K) of SPEC 3. The `ablation` section of the config switches
+        parts off for the benchmark: no guided map gives P = 0, no ROI branch builds P from y_global alone."""
+        ablation, grid = self.cfg["ablation"], self.denoiser.grid_size
+        if not ablation["guided_map"]:
+            b, c = guide.y_global.shape
+            return guide.y_global.new_zeros(b, c, grid, grid)
+        y_local = guide.y_local if ablation["roi_branch"] else guide.y_global
+        return guided_prior_map(guide.y_global, y_local, grid)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image, d = batch["image"], self.cfg["diffusion"]
+        y0 = one_hot(batch["label"], self.cfg["data"]["num_classes"]).to(image.dtype)
+        with torch.no_grad():
+            guide = self.dcg(image)
+        prior = self.prior(guide)
+        y_t, eps, t = heterologous_noise(self.scheduler, y0, self.denoiser.grid_size)
+        eps_hat = self.denoiser(image, guide.patches, torch.cat([prior, y_t], dim=1), t)
+        weight = focal_weight(guide.y_fusion.float(), y0, d["focal_alpha"], d["focal_gamma"],
+                              multilabel=self.cfg["data"]["task"] == "multilabel")
+        loss = diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def sample(self, image: torch.Tensor) -> torch.Tensor:
+        """DDIM label grids for an image batch, the mean over diffusion.eval_samples starts: (B, C, K, K).
+
+        Y_T is the guided map of two uniform [0, 1) vectors that stand in for y_global and y_local (the
+        authors' code), drawn from the evaluation generator."""
+        d, grid = self.cfg["diffusion"], self.denoiser.grid_size
+        batch, classes = image.shape[0], self.cfg["data"]["num_classes"]
+        start = torch.rand(2, d["eval_samples"], batch, classes, generator=self.eval_generator).to(image.device)
+        guide = self.dcg(image)
+        prior = self.prior(guide)
+        y_start = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid)
+        condition = self.denoiser.encode(image, guide.patches)
+        grids = ddim_sample(self.denoiser, self.scheduler, condition, prior,
+                            y_start.view(d["eval_samples"], batch, classes, grid, grid), d["sampling_steps"])
+        return grids.mean(dim=0)
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        grid = self.sample(batch["image"])
+        scores = grid.mean(dim=(2, 3))
+        if self.cfg["data"]["task"] == "multilabel":  # disagreement of the cells, averaged over findings
+            return {"scores": scores, "spread": grid.flatten(2).std(dim=2).mean(dim=1)}
+        predicted = scores.argmax(dim=1)
+        cells = grid.flatten(2)[torch.arange(grid.shape[0], device=grid.device), predicted]  # (B, K*K)
+        return {"scores": scores, "spread": cells.std(dim=1)}
+
+    def configure_optimizers(self):
+        optimizer, schedule = build_optimizer(self.denoiser.parameters(), self.cfg["optim"],
+                                              self.cfg["trainer"]["max_epochs"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

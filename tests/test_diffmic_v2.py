@@ -1,0 +1,87 @@
+"""Tests for diffmic_v2.py: the prior map with its ablation switches, the training step and the evaluation
+path (encoders once per image, S samples averaged) of the LightningModule."""
+import pytest
+import torch
+
+from config import load_config
+from diffmic_v2 import DiffMICv2
+from pipeline import guided_prior_map
+from pretraining.dcg import DCGOutput
+
+SMALL = ["model.feature_dim=16", "data.num_classes=3", "data.class_names=null"]
+
+
+def small_system(*overrides: str) -> DiffMICv2:
+    torch.manual_seed(0)
+    return DiffMICv2(load_config(None, [*SMALL, *overrides]))
+
+
+@pytest.mark.parametrize(("guided_map", "roi_branch"), [(True, True), (False, True), (True, False)])
+def test_prior_and_its_ablations(guided_map, roi_branch):
+    system = small_system(f"ablation.guided_map={guided_map}", f"ablation.roi_branch={roi_branch}")
+    g, l = torch.randn(2, 3), torch.randn(2, 3)
+    prior = system.prior(DCGOutput(None, g, l, None, None, None))
+    k = system.denoiser.grid_size
+    if not guided_map:  # no DCG prior at all
+        expected = torch.zeros(2, 3, k, k)
+    elif not roi_branch:  # y_global alone, on every cell
+        expected = g[:, :, None, None].expand(2, 3, k, k)
+    else:
+        expected = guided_prior_map(g, l, k)
+    torch.testing.assert_close(prior, expected, rtol=0, atol=0)
+    assert system.denoiser.roi_tokens == roi_branch
+
+
+def test_training_step_trains_the_denoiser_and_never_the_dcg():
+    system = small_system("model.condition_init=default")  # identity init: no gradient reaches the encoders at first
+    system.log = lambda *args, **kwargs: None
+    system.train()
+    assert not system.dcg.training, "the frozen DCG keeps its pre-trained BatchNorm statistics"
+    batch = {"image": torch.randn(4, 3, 64, 64), "label": torch.tensor([0, 1, 2, 1]), "index": torch.arange(4)}
+    loss = system.training_step(batch, 0)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in system.dcg.parameters())
+    assert system.denoiser.cc1.conv.weight.grad.abs().sum() > 0
+    assert system.denoiser.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_evaluation_encodes_once_for_all_samples_and_averages_them(monkeypatch):
+    system = small_system("diffusion.eval_samples=3").eval()
+    counts = {"dcg": 0, "image": 0, "patch": 0, "body": 0}
+    for name, module in (("dcg", system.dcg), ("image", system.denoiser.image_encoder),
+                         ("patch", system.denoiser.patch_encoder), ("body", system.denoiser.cc1)):
+        module.register_forward_hook(lambda *args, name=name: counts.__setitem__(name, counts[name] + 1))
+    image = torch.randn(2, 3, 64, 64)
+    starts = torch.rand(2, 3, 2, 3)  # (y_global / y_local stand-ins, S, B, C)
+    draws = []  # what the sampler asks of torch.rand: its start vectors
+    monkeypatch.setattr(torch, "rand", lambda *shape, generator=None: draws.pop(0))
+    draws.append(starts)
+    with torch.no_grad():
+        averaged = system.sample(image)
+    steps = system.cfg["diffusion"]["sampling_steps"]
+    assert counts == {"dcg": 1, "image": 1, "patch": 1, "body": steps}, "one batched body call per step"
+    assert averaged.shape == (2, 3, 3, 3)
+    # one sample per run from each of the same starts: the three-sample grid is their mean
+    system.cfg["diffusion"]["eval_samples"] = 1
+    singles = []
+    for s in range(3):
+        draws.append(starts[:, s : s + 1])
+        with torch.no_grad():
+            singles.append(system.sample(image))
+    torch.testing.assert_close(averaged, torch.stack(singles).mean(0), rtol=0, atol=1e-5)
+    assert not torch.allclose(singles[0], singles[1])
+
+
+def test_evaluate_batch_scores_and_spread():
+    system = small_system().eval()
+    batch = {"image": torch.randn(3, 3, 64, 64), "label": torch.tensor([0, 1, 2]), "index": torch.arange(3)}
+    system.eval_generator.manual_seed(0)
+    out = system.evaluate_batch(batch)
+    system.eval_generator.manual_seed(0)
+    with torch.no_grad():
+        grid = system.sample(batch["image"])
+    torch.testing.assert_close(out["scores"], grid.mean(dim=(2, 3)))
+    predicted = out["scores"].argmax(dim=1)
+    expected_spread = torch.stack([grid[b, predicted[b]].flatten().std() for b in range(3)])
+    torch.testing.assert_close(out["spread"], expected_spread)
