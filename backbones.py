@@ -1,6 +1,7 @@
 """CNN trunks from torchvision (ResNet / DenseNet) with their classifier removed, and their weights:
 none (random init), ImageNet through torchvision's weight API (random init, loudly warned, where
 they cannot be fetched), or a local state-dict file."""
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,14 @@ def _imagenet_state(name: str, key: str) -> dict | None:
         logger.warning(
             "%s = imagenet: cannot fetch the ImageNet weights of %s (%s: %s). STARTING FROM RANDOM INIT; "
             "results will fall short of pretrained ones. Offline, put torchvision's file in %s or point %s "
-            "to a local state-dict file.", key, name, err.__class__.__name__, err, cache, key)
+            "to a local state-dict file.",
+            key,
+            name,
+            err.__class__.__name__,
+            err,
+            cache,
+            key,
+        )
         return None
 
 
@@ -64,8 +72,9 @@ class Trunk(nn.Module):
             try:
                 state = torch.load(weights, map_location="cpu", weights_only=True)
             except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # not a torch file, truncated, or code
-                raise ValueError(f"{weights}: not a readable weights-only state dict "
-                                 f"({str(err).splitlines()[0]})") from None
+                raise ValueError(
+                    f"{weights}: not a readable weights-only state dict ({str(err).splitlines()[0]})"
+                ) from None
             state, source = state.get("state_dict", state), weights
         model = torchvision.models.get_model(self.name, weights=None)
         missing, _ = model.load_state_dict(state, strict=False)

@@ -1,5 +1,6 @@
 """Configuration: YAML files merged over `configs/default.yml`, dotted command-line overrides,
 strict validation. Every number the code uses comes from here; `ConfigError` names the bad key or path."""
+
 from __future__ import annotations
 
 import copy
@@ -21,15 +22,24 @@ DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yml"
 # repository root (runs do not depend on the shell's directory); one typed on the command line
 # is relative to the shell's directory, as any command-line argument.
 PATH_KEYS = (
-    "data.root", "data.train_list", "data.val_list", "data.test_list", "dcg.ckpt",
-    "dcg.backbone_weights", "model.efficientsam_weights", "model.patch_encoder_weights",
+    "data.root",
+    "data.train_list",
+    "data.val_list",
+    "data.test_list",
+    "dcg.ckpt",
+    "dcg.backbone_weights",
+    "model.efficientsam_weights",
+    "model.patch_encoder_weights",
     "trainer.log_dir",
 )
 # Keys whose value may be a keyword instead of a path.
 PATH_KEYWORDS = {"dcg.backbone_weights": ("imagenet",), "model.patch_encoder_weights": ("imagenet", "dcg")}
 # Keys that accept more than the type of their default.
-EXTRA_TYPES: dict[str, tuple[type, ...]] = {"trainer.devices": (int,), "trainer.limit_train_batches": (int,),
-                                             "trainer.limit_val_batches": (int,)}
+EXTRA_TYPES: dict[str, tuple[type, ...]] = {
+    "trainer.devices": (int,),
+    "trainer.limit_train_batches": (int,),
+    "trainer.limit_val_batches": (int,),
+}
 CHOICES = {
     "data.dataset": ("list", "medmnist", "synthetic"),
     "data.task": ("multiclass", "multilabel"),
@@ -110,7 +120,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     elif isinstance(value, type(default)):
         return value
     raise ConfigError(
-        f"config key {key}: expected {type(default).__name__} (like the default {default!r}), got {value!r}")
+        f"config key {key}: expected {type(default).__name__} (like the default {default!r}), got {value!r}"
+    )
 
 
 def _set(tree: dict, key: str, value: Any) -> None:
@@ -176,12 +187,16 @@ def _check_values(cfg: dict) -> None:
     if data["num_classes"] < 2:
         raise ConfigError("config key data.num_classes: need at least 2 classes")
     if data["image_size"] % 32 != 0:
-        raise ConfigError(f"config key data.image_size: {data['image_size']} must be a multiple of 32 "
-                          "(the CAM side is image_size / 32 and the ViT patch is 16)")
+        raise ConfigError(
+            f"config key data.image_size: {data['image_size']} must be a multiple of 32 "
+            "(the CAM side is image_size / 32 and the ViT patch is 16)"
+        )
     cam = data["image_size"] // 32
     if not 1 <= dcg["num_rois"] <= cam * cam:
-        raise ConfigError(f"config key dcg.num_rois: {dcg['num_rois']} ROIs do not fit a {cam} x {cam} CAM "
-                          f"(data.image_size {data['image_size']}); use 1..{cam * cam}")
+        raise ConfigError(
+            f"config key dcg.num_rois: {dcg['num_rois']} ROIs do not fit a {cam} x {cam} CAM "
+            f"(data.image_size {data['image_size']}); use 1..{cam * cam}"
+        )
     if not 0 < dcg["roi_size"] <= data["image_size"]:
         raise ConfigError(f"config key dcg.roi_size: {dcg['roi_size']} must be in 1..data.image_size")
     if not 0.0 < dcg["percent_t"] <= 1.0:
@@ -190,11 +205,14 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError("config key data.val_fraction: must be in (0, 1)")
     names = data["class_names"]
     if names is not None and (not isinstance(names, list) or len(names) != data["num_classes"]):
-        raise ConfigError(f"config key data.class_names: need a list of data.num_classes = "
-                          f"{data['num_classes']} names, got {names!r}")
+        raise ConfigError(
+            f"config key data.class_names: need a list of data.num_classes = {data['num_classes']} names, got {names!r}"
+        )
     if cfg["model"]["patch_encoder_weights"] == "dcg" and cfg["model"]["patch_encoder"] != "resnet18":
-        raise ConfigError("config key model.patch_encoder_weights: dcg copies the DCG's local ResNet-18, "
-                          f"so model.patch_encoder must be resnet18, not {cfg['model']['patch_encoder']}")
+        raise ConfigError(
+            "config key model.patch_encoder_weights: dcg copies the DCG's local ResNet-18, "
+            f"so model.patch_encoder must be resnet18, not {cfg['model']['patch_encoder']}"
+        )
     steps, timesteps = cfg["diffusion"]["sampling_steps"], cfg["diffusion"]["timesteps"]
     if not 1 <= steps <= timesteps:
         raise ConfigError(f"config key diffusion.sampling_steps: must be in 1..diffusion.timesteps ({timesteps})")
@@ -202,7 +220,9 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError(f"config key diffusion.eval_samples: need at least 1, got {cfg['diffusion']['eval_samples']}")
     for key in ("dcg.min_lr_ratio", "optim.min_lr_ratio"):
         if not 0.0 <= _get(cfg, key) <= 1.0:
-            raise ConfigError(f"config key {key}: must be in [0, 1] (a fraction of the learning rate), got {_get(cfg, key)}")
+            raise ConfigError(
+                f"config key {key}: must be in [0, 1] (a fraction of the learning rate), got {_get(cfg, key)}"
+            )
     if len(cfg["optim"]["betas"]) != 2:
         raise ConfigError("config key optim.betas: need two numbers, e.g. [0.9, 0.999]")
     if data["dataset"] == "synthetic" and data["task"] == "multilabel":
@@ -213,8 +233,14 @@ def _check_values(cfg: dict) -> None:
         limit = _get(cfg, key)
         if (isinstance(limit, float) and not 0.0 < limit <= 1.0) or (isinstance(limit, int) and limit < 1):
             raise ConfigError(f"config key {key}: {limit!r} must be a fraction in (0, 1] or a number of batches >= 1")
-    for key in ("data.batch_size", "dcg.batch_size", "dcg.epochs", "trainer.max_epochs", "trainer.val_every",
-                "model.feature_dim"):
+    for key in (
+        "data.batch_size",
+        "dcg.batch_size",
+        "dcg.epochs",
+        "trainer.max_epochs",
+        "trainer.val_every",
+        "model.feature_dim",
+    ):
         if _get(cfg, key) < 1:
             raise ConfigError(f"config key {key}: must be at least 1")
 
@@ -222,8 +248,15 @@ def _check_values(cfg: dict) -> None:
 def check_paths(cfg: dict, need_dcg: bool) -> None:
     """Raise ConfigError for every configured input file that does not exist. The DCG checkpoint
     is an input only when `need_dcg` (fit pre-trains it when missing)."""
-    keys = ["data.root", "data.train_list", "data.val_list", "data.test_list", "dcg.backbone_weights",
-            "model.efficientsam_weights", "model.patch_encoder_weights"]
+    keys = [
+        "data.root",
+        "data.train_list",
+        "data.val_list",
+        "data.test_list",
+        "dcg.backbone_weights",
+        "model.efficientsam_weights",
+        "model.patch_encoder_weights",
+    ]
     if need_dcg:
         keys.append("dcg.ckpt")
     if cfg["data"]["dataset"] == "medmnist":
@@ -234,8 +267,11 @@ def check_paths(cfg: dict, need_dcg: bool) -> None:
             continue
         if not Path(value).exists():
             raise ConfigError(f"config key {key}: path does not exist: {value}")
-    required = {"list": ("data.root", "data.train_list", "data.test_list"), "medmnist": ("data.root",),
-                "synthetic": ()}[cfg["data"]["dataset"]]
+    required = {
+        "list": ("data.root", "data.train_list", "data.test_list"),
+        "medmnist": ("data.root",),
+        "synthetic": (),
+    }[cfg["data"]["dataset"]]
     for key in required:
         if _get(cfg, key) is None:
             raise ConfigError(f"config key {key} is required when data.dataset is {cfg['data']['dataset']}")

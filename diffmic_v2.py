@@ -8,6 +8,7 @@ Training (SPEC 2, 3, 4, 5), one batch:
 Evaluation (SPEC 6): the DCG, P and the condition x_w once per image; DDIM from S uniform starts Y_T;
 the prediction is the mean of the final grids over the S samples and the K x K cells.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,13 @@ class DiffMICv2(EvaluatedSystem):
         prior = self.prior(guide)
         y_t, eps, t = heterologous_noise(self.scheduler, y0, self.denoiser.grid_size)
         eps_hat = self.denoiser(image, guide.patches, torch.cat([prior, y_t], dim=1), t)
-        weight = focal_weight(guide.y_fusion.float(), y0, d["focal_alpha"], d["focal_gamma"],
-                              multilabel=self.cfg["data"]["task"] == "multilabel")
+        weight = focal_weight(
+            guide.y_fusion.float(),
+            y0,
+            d["focal_alpha"],
+            d["focal_gamma"],
+            multilabel=self.cfg["data"]["task"] == "multilabel",
+        )
         loss = diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
@@ -82,8 +88,14 @@ class DiffMICv2(EvaluatedSystem):
         prior = self.prior(guide)
         y_start = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid)
         condition = self.denoiser.encode(image, guide.patches)
-        grids = ddim_sample(self.denoiser, self.scheduler, condition, prior,
-                            y_start.view(d["eval_samples"], batch, classes, grid, grid), d["sampling_steps"])
+        grids = ddim_sample(
+            self.denoiser,
+            self.scheduler,
+            condition,
+            prior,
+            y_start.view(d["eval_samples"], batch, classes, grid, grid),
+            d["sampling_steps"],
+        )
         return grids.mean(dim=0)
 
     @torch.no_grad()
@@ -97,6 +109,7 @@ class DiffMICv2(EvaluatedSystem):
         return {"scores": scores, "spread": cells.std(dim=1)}
 
     def configure_optimizers(self):
-        optimizer, schedule = build_optimizer(self.denoiser.parameters(), self.cfg["optim"],
-                                              self.cfg["trainer"]["max_epochs"])
+        optimizer, schedule = build_optimizer(
+            self.denoiser.parameters(), self.cfg["optim"], self.cfg["trainer"]["max_epochs"]
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

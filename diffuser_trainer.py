@@ -5,6 +5,7 @@
 
 A config error ends the command with exit code 2 and one line that names the key or the file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,11 @@ def write_predictions(path: Path, outputs: list[dict], dataset, class_names: lis
     scores_head = [f"score_{n}" for n in class_names]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        rows = [(i, s, sp, y) for out in outputs
-                for i, s, sp, y in zip(out["index"], out["scores"], out["spread"], out["label"], strict=True)]
+        rows = [
+            (i, s, sp, y)
+            for out in outputs
+            for i, s, sp, y in zip(out["index"], out["scores"], out["spread"], out["label"], strict=True)
+        ]
         multilabel = bool(rows) and rows[0][3].dim() == 1
         if multilabel:
             writer.writerow(["image", "label"] + scores_head + ["pred", "spread"])
@@ -89,8 +93,9 @@ def write_predictions(path: Path, outputs: list[dict], dataset, class_names: lis
                 writer.writerow([dataset.ids[int(i)], truth] + values + [pred, f"{float(spread):.6f}"])
             else:
                 pred = int(scores.argmax())
-                writer.writerow([dataset.ids[int(i)], int(label)] + values
-                                + [pred, class_names[pred], f"{float(spread):.6f}"])
+                writer.writerow(
+                    [dataset.ids[int(i)], int(label)] + values + [pred, class_names[pred], f"{float(spread):.6f}"]
+                )
     logger.info("wrote %s", path)
 
 
@@ -108,23 +113,32 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
         if ckpt is None:  # a new run: the DCG (pre-trained first if missing) and the encoders' initial weights
             dcg_path = dcg_ckpt_path(cfg)
             if not dcg_path.is_file():
-                logger.info("DCG checkpoint %s does not exist: pre-training the DCG first (%d epochs)",
-                            dcg_path, cfg["dcg"]["epochs"])
+                logger.info(
+                    "DCG checkpoint %s does not exist: pre-training the DCG first (%d epochs)",
+                    dcg_path,
+                    cfg["dcg"]["epochs"],
+                )
                 pretrain_dcg(cfg, data.datasets)
             load_dcg(system.dcg, cfg, dcg_path)
             with errors_of("model.efficientsam_weights"):
                 system.denoiser.load_image_encoder(cfg["model"]["efficientsam_weights"])
             with errors_of("model.patch_encoder_weights"):
                 system.denoiser.load_patch_encoder(cfg["model"]["patch_encoder_weights"], system.dcg.local_trunk)
-        trainer, best = build_trainer(cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"],
-                                      version_of(ckpt))
+        trainer, best = build_trainer(
+            cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
+        )
         save_config(cfg, trainer)
         trainer.fit(system, datamodule=data, ckpt_path=ckpt)
         best_path = best.best_model_path or str(Path(trainer.log_dir) / "checkpoints" / "last.ckpt")
         trainer.validate(system, datamodule=data, ckpt_path=best_path, verbose=False)
-        result = {"checkpoint": best_path, "val": dict(system.last_metrics),
-                  "selection": {"monitor": selection_metric(cfg), "best_score": float(best.best_model_score)
-                                if best.best_model_score is not None else None}}
+        result = {
+            "checkpoint": best_path,
+            "val": dict(system.last_metrics),
+            "selection": {
+                "monitor": selection_metric(cfg),
+                "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
+            },
+        }
         trainer.test(system, datamodule=data, ckpt_path=best_path, verbose=False)
         result["test"] = dict(system.last_metrics)
         write_json(Path(out) if out else Path(trainer.log_dir) / "metrics.json", result)
@@ -135,12 +149,15 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
     if command in ("validate", "test"):
         getattr(trainer, command)(system, datamodule=data, verbose=False)
         split = "val" if command == "validate" else "test"
-        write_json(Path(out) if out else Path(trainer.log_dir) / "metrics.json",
-                   {"checkpoint": str(ckpt), split: dict(system.last_metrics)})
+        write_json(
+            Path(out) if out else Path(trainer.log_dir) / "metrics.json",
+            {"checkpoint": str(ckpt), split: dict(system.last_metrics)},
+        )
     else:
         outputs = trainer.predict(system, datamodule=data)
-        write_predictions(Path(out) if out else Path(trainer.log_dir) / "predictions.csv", outputs,
-                          data.datasets["test"], names)
+        write_predictions(
+            Path(out) if out else Path(trainer.log_dir) / "predictions.csv", outputs, data.datasets["test"], names
+        )
 
 
 def save_config(cfg: dict, trainer) -> None:
@@ -152,8 +169,10 @@ def save_config(cfg: dict, trainer) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="diffuser_trainer.py", description="Train and evaluate DiffMIC-v2.",
-        epilog="commands: fit (default), validate, test, predict; overrides look like optim.lr=5e-4")
+        prog="diffuser_trainer.py",
+        description="Train and evaluate DiffMIC-v2.",
+        epilog="commands: fit (default), validate, test, predict; overrides look like optim.lr=5e-4",
+    )
     parser.add_argument("words", nargs="*", metavar="[command] key.sub=value", help="command, then overrides")
     parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
     parser.add_argument("--ckpt", help="checkpoint: a path, best or last (fit: resume from it)")

@@ -1,5 +1,6 @@
 """Whole-split evaluation shared by the DCG pre-trainer and the diffusion model: collect scores over
 a split, compute the metrics of SPEC section 7 once per epoch, log them and a confusion matrix."""
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,7 @@ class EvaluatedSystem(pl.LightningModule):
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero and not multilabel:
             matrix = confusion_matrix(labels, scores.argmax(1), scores.shape[1])
             image = confusion_matrix_image(matrix, self.cfg["data"]["class_names"])
-            self.logger.experiment.add_image(f"{stage}/confusion_matrix", image, self.current_epoch,
-                                             dataformats="HWC")
+            self.logger.experiment.add_image(f"{stage}/confusion_matrix", image, self.current_epoch, dataformats="HWC")
         summary = ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if "/" not in k)
         logger.info("%s (epoch %d, %d images): %s", stage, self.current_epoch, len(labels), summary)
         self._collected = []

@@ -21,11 +21,10 @@ def _text_patch(text: str, scale: float) -> np.ndarray:
 def _paste(img: np.ndarray, patch: np.ndarray, y: int, x: int) -> None:
     h = min(patch.shape[0], img.shape[0] - y)
     w = min(patch.shape[1], img.shape[1] - x)
-    img[y:y + h, x:x + w] = patch[:h, :w]
+    img[y : y + h, x : x + w] = patch[:h, :w]
 
 
-def confusion_matrix_image(cm: np.ndarray, class_names: list[str] | None = None,
-                           cell: int = 48) -> np.ndarray:
+def confusion_matrix_image(cm: np.ndarray, class_names: list[str] | None = None, cell: int = 48) -> np.ndarray:
     """Render `cm` as an RGB uint8 heat map (row-normalised, white -> blue) with counts.
 
     The C*cell x C*cell grid sits flush in the bottom-right corner of the image; the
@@ -69,6 +68,5 @@ def confusion_matrix_image(cm: np.ndarray, class_names: list[str] | None = None,
                 s *= 0.85
             (tw, th), _ = cv2.getTextSize(text, _FONT, s, 1)
             fg = (255, 255, 255) if v > 0.5 else (0, 0, 0)
-            cv2.putText(img, text, (x0 + (cell - tw) // 2, y0 + (cell + th) // 2), _FONT, s, fg, 1,
-                        cv2.LINE_AA)
+            cv2.putText(img, text, (x0 + (cell - tw) // 2, y0 + (cell + th) // 2), _FONT, s, fg, 1, cv2.LINE_AA)
     return img

@@ -22,11 +22,12 @@ def _check_labels(y: np.ndarray, num_classes: int, what: str) -> np.ndarray:
     y = np.asarray(y)
     _require(y.ndim == 1, f"{what} must be 1-D, got shape {y.shape}")
     _require(y.size > 0, f"{what} is empty (N must be > 0)")
-    _require(np.issubdtype(y.dtype, np.number) and np.all(np.mod(y, 1) == 0),
-             f"{what} must hold integer class indices")
+    _require(np.issubdtype(y.dtype, np.number) and np.all(np.mod(y, 1) == 0), f"{what} must hold integer class indices")
     y = y.astype(np.int64)
-    _require(y.min() >= 0 and y.max() < num_classes,
-             f"{what} values must lie in 0..{num_classes - 1}, got range {y.min()}..{y.max()}")
+    _require(
+        y.min() >= 0 and y.max() < num_classes,
+        f"{what} values must lie in 0..{num_classes - 1}, got range {y.min()}..{y.max()}",
+    )
     return y
 
 
@@ -43,8 +44,12 @@ def _auc_per_column(y_bin: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def _mean_defined(per_class: np.ndarray, names: list[str], kind: str) -> float:
     skipped = [n for n, v in zip(names, per_class, strict=True) if np.isnan(v)]
     if skipped:
-        logger.warning("%s AUC undefined (no positive or no negative sample) for classes %s; "
-                       "averaging over the other %d", kind, skipped, len(names) - len(skipped))
+        logger.warning(
+            "%s AUC undefined (no positive or no negative sample) for classes %s; averaging over the other %d",
+            kind,
+            skipped,
+            len(names) - len(skipped),
+        )
     if len(skipped) == len(names):
         return float("nan")
     return float(np.nanmean(per_class))
@@ -57,16 +62,16 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, 
     raw scores and quadratic-weighted Cohen kappa.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    _require(scores.ndim == 2 and scores.shape[1] >= 2,
-             f"scores must have shape (N, C) with C >= 2, got {scores.shape}")
+    _require(
+        scores.ndim == 2 and scores.shape[1] >= 2, f"scores must have shape (N, C) with C >= 2, got {scores.shape}"
+    )
     _require(np.all(np.isfinite(scores)), "scores contain NaN or inf")
     n, c = scores.shape
     y = _check_labels(y_true, c, "y_true")
     _require(y.shape[0] == n, f"y_true has {y.shape[0]} samples but scores has {n}")
     pred = scores.argmax(axis=1)
     labels = list(range(c))
-    prec, rec, f1, _ = skm.precision_recall_fscore_support(
-        y, pred, labels=labels, average="macro", zero_division=0)
+    prec, rec, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore")
         kappa = skm.cohen_kappa_score(y, pred, labels=labels, weights="quadratic")
@@ -86,8 +91,9 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, 
     }
 
 
-def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, names: list[str] | None = None,
-                       threshold: float = 0.5) -> dict[str, float]:
+def multilabel_metrics(
+    y_true: np.ndarray, scores: np.ndarray, names: list[str] | None = None, threshold: float = 0.5
+) -> dict[str, float]:
     """Multi-label metrics from binary targets (N, C) and scores (N, C): probabilities, or the
     diffusion model's mean label grid, whose targets are 0 and 1 as well.
 
@@ -97,8 +103,10 @@ def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, names: list[str] 
     """
     y = np.asarray(y_true)
     p = np.asarray(scores, dtype=np.float64)
-    _require(y.ndim == 2 and y.shape == p.shape,
-             f"y_true and scores must both have shape (N, C); got {y.shape} and {p.shape}")
+    _require(
+        y.ndim == 2 and y.shape == p.shape,
+        f"y_true and scores must both have shape (N, C); got {y.shape} and {p.shape}",
+    )
     _require(y.shape[0] > 0, "empty input (N must be > 0)")
     _require(bool(np.all((y == 0) | (y == 1))), "y_true must contain only 0 and 1")
     _require(bool(np.all(np.isfinite(p))), "scores contain NaN or inf")

@@ -8,6 +8,7 @@ Notation: B batch, C classes, K grid side (= number of ROIs), F feature_dim.
     t        (B, K, K)       one timestep per grid cell
     eps_hat  (B, C, K, K)
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,9 +57,17 @@ class ConditionalModel(nn.Module):
     """eps_hat = denoiser(image, patches, concat[P, Y_t], t); `encode` and `denoise` split it so that
     sampling runs the encoders once per image."""
 
-    def __init__(self, num_classes: int, grid_size: int, feature_dim: int, num_timesteps: int,
-                 image_encoder: str = "vit_s", patch_encoder: str = "resnet18", roi_tokens: bool = True,
-                 condition_init: str = "default") -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        grid_size: int,
+        feature_dim: int,
+        num_timesteps: int,
+        image_encoder: str = "vit_s",
+        patch_encoder: str = "resnet18",
+        roi_tokens: bool = True,
+        condition_init: str = "default",
+    ) -> None:
         super().__init__()
         self.num_classes, self.grid_size = num_classes, grid_size
         self.roi_tokens = roi_tokens  # False (ablation): x_w = g, the patch encoder is not run
@@ -75,7 +84,9 @@ class ConditionalModel(nn.Module):
         self.cc3 = ConditionalConv2d(feature_dim, feature_dim, num_timesteps)
         self.norm3 = nn.BatchNorm2d(feature_dim)
         self.out = nn.Conv2d(feature_dim, num_classes, kernel_size=1)
-        assert condition_init in ("default", "identity"), f"condition_init must be default or identity, got {condition_init!r}"
+        assert condition_init in ("default", "identity"), (
+            f"condition_init must be default or identity, got {condition_init!r}"
+        )
         if condition_init == "identity":
             # [ours] x_w starts at exactly 1 (the softmax weights sum to 1), so the prior reaches the output
             # unscrambled from the first step; the encoders' share grows as the BatchNorm weights leave 0
@@ -89,13 +100,14 @@ class ConditionalModel(nn.Module):
         """The EfficientSAM image encoder of a new run: the official file, or random init (warned). A file
         that cannot be read or does not fit raises OSError or ValueError naming it."""
         if efficientsam_weights is None:
-            logger.warning("model.efficientsam_weights is null: the EfficientSAM image encoder starts from "
-                           "random init; results will be below the paper's (see README, pretrained weights)")
+            logger.warning(
+                "model.efficientsam_weights is null: the EfficientSAM image encoder starts from "
+                "random init; results will be below the paper's (see README, pretrained weights)"
+            )
         else:
             load_efficientsam_encoder(self.image_encoder, efficientsam_weights)
 
-    def load_patch_encoder(self, patch_encoder_weights: str | None, dcg_local_trunk: nn.Module | None = None
-                           ) -> None:
+    def load_patch_encoder(self, patch_encoder_weights: str | None, dcg_local_trunk: nn.Module | None = None) -> None:
         """The patch CNN of a new run: None (random init), "imagenet", a state-dict file, or "dcg": a copy
         of the pre-trained DCG's local ResNet-18, which was trained on the same ROI patches [ours]."""
         if patch_encoder_weights == "dcg":
@@ -107,8 +119,9 @@ class ConditionalModel(nn.Module):
 
     def encode(self, image: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """Image (B, 3, H, W) and ROI patches (B, K, r, r) -> condition x_w (B, F)."""
-        assert patches.shape[1] == self.grid_size, \
+        assert patches.shape[1] == self.grid_size, (
             f"need K = {self.grid_size} patches (one per grid row), got {patches.shape[1]}"
+        )
         g = self.image_norm(self.image_proj(self.image_encoder(image)).mean(dim=(2, 3)))
         if not self.roi_tokens:
             return g
@@ -117,24 +130,32 @@ class ConditionalModel(nn.Module):
 
     def denoise(self, x_w: torch.Tensor, y_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Condition (B, F), concat[P, Y_t] (B, 2C, K, K), per-cell t (B, K, K) -> eps_hat (B, C, K, K)."""
-        assert y_in.shape[1] == 2 * self.num_classes and y_in.shape[2:] == (self.grid_size, self.grid_size), \
+        assert y_in.shape[1] == 2 * self.num_classes and y_in.shape[2:] == (self.grid_size, self.grid_size), (
             f"y_in must be (B, {2 * self.num_classes}, {self.grid_size}, {self.grid_size}), got {tuple(y_in.shape)}"
-        assert t.shape == (y_in.shape[0], self.grid_size, self.grid_size), \
+        )
+        assert t.shape == (y_in.shape[0], self.grid_size, self.grid_size), (
             f"t must be (B, K, K) = {(y_in.shape[0], self.grid_size, self.grid_size)}, got {tuple(t.shape)}"
+        )
         y = F.softplus(self.norm1(self.cc1(y_in, t)))
         y = x_w[:, :, None, None] * y
         y = F.softplus(self.norm2(self.cc2(y, t)))
         y = F.softplus(self.norm3(self.cc3(y, t)))
         return self.out(y)
 
-    def forward(self, image: torch.Tensor, patches: torch.Tensor, y_in: torch.Tensor, t: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, patches: torch.Tensor, y_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.denoise(self.encode(image, patches), y_in, t)
 
 
 def build_denoiser(cfg: dict) -> ConditionalModel:
     """The denoiser described by a config."""
     m = cfg["model"]
-    return ConditionalModel(cfg["data"]["num_classes"], cfg["dcg"]["num_rois"], m["feature_dim"],
-                            cfg["diffusion"]["timesteps"], m["image_encoder"], m["patch_encoder"],
-                            roi_tokens=cfg["ablation"]["roi_branch"], condition_init=m["condition_init"])
+    return ConditionalModel(
+        cfg["data"]["num_classes"],
+        cfg["dcg"]["num_rois"],
+        m["feature_dim"],
+        cfg["diffusion"]["timesteps"],
+        m["image_encoder"],
+        m["patch_encoder"],
+        roi_tokens=cfg["ablation"]["roi_branch"],
+        condition_init=m["condition_init"],
+    )

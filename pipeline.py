@@ -15,6 +15,7 @@ Notation (the paper's symbols -> names here):
 The parts here know nothing of the guidance model or the denoiser's inside: the sampler takes a
 denoiser with `denoise(condition, concat[P, Y_t], t)`, the condition, the prior map and the start.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ def guided_prior_map(y_global: torch.Tensor, y_local: torch.Tensor, grid_size: i
     """P[b, c, i, j] = (1 - D[i, j]) y_global[b, c] + D[i, j] y_local[b, c], D[i, j] = |i - j| / (K - 1).
 
     The diagonal holds y_global, the corners (K-1, 0) and (0, K-1) hold y_local. (B, C) -> (B, C, K, K)."""
-    assert y_global.shape == y_local.shape and y_global.dim() == 2, \
+    assert y_global.shape == y_local.shape and y_global.dim() == 2, (
         f"y_global {tuple(y_global.shape)} and y_local {tuple(y_local.shape)} must both be (B, C)"
+    )
     index = torch.arange(grid_size, device=y_global.device, dtype=y_global.dtype)
     distance = (index[:, None] - index[None, :]).abs() / max(grid_size - 1, 1)
     return (1 - distance) * y_global[:, :, None, None] + distance * y_local[:, :, None, None]
@@ -39,10 +41,17 @@ class DDIMScheduler(nn.Module):
     The schedule tensors are non-persistent buffers: they follow the module's device and are
     rebuilt from the config rather than stored in checkpoints."""
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 clip_sample: bool = True) -> None:
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        clip_sample: bool = True,
+    ) -> None:
         super().__init__()
-        assert num_train_timesteps >= 1 and 0 < beta_start <= beta_end < 1, "need T >= 1, 0 < beta_start <= beta_end < 1"
+        assert num_train_timesteps >= 1 and 0 < beta_start <= beta_end < 1, (
+            "need T >= 1, 0 < beta_start <= beta_end < 1"
+        )
         self.num_train_timesteps = num_train_timesteps
         self.clip_sample = clip_sample
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
@@ -54,8 +63,7 @@ class DDIMScheduler(nn.Module):
     def set_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """Leading spacing: t = (n-1) r, ..., r, 0 with r = T // n (10 steps of 1000: 900, 800, ..., 0)."""
         if not 1 <= num_inference_steps <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in 1..{self.num_train_timesteps}, "
-                             f"got {num_inference_steps}")
+            raise ValueError(f"num_inference_steps must be in 1..{self.num_train_timesteps}, got {num_inference_steps}")
         self.step_ratio = self.num_train_timesteps // num_inference_steps
         steps = torch.arange(num_inference_steps, device=self.betas.device) * self.step_ratio
         self.timesteps = steps.flip(0)
@@ -89,8 +97,9 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels.long(), num_classes).float()
 
 
-def heterologous_noise(scheduler: DDIMScheduler, y0: torch.Tensor, grid_size: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def heterologous_noise(
+    scheduler: DDIMScheduler, y0: torch.Tensor, grid_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise every one of the B*K*K cells with its own t ~ U{0..T-1} and eps ~ N(0, I).
 
     y0 (B, C) one-hot / multi-hot -> (y_t (B, C, K, K), eps (B, C, K, K), t (B, K, K))."""
@@ -102,16 +111,23 @@ def heterologous_noise(scheduler: DDIMScheduler, y0: torch.Tensor, grid_size: in
 
 
 @torch.no_grad()
-def ddim_sample(denoiser: nn.Module, scheduler: DDIMScheduler, condition: torch.Tensor, prior: torch.Tensor,
-                y_start: torch.Tensor, num_steps: int) -> torch.Tensor:
+def ddim_sample(
+    denoiser: nn.Module,
+    scheduler: DDIMScheduler,
+    condition: torch.Tensor,
+    prior: torch.Tensor,
+    y_start: torch.Tensor,
+    num_steps: int,
+) -> torch.Tensor:
     """Denoise label grids with DDIM from S starts per image; the encoders are not run here.
 
     condition x_w (B, F) and prior P (B, C, K, K) are computed once per image; y_start Y_T is
     (S, B, C, K, K). Every step calls `denoiser.denoise(x_w, concat[P, Y_t], t)` on all S * B grids at
     once, each cell at the same t. Returns the final grids, (S, B, C, K, K)."""
     samples, batch = y_start.shape[:2]
-    assert y_start.dim() == 5 and y_start.shape[2:] == prior.shape[1:] and batch == prior.shape[0], \
+    assert y_start.dim() == 5 and y_start.shape[2:] == prior.shape[1:] and batch == prior.shape[0], (
         f"y_start must be (S, B, C, K, K) with (B, C, K, K) = {tuple(prior.shape)}, got {tuple(y_start.shape)}"
+    )
     assert condition.shape[0] == batch, f"condition has {condition.shape[0]} rows for {batch} images"
     # rows are sample-major (S * B): sample s of image b is row s * B + b
     prior, condition = prior.repeat(samples, 1, 1, 1), condition.repeat(samples, 1)
@@ -124,8 +140,9 @@ def ddim_sample(denoiser: nn.Module, scheduler: DDIMScheduler, condition: torch.
     return y_t.view(samples, batch, *y_t.shape[1:])
 
 
-def focal_weight(y_fusion: torch.Tensor, y0: torch.Tensor, alpha: float, gamma: float,
-                 multilabel: bool = False) -> torch.Tensor:
+def focal_weight(
+    y_fusion: torch.Tensor, y0: torch.Tensor, alpha: float, gamma: float, multilabel: bool = False
+) -> torch.Tensor:
     """w = 1 + alpha (1 - p)^gamma: (B, C) -> (B,). Single-label: p = softmax(y_fusion) at the true
     class. Multi-label [ours]: p = mean over findings of sigmoid(y_fusion) where y0 is 1 and
     1 - sigmoid(y_fusion) where it is 0. Samples the DCG finds hard weigh more in the diffusion loss."""

@@ -13,8 +13,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 logger = logging.getLogger(__name__)
 
 
-def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: float = 0.0) -> torch.optim.Adam:
+def adam(
+    params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+) -> torch.optim.Adam:
     """torch's Adam; its fused kernel where every parameter lives on the CPU or a CUDA device (the same
     update, about 7x faster per step than the default loop on the CPU: a tenth of a ResNet-18 step)."""
     params = [p for p in params if p.requires_grad]
@@ -22,20 +23,23 @@ def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: floa
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, min_lr_ratio: float
-                    ) -> torch.optim.lr_scheduler.LRScheduler:
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, epochs: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine annealing per epoch from the optimiser's lr down to min_lr_ratio * lr over `epochs`
     (min_lr_ratio 1.0: a constant lr)."""
     lr = optimizer.param_groups[0]["lr"]
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=lr * min_lr_ratio)
 
 
-def build_optimizer(params, optim: dict, max_epochs: int
-                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build_optimizer(
+    params, optim: dict, max_epochs: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Adam with the config's lr / betas / eps / weight decay, and cosine annealing per epoch
     from lr down to min_lr_ratio * lr over max_epochs (SPEC section 7)."""
-    optimizer = adam(params, lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"],
-                     weight_decay=optim["weight_decay"])
+    optimizer = adam(
+        params, lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"], weight_decay=optim["weight_decay"]
+    )
     return optimizer, cosine_schedule(optimizer, max_epochs, optim["min_lr_ratio"])
 
 
@@ -61,22 +65,31 @@ class BestCheckpoint(ModelCheckpoint):
         return trainer.strategy.reduce_boolean_decision(better_or_tie)
 
 
-def build_trainer(cfg: dict, run_name: str, max_epochs: int, val_every: int, version: int | None = None
-                  ) -> tuple[pl.Trainer, ModelCheckpoint]:
+def build_trainer(
+    cfg: dict, run_name: str, max_epochs: int, val_every: int, version: int | None = None
+) -> tuple[pl.Trainer, ModelCheckpoint]:
     """A Trainer logging to <log_dir>/<run_name>/version_N with TensorBoard, a progress bar, the
     learning rate, `best.ckpt` (highest `selection_metric`, the later epoch on a tie) and `last.ckpt`
     (every epoch, for resuming)."""
     t = cfg["trainer"]
-    best = BestCheckpoint(monitor=selection_metric(cfg), mode="max", filename="best", save_top_k=1,
-                           auto_insert_metric_name=False)
+    best = BestCheckpoint(
+        monitor=selection_metric(cfg), mode="max", filename="best", save_top_k=1, auto_insert_metric_name=False
+    )
     last = ModelCheckpoint(filename="last", save_top_k=1, save_on_train_epoch_end=True)
     trainer = pl.Trainer(
-        max_epochs=max_epochs, check_val_every_n_epoch=val_every, accelerator=t["accelerator"],
-        devices=t["devices"], precision=t["precision"], log_every_n_steps=t["log_every_n_steps"],
+        max_epochs=max_epochs,
+        check_val_every_n_epoch=val_every,
+        accelerator=t["accelerator"],
+        devices=t["devices"],
+        precision=t["precision"],
+        log_every_n_steps=t["log_every_n_steps"],
         logger=TensorBoardLogger(t["log_dir"], name=run_name, version=version, default_hp_metric=False),
         callbacks=[best, last, LearningRateMonitor(logging_interval="epoch")],
-        limit_train_batches=t["limit_train_batches"], limit_val_batches=t["limit_val_batches"],
-        num_sanity_val_steps=0, enable_model_summary=False)
+        limit_train_batches=t["limit_train_batches"],
+        limit_val_batches=t["limit_val_batches"],
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
     return trainer, best
 
 

@@ -32,9 +32,7 @@ def resample_pos_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
         return grid
     # F.interpolate wants channels first; bicubic/align_corners=False is what the
     # official ``get_abs_pos`` uses, so features stay comparable to the paper's.
-    resized = F.interpolate(
-        grid.permute(0, 3, 1, 2), size=size, mode="bicubic", align_corners=False
-    )
+    resized = F.interpolate(grid.permute(0, 3, 1, 2), size=size, mode="bicubic", align_corners=False)
     return resized.permute(0, 2, 3, 1)
 
 
@@ -48,9 +46,7 @@ class ImageEncoderViT(nn.Module):
         mlp_ratio: hidden width of the MLP relative to D.
     """
 
-    def __init__(
-        self, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0
-    ) -> None:
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_size = PATCH_SIZE
@@ -66,9 +62,7 @@ class ImageEncoderViT(nn.Module):
             strict_img_size=False,
         )
         # 14*14 grid positions plus the class-token slot kept by the official weights.
-        self.pos_embed = nn.Parameter(
-            torch.zeros(1, self.pretrain_grid**2 + 1, embed_dim)
-        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pretrain_grid**2 + 1, embed_dim))
         # Official init is zeros (it is always overwritten by the checkpoint); a small
         # random init keeps a randomly initialised encoder position-aware.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

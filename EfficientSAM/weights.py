@@ -25,9 +25,7 @@ def _variant_of_width(width: int) -> str:
     return f"an unknown variant (width {width})"
 
 
-def _resample_pos_embed(
-    pos_embed: torch.Tensor, num_positions: int, path: Path
-) -> torch.Tensor:
+def _resample_pos_embed(pos_embed: torch.Tensor, num_positions: int, path: Path) -> torch.Tensor:
     """Resample a checkpoint pos_embed (1, 1+n*n, D) to (1, num_positions, D).
 
     The class-token slot is kept as is; only the square grid is resampled.
@@ -44,9 +42,7 @@ def _resample_pos_embed(
     # Interpolate in float32: bicubic is not implemented for half on every device.
     grid = grid.float().reshape(1, src_n, src_n, dim)
     grid = resample_pos_grid(grid, (dst_n, dst_n)).reshape(1, dst_n * dst_n, dim)
-    logger.info(
-        "%s: resampled pos_embed grid from %dx%d to %dx%d", path, src_n, src_n, dst_n, dst_n
-    )
+    logger.info("%s: resampled pos_embed grid from %dx%d to %dx%d", path, src_n, src_n, dst_n, dst_n)
     return torch.cat([cls_slot.float(), grid], dim=1).to(pos_embed.dtype)
 
 
@@ -72,14 +68,12 @@ def load_efficientsam_encoder(encoder: ImageEncoderViT, path: str | os.PathLike)
 
     # Keep the encoder trunk only: the neck is replaced by the classifier's own head.
     enc_state = {
-        k[len(_PREFIX):]: v
+        k[len(_PREFIX) :]: v
         for k, v in state.items()
-        if k.startswith(_PREFIX) and not k[len(_PREFIX):].startswith("neck.")
+        if k.startswith(_PREFIX) and not k[len(_PREFIX) :].startswith("neck.")
     }
     if not enc_state:
-        raise ValueError(
-            f"{path}: no '{_PREFIX}*' entries found; is this an EfficientSAM checkpoint?"
-        )
+        raise ValueError(f"{path}: no '{_PREFIX}*' entries found; is this an EfficientSAM checkpoint?")
 
     patch_w = enc_state.get("patch_embed.proj.weight")
     if patch_w is None:

@@ -12,6 +12,7 @@ seeds, per-seed rows, wall time, images per second, command, config and machine)
 
     python -m benchmarks.accuracy --config configs/bench_breastmnist.yml [--seeds 0 1 2] [key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,16 +89,23 @@ def run_resnet18(cfg: dict, datasets: dict) -> dict:
     start = time.perf_counter()
     trainer.fit(system, datamodule=data)
     seconds = time.perf_counter() - start
-    return {**_evaluate_best(system, trainer, best.best_model_path, data), "train_s": seconds,
-            "epochs": cfg["trainer"]["max_epochs"]}
+    return {
+        **_evaluate_best(system, trainer, best.best_model_path, data),
+        "train_s": seconds,
+        "epochs": cfg["trainer"]["max_epochs"],
+    }
 
 
 def run_dcg(cfg: dict, datasets: dict) -> dict:
     start = time.perf_counter()
     path = pretrain_dcg(cfg, datasets)  # keeps the best validation epoch
     seconds = time.perf_counter() - start
-    return {**evaluate_dcg(cfg, datasets, path), "train_s": seconds, "epochs": cfg["dcg"]["epochs"],
-            "dcg_ckpt": str(path)}
+    return {
+        **evaluate_dcg(cfg, datasets, path),
+        "train_s": seconds,
+        "epochs": cfg["dcg"]["epochs"],
+        "dcg_ckpt": str(path),
+    }
 
 
 def evaluate_dcg(cfg: dict, datasets: dict, path: Path) -> dict:
@@ -120,8 +128,14 @@ def run_diffmic(cfg: dict, dcg_seconds: float) -> dict:
     diffuser_trainer.run("fit", cfg, None, str(out))
     seconds = time.perf_counter() - start
     metrics = json.loads(out.read_text())
-    return {"val": metrics["val"], "test": metrics["test"], "train_s": seconds + dcg_seconds,
-            "denoiser_s": seconds, "epochs": cfg["trainer"]["max_epochs"], "checkpoint": metrics["checkpoint"]}
+    return {
+        "val": metrics["val"],
+        "test": metrics["test"],
+        "train_s": seconds + dcg_seconds,
+        "denoiser_s": seconds,
+        "epochs": cfg["trainer"]["max_epochs"],
+        "checkpoint": metrics["checkpoint"],
+    }
 
 
 def reevaluate(cfg: dict, checkpoint: str, label: str, changes: dict) -> dict:
@@ -138,8 +152,9 @@ def reevaluate(cfg: dict, checkpoint: str, label: str, changes: dict) -> dict:
 
 def reevaluations(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """(method label, config changes) of the sampling ablations asked for on the command line."""
-    return ([(f"diffmic-ddim_{n}", {"diffusion": {"sampling_steps": n}}) for n in args.ddim_steps]
-            + [(f"diffmic-samples_{n}", {"diffusion": {"eval_samples": n}}) for n in args.eval_samples])
+    return [(f"diffmic-ddim_{n}", {"diffusion": {"sampling_steps": n}}) for n in args.ddim_steps] + [
+        (f"diffmic-samples_{n}", {"diffusion": {"eval_samples": n}}) for n in args.eval_samples
+    ]
 
 
 def seed_config(base: dict, seed: int) -> dict:
@@ -168,8 +183,13 @@ def merge(cfg: dict, changes: dict) -> dict:
 def record(report: dict, result: dict, out_dir: Path, name: str) -> None:
     """Add one run to the report, log it, and rewrite the report files (a stopped benchmark keeps its runs)."""
     report["runs"].append(result)
-    logger.info("%s seed %d test: %s (%.0f s)", result["method"], result["seed"],
-                ", ".join(f"{k} {result['test'][k]:.4f}" for k in METRICS), result["train_s"])
+    logger.info(
+        "%s seed %d test: %s (%.0f s)",
+        result["method"],
+        result["seed"],
+        ", ".join(f"{k} {result['test'][k]:.4f}" for k in METRICS),
+        result["train_s"],
+    )
     report["summary"] = summarise(report["runs"])
     write_report(out_dir, name, report)
 
@@ -194,10 +214,15 @@ def summarise(runs: list[dict]) -> dict:
 def write_report(out_dir: Path, name: str, report: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# Accuracy benchmark: {name}", "",
-             f"Test split, mean ± standard deviation over seeds {report['seeds']}; training time and images per second are "
-             "medians over seeds (DiffMIC-v2's time includes pre-training its DCG).", "",
-             "| method | test ACC | macro F1 | AUC | kappa | train time (s) | train images/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Accuracy benchmark: {name}",
+        "",
+        f"Test split, mean ± standard deviation over seeds {report['seeds']}; training time and images per second are "
+        "medians over seeds (DiffMIC-v2's time includes pre-training its DCG).",
+        "",
+        "| method | test ACC | macro F1 | AUC | kappa | train time (s) | train images/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, e in report["summary"].items():
         cells = [f"{e[k]['mean']:.3f} ± {e[k]['std']:.3f}" for k in METRICS]
         time_cells = "| – | – |" if np.isnan(e["train_s"]) else f"| {e['train_s']:.0f} | {e['images_per_s']:.1f} |"
@@ -205,33 +230,71 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     ref = MEDMNIST_V2_RESNET18_28.get(report["dataset"])
     if ref:
         lines.append(f"| MedMNIST v2 ResNet-18 (28), published | {ref['acc']:.3f} | | {ref['auc']:.3f} | | | |")
-    lines += ["", "Per seed:", "", "| method | seed | test ACC | macro F1 | AUC | kappa | val F1 | train time (s) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Per seed:",
+        "",
+        "| method | seed | test ACC | macro F1 | AUC | kappa | val F1 | train time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["runs"]:
-        lines.append(f"| {r['method']} | {r['seed']} | " + " | ".join(f"{r['test'][k]:.3f}" for k in METRICS)
-                     + f" | {r['val']['f1']:.3f} | " + ("–" if np.isnan(r["train_s"]) else f"{r['train_s']:.0f}") + " |")
-    lines += ["", f"Command: `{report['command']}`", "", f"Machine: {report['machine']}", "", "Config (resolved):", "",
-              "```yaml", yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", ""]
+        lines.append(
+            f"| {r['method']} | {r['seed']} | "
+            + " | ".join(f"{r['test'][k]:.3f}" for k in METRICS)
+            + f" | {r['val']['f1']:.3f} | "
+            + ("–" if np.isnan(r["train_s"]) else f"{r['train_s']:.0f}")
+            + " |"
+        )
+    lines += [
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {report['machine']}",
+        "",
+        "Config (resolved):",
+        "",
+        "```yaml",
+        yaml.safe_dump(report["config"], sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     (out_dir / f"{name}.md").write_text("\n".join(lines))
     logger.info("wrote %s and %s", out_dir / f"{name}.md", out_dir / f"{name}.json")
 
 
 def machine() -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), {device}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {device}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="benchmark config, e.g. configs/bench_breastmnist.yml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="*", choices=METHODS, default=["resnet18", "dcg", "diffmic"],
-                        help="diffmic-no_* are ablations of DiffMIC-v2 (default: the three compared methods)")
-    parser.add_argument("--ddim-steps", type=int, nargs="*", default=[],
-                        help="also sample each diffmic checkpoint with these numbers of DDIM steps (ablation)")
-    parser.add_argument("--eval-samples", type=int, nargs="*", default=[],
-                        help="also evaluate each diffmic checkpoint with the mean of this many DDIM samples per image")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        choices=METHODS,
+        default=["resnet18", "dcg", "diffmic"],
+        help="diffmic-no_* are ablations of DiffMIC-v2 (default: the three compared methods)",
+    )
+    parser.add_argument(
+        "--ddim-steps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also sample each diffmic checkpoint with these numbers of DDIM steps (ablation)",
+    )
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also evaluate each diffmic checkpoint with the mean of this many DDIM samples per image",
+    )
     parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", help="result file name (default: data.flag or the config's name)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
@@ -240,17 +303,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = load_config(args.config, args.overrides)
         if base["dcg"]["epochs"] != base["trainer"]["max_epochs"]:
-            raise ConfigError(f"dcg.epochs ({base['dcg']['epochs']}) and trainer.max_epochs "
-                              f"({base['trainer']['max_epochs']}) must agree: every method trains the same epochs")
+            raise ConfigError(
+                f"dcg.epochs ({base['dcg']['epochs']}) and trainer.max_epochs "
+                f"({base['trainer']['max_epochs']}) must agree: every method trains the same epochs"
+            )
         check_paths(base, need_dcg=False)
         datasets = build_datasets(base)
     except ConfigError as err:
         logger.error("config error: %s", err)
         return 2
     name = args.name or base["data"]["flag"] or base["name"]
-    report = {"dataset": name, "seeds": args.seeds, "methods": args.methods, "runs": [],
-              "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-              "machine": machine(), "config": base}
+    report = {
+        "dataset": name,
+        "seeds": args.seeds,
+        "methods": args.methods,
+        "runs": [],
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "machine": machine(),
+        "config": base,
+    }
     num_train = len(datasets["train"])
     for seed in args.seeds:
         cfg = seed_config(base, seed)
@@ -270,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_diffmic(cfg, dcg_seconds or 0.0)
             else:  # an ablation: this seed's DCG (pre-trained here if no earlier method made it)
                 result = run_diffmic(ablation_config(cfg, method), dcg_seconds or 0.0)
-            result.update(method=method, seed=seed, images_per_s=num_train * result["epochs"]
-                          / max(result.get("denoiser_s", result["train_s"]), 1e-9))
+            result.update(
+                method=method,
+                seed=seed,
+                images_per_s=num_train * result["epochs"] / max(result.get("denoiser_s", result["train_s"]), 1e-9),
+            )
             record(report, result, Path(args.out_dir), name)
         if reevaluations(args):
             # this seed's diffmic checkpoint, trained above or by an earlier benchmark run: evaluated only
@@ -282,8 +356,13 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = json.loads(fitted.read_text())["checkpoint"]
             for label, changes in reevaluations(args):
                 result = reevaluate(cfg, checkpoint, label, changes)
-                result.update(method=label, seed=seed, epochs=cfg["trainer"]["max_epochs"], train_s=float("nan"),
-                              images_per_s=float("nan"))  # no training: the same checkpoint
+                result.update(
+                    method=label,
+                    seed=seed,
+                    epochs=cfg["trainer"]["max_epochs"],
+                    train_s=float("nan"),
+                    images_per_s=float("nan"),
+                )  # no training: the same checkpoint
                 record(report, result, Path(args.out_dir), name)
     return 0
 

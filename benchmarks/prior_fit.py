@@ -9,6 +9,7 @@ weight. Training images use the evaluation transform. The test split is not eval
 
     python -m benchmarks.prior_fit --config configs/bench_breastmnist.yml --seeds 0 1 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,15 @@ def prior_fit(cfg: dict, dataset) -> dict[str, float]:
     metrics = classification_metrics(y.numpy(), y_fusion.numpy())
     weight = focal_weight(y_fusion, one_hot(y, y_fusion.shape[1]), d["focal_alpha"], d["focal_gamma"])
     wrong = y_fusion.argmax(dim=1) != y
-    return {"images": len(y), "acc": metrics["acc"], "auc": metrics["auc"], "p_true": float(p_true.mean()),
-            "share_p_above_0.9": float((p_true > 0.9).float().mean()), "focal_weight": float(weight.mean()),
-            "wrong_weight_share": float(weight[wrong].sum() / weight.sum())}
+    return {
+        "images": len(y),
+        "acc": metrics["acc"],
+        "auc": metrics["auc"],
+        "p_true": float(p_true.mean()),
+        "share_p_above_0.9": float((p_true > 0.9).float().mean()),
+        "focal_weight": float(weight.mean()),
+        "wrong_weight_share": float(weight[wrong].sum() / weight.sum()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if base["data"]["task"] != "multiclass":
             raise ConfigError("benchmarks/prior_fit.py reads single-label data sets (data.task: multiclass)")
         datasets = build_datasets(base)
-        missing = [path for path in (seed_config(base, seed)["dcg"]["ckpt"] for seed in args.seeds)
-                   if not Path(path).is_file()]
+        missing = [
+            path for path in (seed_config(base, seed)["dcg"]["ckpt"] for seed in args.seeds) if not Path(path).is_file()
+        ]
         if missing:
             raise ConfigError(f"no DCG file {missing[0]}: run benchmarks/accuracy.py with this config first")
     except ConfigError as err:
@@ -85,23 +93,38 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         cfg = seed_config(base, seed)
         for split, dataset in splits.items():
-            rows.append({"seed": seed, "split": split,
-                         **prior_fit(cfg, dataset)})
-            logger.info("seed %d %s: %s", seed, split, ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()
-                                                                 if isinstance(v, float)))
+            rows.append({"seed": seed, "split": split, **prior_fit(cfg, dataset)})
+            logger.info(
+                "seed %d %s: %s",
+                seed,
+                split,
+                ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if isinstance(v, float)),
+            )
     name = f"{base['data']['flag'] or base['name']}_prior_fit"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"config": args.config, "rows": rows}, indent=2))
-    lines = [f"# DCG prior fit: {name}", "", "| seed | split | images | ACC | AUC | mean p(true) | p(true) > 0.9 | "
-             "mean focal weight | focal weight on wrong priors |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['seed']} | {r['split']} | {r['images']} | {r['acc']:.3f} | {r['auc']:.3f} | {r['p_true']:.3f} | "
-              f"{r['share_p_above_0.9']:.3f} | {r['focal_weight']:.2f} | {r['wrong_weight_share']:.3f} |" for r in rows]
+    lines = [
+        f"# DCG prior fit: {name}",
+        "",
+        "| seed | split | images | ACC | AUC | mean p(true) | p(true) > 0.9 | "
+        "mean focal weight | focal weight on wrong priors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['seed']} | {r['split']} | {r['images']} | {r['acc']:.3f} | {r['auc']:.3f} | {r['p_true']:.3f} | "
+        f"{r['share_p_above_0.9']:.3f} | {r['focal_weight']:.2f} | {r['wrong_weight_share']:.3f} |"
+        for r in rows
+    ]
     for split in splits:
-        mean = {k: np.mean([r[k] for r in rows if r["split"] == split])
-                for k in ("acc", "p_true", "focal_weight", "wrong_weight_share")}
-        lines.append(f"| mean | {split} | | {mean['acc']:.3f} | | {mean['p_true']:.3f} | | {mean['focal_weight']:.2f} | "
-                     f"{mean['wrong_weight_share']:.3f} |")
+        mean = {
+            k: np.mean([r[k] for r in rows if r["split"] == split])
+            for k in ("acc", "p_true", "focal_weight", "wrong_weight_share")
+        }
+        lines.append(
+            f"| mean | {split} | | {mean['acc']:.3f} | | {mean['p_true']:.3f} | | {mean['focal_weight']:.2f} | "
+            f"{mean['wrong_weight_share']:.3f} |"
+        )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     logger.info("wrote %s", out / f"{name}.md")
     return 0

@@ -1,5 +1,6 @@
 """Pre-training image checks: refuse files that are truncated or are not images, naming them,
 instead of letting a loader pad a truncated file with grey and train on it."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,11 @@ JPEG_TAIL_BYTES = 4096
 # IEND is the last 12-byte chunk of a PNG; a little slack covers stray trailing bytes.
 PNG_TAIL_BYTES = 64
 # Formats checked from the tail; MPO is how PIL names multi-picture (camera) JPEGs.
-TAIL_MARKERS = {"JPEG": (b"\xff\xd9", JPEG_TAIL_BYTES), "MPO": (b"\xff\xd9", JPEG_TAIL_BYTES),
-                "PNG": (b"IEND", PNG_TAIL_BYTES)}
+TAIL_MARKERS = {
+    "JPEG": (b"\xff\xd9", JPEG_TAIL_BYTES),
+    "MPO": (b"\xff\xd9", JPEG_TAIL_BYTES),
+    "PNG": (b"IEND", PNG_TAIL_BYTES),
+}
 MAX_NAMED = 5
 # Kinds of failure, in the order the error message lists them.
 KINDS = ("truncated", "corrupt", "not an image", "unreadable")
@@ -85,12 +89,20 @@ def verify_images(paths: Sequence[Path], list_name: str, full: bool = False, wor
             kinds = list(pool.map(lambda p: _check_one(p, full), paths))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
-    logger.info("%s: checked %d image(s) in %.1f s (%s check)", list_name, len(paths),
-                time.perf_counter() - start, "full" if full else "cheap")
+    logger.info(
+        "%s: checked %d image(s) in %.1f s (%s check)",
+        list_name,
+        len(paths),
+        time.perf_counter() - start,
+        "full" if full else "cheap",
+    )
     bad = [(p, k) for p, k in zip(paths, kinds, strict=True) if k is not None]
     if not bad:
         return
-    parts = [_describe(kind, [p for p, k in bad if k == kind], bad[0][0])
-             for kind in KINDS if any(k == kind for _, k in bad)]
-    raise ConfigError(f"{list_name}: {len(bad)} of {len(paths)} image(s) cannot be used: "
-                      f"{', '.join(parts)}; re-export or remove them from the list")
+    parts = [
+        _describe(kind, [p for p, k in bad if k == kind], bad[0][0]) for kind in KINDS if any(k == kind for _, k in bad)
+    ]
+    raise ConfigError(
+        f"{list_name}: {len(bad)} of {len(paths)} image(s) cannot be used: "
+        f"{', '.join(parts)}; re-export or remove them from the list"
+    )

@@ -1,4 +1,5 @@
 """The train / validation / test splits of a config as a LightningDataModule."""
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,10 @@ def carve_validation(split: SplitList, fraction: float, seed: int) -> tuple[Spli
         if counts.min() >= 2 and round(len(rows) * fraction) >= len(counts):
             stratify = labels
         else:
-            logger.warning("validation split carved without stratification (a class has fewer than 2 samples "
-                           "or the split is smaller than the number of classes)")
+            logger.warning(
+                "validation split carved without stratification (a class has fewer than 2 samples "
+                "or the split is smaller than the number of classes)"
+            )
     train, val = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
     return split.subset(np.sort(train), split.name), split.subset(np.sort(val), f"{split.name} (held-out part)")
 
@@ -44,13 +47,20 @@ def _list_datasets(cfg: dict, train_tf, eval_tf) -> dict[str, Dataset]:
     train = read(data["train_list"])
     if data["val_list"] is None:
         train, val = carve_validation(train, data["val_fraction"], cfg["seed"])
-        logger.info("no data.val_list: %d of the %d training images held out for validation (seed %d)",
-                    len(val), len(train) + len(val), cfg["seed"])
+        logger.info(
+            "no data.val_list: %d of the %d training images held out for validation (seed %d)",
+            len(val),
+            len(train) + len(val),
+            cfg["seed"],
+        )
     else:
         val = read(data["val_list"])
     test = read(data["test_list"])
-    sets = {"train": ImageList(train, data["root"], train_tf), "val": ImageList(val, data["root"], eval_tf),
-            "test": ImageList(test, data["root"], eval_tf)}
+    sets = {
+        "train": ImageList(train, data["root"], train_tf),
+        "val": ImageList(val, data["root"], eval_tf),
+        "test": ImageList(test, data["root"], eval_tf),
+    }
     if data["verify_images"] != "off":
         checked: set = set()
         for split, lst in zip(("train", "val", "test"), (train, val, test), strict=True):
@@ -64,8 +74,10 @@ def _medmnist_datasets(cfg: dict, train_tf, eval_tf) -> dict[str, Dataset]:
     data = cfg["data"]
     path = ensure_medmnist(data["root"], data["flag"], data["medmnist_size"], data["download"])
     multilabel = data["task"] == "multilabel"
-    return {split: MedMNISTSplit(path, split, train_tf if split == "train" else eval_tf, multilabel)
-            for split in ("train", "val", "test")}
+    return {
+        split: MedMNISTSplit(path, split, train_tf if split == "train" else eval_tf, multilabel)
+        for split in ("train", "val", "test")
+    }
 
 
 def check_labels(cfg: dict, sets: dict[str, Dataset]) -> None:
@@ -77,19 +89,24 @@ def check_labels(cfg: dict, sets: dict[str, Dataset]) -> None:
     if labels["train"].ndim == 2:
         widths = {split: y.shape[1] for split, y in labels.items()}
         if any(w != c for w in widths.values()):
-            raise ConfigError(f"config key data.num_classes: {c}, but {where} has multi-hot labels of width "
-                              f"{widths}; set data.num_classes to match")
+            raise ConfigError(
+                f"config key data.num_classes: {c}, but {where} has multi-hot labels of width "
+                f"{widths}; set data.num_classes to match"
+            )
         unseen = np.flatnonzero(labels["train"].sum(axis=0) == 0)
         if len(unseen):
             logger.warning("findings %s are never positive in the training split", unseen.tolist())
         return
     used = set(np.unique(np.concatenate(list(labels.values()))).tolist())
     if max(used) >= c or min(used) < 0:
-        raise ConfigError(f"config key data.num_classes: {c}, but {where} has labels up to {max(used)}; "
-                          f"set data.num_classes to match")
+        raise ConfigError(
+            f"config key data.num_classes: {c}, but {where} has labels up to {max(used)}; set data.num_classes to match"
+        )
     if len(used) < c:
-        raise ConfigError(f"config key data.num_classes: {c}, but the labels of the train, val and test splits use "
-                          f"only {len(used)} classes {sorted(used)}; set data.num_classes to match the data")
+        raise ConfigError(
+            f"config key data.num_classes: {c}, but the labels of the train, val and test splits use "
+            f"only {len(used)} classes {sorted(used)}; set data.num_classes to match the data"
+        )
     present = set(np.unique(labels["train"]).tolist())
     if len(present) < 2:
         raise ConfigError(f"{where}: the training split holds a single class")
@@ -109,8 +126,11 @@ def build_datasets(cfg: dict) -> dict[str, Dataset]:
         def make(n: int, offset: int, tf) -> SyntheticPatterns:  # each split from its own seed
             return SyntheticPatterns(n, data["num_classes"], data["image_size"], syn["pattern_size"], seed + offset, tf)
 
-        return {"train": make(syn["num_train"], 0, train_tf), "val": make(syn["num_val"], 1, eval_tf),
-                "test": make(syn["num_test"], 2, eval_tf)}
+        return {
+            "train": make(syn["num_train"], 0, train_tf),
+            "val": make(syn["num_val"], 1, eval_tf),
+            "test": make(syn["num_test"], 2, eval_tf),
+        }
     if data["dataset"] == "medmnist":
         sets = _medmnist_datasets(cfg, train_tf, eval_tf)
     else:
@@ -124,8 +144,7 @@ class DiffMICDataModule(pl.LightningDataModule):
     """Loaders over `build_datasets(cfg)`; evaluation loaders keep a fixed order (sampling noise is
     drawn per batch from a seeded generator, so a fixed order makes evaluation reproducible)."""
 
-    def __init__(self, cfg: dict, batch_size: int | None = None, datasets: dict[str, Dataset] | None = None
-                 ) -> None:
+    def __init__(self, cfg: dict, batch_size: int | None = None, datasets: dict[str, Dataset] | None = None) -> None:
         super().__init__()
         self.cfg = copy.deepcopy(cfg)
         self.batch_size = batch_size or cfg["data"]["batch_size"]
@@ -136,11 +155,21 @@ class DiffMICDataModule(pl.LightningDataModule):
         # BatchNorm cannot train on a final batch of one image
         drop_last = train and len(dataset) > self.batch_size
         if drop_last and len(dataset) % self.batch_size:
-            logger.info("training: the last %d of %d images (an incomplete batch) are left out of each epoch; "
-                        "the order is reshuffled every epoch, so every image is used",
-                        len(dataset) % self.batch_size, len(dataset))
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=drop_last,
-                          num_workers=workers, persistent_workers=workers > 0, pin_memory=False)
+            logger.info(
+                "training: the last %d of %d images (an incomplete batch) are left out of each epoch; "
+                "the order is reshuffled every epoch, so every image is used",
+                len(dataset) % self.batch_size,
+                len(dataset),
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=drop_last,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=False,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

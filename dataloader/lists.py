@@ -3,6 +3,7 @@
 Single-label lists give one integer class per image; multi-label lists give a multi-hot row of C
 findings (per-finding CSV columns named by data.class_names, a `label` column of C bits, or the
 authors' pickle, whose rows may carry a 15th "no finding" bit that is dropped)."""
+
 from __future__ import annotations
 
 import logging
@@ -28,6 +29,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 class SplitList:
     """One split: image paths (relative to the data root) and their labels, (N,) int64 class
     indices or (N, C) float32 multi-hot rows. `name` is what error messages call it."""
+
     name: str
     paths: list[str]
     labels: np.ndarray
@@ -44,8 +46,10 @@ class _PlainUnpickler(pickle.Unpickler):
     file cannot run code."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain lists, dicts, "
-                                     "strings and numbers are allowed in a split list")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: only plain lists, dicts, "
+            "strings and numbers are allowed in a split list"
+        )
 
 
 def _read_pickle(path: Path) -> tuple[list, list]:
@@ -54,8 +58,9 @@ def _read_pickle(path: Path) -> tuple[list, list]:
             entries = _PlainUnpickler(handle).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
         raise ConfigError(f"split list {path}: not a plain pickle of {{img_root, label}} dicts ({err})") from None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"img_root", "label"} <= e.keys()
-                                                for e in entries):
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and {"img_root", "label"} <= e.keys() for e in entries
+    ):
         raise ConfigError(f"split list {path}: expected a list of dicts with keys img_root and label")
     return [str(e["img_root"]) for e in entries], [e["label"] for e in entries]
 
@@ -68,8 +73,10 @@ def _class_labels(path: Path, raw: list, num_classes: int) -> np.ndarray:
     labels = labels.to_numpy().astype(np.int64)
     outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(outside):
-        raise ConfigError(f"split list {path}, row {outside[0]}: label {labels[outside[0]]} is outside "
-                          f"0..{num_classes - 1} (data.num_classes = {num_classes}; {len(outside)} such rows)")
+        raise ConfigError(
+            f"split list {path}, row {outside[0]}: label {labels[outside[0]]} is outside "
+            f"0..{num_classes - 1} (data.num_classes = {num_classes}; {len(outside)} such rows)"
+        )
     return labels
 
 
@@ -80,13 +87,17 @@ def _multi_hot(path: Path, rows: list, num_classes: int) -> np.ndarray:
     for i, row in enumerate(rows):
         bits = row.replace("|", " ").replace(",", " ").split() if isinstance(row, str) else row
         if not isinstance(bits, (list, tuple, np.ndarray)):
-            raise ConfigError(f"split list {path}, row {i}: label {row!r} is not a multi-hot row of "
-                              f"{num_classes} bits (data.task is multilabel)")
+            raise ConfigError(
+                f"split list {path}, row {i}: label {row!r} is not a multi-hot row of "
+                f"{num_classes} bits (data.task is multilabel)"
+            )
         if len(bits) == num_classes + 1:  # the authors' chest lists append a "no finding" bit
             bits, extra_bit = bits[:num_classes], extra_bit + 1
         if len(bits) != num_classes:
-            raise ConfigError(f"split list {path}, row {i}: multi-hot label of length {len(bits)}, expected "
-                              f"data.num_classes = {num_classes} (or {num_classes + 1} with a trailing no-finding bit)")
+            raise ConfigError(
+                f"split list {path}, row {i}: multi-hot label of length {len(bits)}, expected "
+                f"data.num_classes = {num_classes} (or {num_classes + 1} with a trailing no-finding bit)"
+            )
         try:
             values = np.asarray([float(b) for b in bits])
         except (TypeError, ValueError):
@@ -95,13 +106,17 @@ def _multi_hot(path: Path, rows: list, num_classes: int) -> np.ndarray:
             raise ConfigError(f"split list {path}, row {i}: label {row!r} holds something other than 0 and 1")
         out[i] = values
     if extra_bit:
-        logger.info("%s: dropped the appended no-finding bit of %d rows (it is 1 exactly when no finding is)",
-                    path.name, extra_bit)
+        logger.info(
+            "%s: dropped the appended no-finding bit of %d rows (it is 1 exactly when no finding is)",
+            path.name,
+            extra_bit,
+        )
     return out
 
 
-def read_list(path: str | Path, num_classes: int, multilabel: bool = False,
-              class_names: list[str] | None = None) -> SplitList:
+def read_list(
+    path: str | Path, num_classes: int, multilabel: bool = False, class_names: list[str] | None = None
+) -> SplitList:
     """Read and check a split list: every label must fit data.num_classes (and, multi-label, be a
     row of C bits). Errors name the file and the first bad row."""
     path = Path(path)
@@ -117,9 +132,13 @@ def read_list(path: str | Path, num_classes: int, multilabel: bool = False,
         column = next((c for c in PATH_COLUMNS if c in frame.columns), None)
         finding_columns = multilabel and class_names is not None and set(class_names) <= set(frame.columns)
         if column is None or not (finding_columns or "label" in frame.columns):
-            wanted = "one 0/1 column per entry of data.class_names or a label column" if multilabel else "a label column"
-            raise ConfigError(f"split list {path}: needs {wanted} and a path column (one of "
-                              f"{', '.join(PATH_COLUMNS)}); found {', '.join(map(str, frame.columns))}")
+            wanted = (
+                "one 0/1 column per entry of data.class_names or a label column" if multilabel else "a label column"
+            )
+            raise ConfigError(
+                f"split list {path}: needs {wanted} and a path column (one of "
+                f"{', '.join(PATH_COLUMNS)}); found {', '.join(map(str, frame.columns))}"
+            )
         paths = frame[column].astype(str).tolist()
         raw = frame[class_names].to_numpy().tolist() if finding_columns else frame["label"].tolist()
     if not paths:
@@ -165,8 +184,10 @@ class ImageList(Dataset):
         resolved = [resolve_image(root, p) for p in split.paths]
         missing = [p for p, r in zip(split.paths, resolved, strict=True) if r is None]
         if missing:
-            raise ConfigError(f"{len(missing)} of {len(split)} image(s) of {split.name} not found under {root}: "
-                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            raise ConfigError(
+                f"{len(missing)} of {len(split)} image(s) of {split.name} not found under {root}: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
         self.paths, self.labels, self.ids = resolved, split.labels, list(split.paths)
         self.transform = transform
 

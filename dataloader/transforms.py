@@ -1,5 +1,6 @@
 """Image transforms of SPEC section 1 (ImageNet normalisation, square crop, flips, rotation; the
 chest X-ray variant with RandomResizedCrop)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -7,6 +7,7 @@ Notation: B batch, C classes, K ROIs, (h, w) CAM grid = image / 32, r ROI side i
     y_fusion        (B, C)         (y_global + y_local) / 2
     patches         (B, K, r, r)   ROIs cropped from the first channel of the normalised image
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -112,12 +113,11 @@ class GatedAttentionMIL(nn.Module):
 class DCG(nn.Module):
     """Global saliency + greedy ROIs + local MIL; forward(image) -> DCGOutput."""
 
-    def __init__(self, num_classes: int, image_size: int, num_rois: int, roi_size: int,
-                 percent_t: float = 1.0) -> None:
+    def __init__(self, num_classes: int, image_size: int, num_rois: int, roi_size: int, percent_t: float = 1.0) -> None:
         super().__init__()
         assert image_size % 32 == 0, f"image_size {image_size} must be a multiple of 32"
         self.cam_size = image_size // 32
-        assert 1 <= num_rois <= self.cam_size ** 2, f"{num_rois} ROIs do not fit a {self.cam_size}^2 CAM"
+        assert 1 <= num_rois <= self.cam_size**2, f"{num_rois} ROIs do not fit a {self.cam_size}^2 CAM"
         self.num_rois, self.roi_size, self.percent_t = num_rois, roi_size, percent_t
         self.window = roi_window(roi_size, self.cam_size, image_size)
         self.global_trunk = Trunk("resnet18")
@@ -149,4 +149,3 @@ def build_dcg(cfg: dict) -> DCG:
     """The DCG described by a config."""
     d = cfg["dcg"]
     return DCG(cfg["data"]["num_classes"], cfg["data"]["image_size"], d["num_rois"], d["roi_size"], d["percent_t"])
-

@@ -4,6 +4,7 @@ epoch by validation macro F1 (multi-label: mean AUROC) is saved to the DCG file.
 
     python pretraining/train_dcg.py --config configs/demo.yml [key.sub=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,14 @@ logger = logging.getLogger(__name__)
 
 def dcg_meta(cfg: dict) -> dict:
     """The config values a saved DCG must agree with."""
-    return {"num_classes": cfg["data"]["num_classes"], "image_size": cfg["data"]["image_size"],
-            "num_rois": cfg["dcg"]["num_rois"], "roi_size": cfg["dcg"]["roi_size"],
-            "percent_t": cfg["dcg"]["percent_t"], "task": cfg["data"]["task"]}
+    return {
+        "num_classes": cfg["data"]["num_classes"],
+        "image_size": cfg["data"]["image_size"],
+        "num_rois": cfg["dcg"]["num_rois"],
+        "roi_size": cfg["dcg"]["roi_size"],
+        "percent_t": cfg["dcg"]["percent_t"],
+        "task": cfg["data"]["task"],
+    }
 
 
 def save_dcg(dcg: DCG, cfg: dict, path: Path) -> None:
@@ -46,8 +52,10 @@ def load_dcg(dcg: DCG, cfg: dict, path: Path) -> None:
     expected = dcg_meta(cfg)
     wrong = {k: v for k, v in saved.get("meta", {}).items() if k in expected and expected[k] != v}
     if wrong:
-        raise ConfigError(f"config key dcg.ckpt: {path} was trained with {wrong}, the config asks for "
-                          f"{ {k: expected[k] for k in wrong} }; delete the file or point dcg.ckpt elsewhere")
+        raise ConfigError(
+            f"config key dcg.ckpt: {path} was trained with {wrong}, the config asks for "
+            f"{ {k: expected[k] for k in wrong} }; delete the file or point dcg.ckpt elsewhere"
+        )
     dcg.load_state_dict(saved["state_dict"])
     logger.info("DCG weights loaded from %s", path)
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny DCG / denoiser builders (64 x 64 images, CAM 2 x 2, K = 3, F = 16, ViT-T)."""
+
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ def make_dcg():
     def build(seed: int = 0, image_size: int = IMAGE_SIZE, num_rois: int = GRID) -> DCG:
         torch.manual_seed(seed)
         return DCG(num_classes=NUM_CLASSES, image_size=image_size, num_rois=num_rois, roi_size=32)
+
     return build
 
 
@@ -24,6 +26,13 @@ def make_dcg():
 def make_denoiser():
     def build(seed: int = 1, grid_size: int = GRID) -> ConditionalModel:
         torch.manual_seed(seed)
-        return ConditionalModel(num_classes=NUM_CLASSES, grid_size=grid_size, feature_dim=FEATURES,
-                                num_timesteps=1000, image_encoder="vit_t", patch_encoder="resnet18")
+        return ConditionalModel(
+            num_classes=NUM_CLASSES,
+            grid_size=grid_size,
+            feature_dim=FEATURES,
+            num_timesteps=1000,
+            image_encoder="vit_t",
+            patch_encoder="resnet18",
+        )
+
     return build

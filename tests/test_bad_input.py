@@ -1,5 +1,6 @@
 """Bad input is refused before training starts: exit code 2, one log line naming the file, the row
 or the key, and nothing written."""
+
 from __future__ import annotations
 
 import pickle
@@ -32,7 +33,11 @@ def write(path: Path, names: list[str], labels: list) -> None:
 
 def missing_images(case):
     write(case["train"], [f"gone_{k}.png" for k in range(7)] + ["img_0.png"], [0, 1, 2, 0, 1, 2, 0, 1])
-    return [], "7 of 8 image(s) of {train} not found under {root}: gone_0.png, gone_1.png, gone_2.png, gone_3.png, gone_4.png ..."
+    return (
+        [],
+        "7 of 8 image(s) of {train} not found under {root}: "
+        "gone_0.png, gone_1.png, gone_2.png, gone_3.png, gone_4.png ...",
+    )
 
 
 def truncated(case):
@@ -58,7 +63,9 @@ def multi_hot_wrong_length(case):
 
 
 def class_count_disagrees(case):
-    return ["data.num_classes=4"], "config key data.num_classes: 4, but the labels of the train, val and test splits use only 3"
+    return [
+        "data.num_classes=4"
+    ], "config key data.num_classes: 4, but the labels of the train, val and test splits use only 3"
 
 
 def list_does_not_exist(case):
@@ -75,20 +82,42 @@ def pickle_with_code(case):
     class Payload:
         def __reduce__(self):
             return (print, ("never",))
+
     case["train"] = case["train"].with_suffix(".pkl")
     case["train"].write_bytes(pickle.dumps([{"img_root": "img_0.png", "label": Payload()}]))
     return [], "split list {train}: not a plain pickle"
 
 
-@pytest.mark.parametrize("spoil", [missing_images, truncated, not_an_image, label_out_of_range, multi_hot_wrong_length,
-                                   class_count_disagrees, list_does_not_exist, empty_list, pickle_with_code])
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        missing_images,
+        truncated,
+        not_an_image,
+        label_out_of_range,
+        multi_hot_wrong_length,
+        class_count_disagrees,
+        list_does_not_exist,
+        empty_list,
+        pickle_with_code,
+    ],
+)
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, spoil):
     case = make_case(tmp_path)
     extra, expected = spoil(case)
     logs = tmp_path / "logs"
-    args = ["fit", "data.dataset=list", "data.num_classes=3", "data.class_names=null", f"data.root={case['root']}",
-            f"data.train_list={case['train']}", f"data.val_list={case['test']}", f"data.test_list={case['test']}",
-            f"trainer.log_dir={logs}", *extra]
+    args = [
+        "fit",
+        "data.dataset=list",
+        "data.num_classes=3",
+        "data.class_names=null",
+        f"data.root={case['root']}",
+        f"data.train_list={case['train']}",
+        f"data.val_list={case['test']}",
+        f"data.test_list={case['test']}",
+        f"trainer.log_dir={logs}",
+        *extra,
+    ]
     assert diffuser_trainer.main(args) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if " ERROR " in line]
@@ -98,8 +127,14 @@ def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, spoil):
 
 
 def test_medmnist_offline_error_names_file_folder_and_address(tmp_path, capsys):
-    args = ["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "breastmnist.yml"),
-            f"data.root={tmp_path / 'medmnist'}", "data.download=false", f"trainer.log_dir={tmp_path / 'logs'}"]
+    args = [
+        "fit",
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "configs" / "breastmnist.yml"),
+        f"data.root={tmp_path / 'medmnist'}",
+        "data.download=false",
+        f"trainer.log_dir={tmp_path / 'logs'}",
+    ]
     assert diffuser_trainer.main(args) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
     assert "breastmnist.npz" in line and str(tmp_path / "medmnist") in line and "zenodo.org" in line

@@ -1,4 +1,5 @@
 """The accuracy benchmark script runs end to end (one seed, a few batches) and writes its report."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,34 @@ SHARED = ROOT.parent / "shared" / "data"
 
 @pytest.mark.skipif(not (SHARED / "medmnist" / "breastmnist.npz").is_file(), reason=f"{SHARED} is absent")
 def test_accuracy_benchmark_smoke(tmp_path, capfd):
-    argv = ["--config", str(ROOT / "configs" / "bench_breastmnist.yml"), "--seeds", "0", "--methods", "resnet18",
-            "dcg", "diffmic", "diffmic-no_guided_map", "diffmic-no_roi_branch", "--ddim-steps", "2",
-            "--eval-samples", "4",
-            "--out-dir", str(tmp_path), "--name", "smoke", f"data.root={SHARED / 'medmnist'}", f"trainer.log_dir={tmp_path / 'logs'}",
-            "dcg.epochs=1", "trainer.max_epochs=1", "trainer.val_every=1", "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1", "model.feature_dim=16"]
+    argv = [
+        "--config",
+        str(ROOT / "configs" / "bench_breastmnist.yml"),
+        "--seeds",
+        "0",
+        "--methods",
+        "resnet18",
+        "dcg",
+        "diffmic",
+        "diffmic-no_guided_map",
+        "diffmic-no_roi_branch",
+        "--ddim-steps",
+        "2",
+        "--eval-samples",
+        "4",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "smoke",
+        f"data.root={SHARED / 'medmnist'}",
+        f"trainer.log_dir={tmp_path / 'logs'}",
+        "dcg.epochs=1",
+        "trainer.max_epochs=1",
+        "trainer.val_every=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "model.feature_dim=16",
+    ]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "smoke.json").read_text())
     trained = ["resnet18", "dcg", "diffmic", "diffmic-no_guided_map", "diffmic-no_roi_branch"]
@@ -37,17 +60,23 @@ def test_accuracy_benchmark_smoke(tmp_path, capfd):
     # the ablations are guided by the seed's DCG, trained once by the dcg method
     assert sorted(p.name for p in (tmp_path / "logs").rglob("*.pt")) == ["dcg.pt"]
     text = (tmp_path / "smoke.md").read_text()
-    assert "| diffmic |" in text and "| diffmic-no_roi_branch |" in text and "| diffmic-samples_4 |" in text and "Command:" in text and "Machine:" in text
+    assert (
+        "| diffmic |" in text
+        and "| diffmic-no_roi_branch |" in text
+        and "| diffmic-samples_4 |" in text
+        and "Command:" in text
+        and "Machine:" in text
+    )
 
     # a later call re-evaluates the trained diffmic checkpoint of each seed without training anything
-    again = [a if a != "smoke" else "again" for a in argv[argv.index("--out-dir"):]]
+    again = [a if a != "smoke" else "again" for a in argv[argv.index("--out-dir") :]]
     assert accuracy.main(["--config", argv[1], "--seeds", "0", "--methods", "--eval-samples", "2", *again]) == 0
     report = json.loads((tmp_path / "again.json").read_text())
     assert [r["method"] for r in report["runs"]] == ["diffmic-samples_2"]
     assert math.isnan(report["runs"][0]["train_s"]) and set(report["runs"][0]["test"]) >= {"acc", "f1", "auc", "kappa"}
 
     # the fit of the seed's DCG prior on its own training images and on the validation split
-    overrides = argv[argv.index("--name") + 2:]
+    overrides = argv[argv.index("--name") + 2 :]
     assert prior_fit.main(["--config", argv[1], "--seeds", "0", "--out-dir", str(tmp_path), *overrides]) == 0
     rows = json.loads((tmp_path / "breastmnist_prior_fit.json").read_text())["rows"]
     assert [(r["seed"], r["split"], r["images"]) for r in rows] == [(0, "train", 546), (0, "val", 78)]
@@ -66,8 +95,15 @@ def test_accuracy_benchmark_smoke(tmp_path, capfd):
 
 
 def test_accuracy_benchmark_needs_the_same_epochs_for_every_method(tmp_path, capfd):
-    argv = ["--config", str(ROOT / "configs" / "bench_breastmnist.yml"), "--out-dir", str(tmp_path),
-            f"trainer.log_dir={tmp_path / 'logs'}", "dcg.epochs=3", "trainer.max_epochs=4"]
+    argv = [
+        "--config",
+        str(ROOT / "configs" / "bench_breastmnist.yml"),
+        "--out-dir",
+        str(tmp_path),
+        f"trainer.log_dir={tmp_path / 'logs'}",
+        "dcg.epochs=3",
+        "trainer.max_epochs=4",
+    ]
     assert accuracy.main(argv) == 2
     assert "dcg.epochs (3) and trainer.max_epochs (4) must agree" in capfd.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written

@@ -1,4 +1,5 @@
 """best.ckpt: the highest validation score, the later epoch on a tie (utils.BestCheckpoint)."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,11 +29,14 @@ class ScriptedScore(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.parametrize("scores, best_epoch", [
-    ([0.5, 0.7, 0.7, 0.6], 2),   # a tie: the later epoch
-    ([0.5, 0.8, 0.7, 0.7], 1),   # a strict maximum stays
-    ([0.9, 0.1, 0.2, 0.3], 0),
-])
+@pytest.mark.parametrize(
+    "scores, best_epoch",
+    [
+        ([0.5, 0.7, 0.7, 0.6], 2),  # a tie: the later epoch
+        ([0.5, 0.8, 0.7, 0.7], 1),  # a strict maximum stays
+        ([0.9, 0.1, 0.2, 0.3], 0),
+    ],
+)
 def test_best_checkpoint_prefers_the_later_epoch_on_a_tie(tmp_path, scores, best_epoch):
     cfg = load_config(None, [f"trainer.log_dir={tmp_path}", "trainer.accelerator=cpu"])
     trainer, best = build_trainer(cfg, "tie", max_epochs=len(scores), val_every=1)

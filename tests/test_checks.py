@@ -1,4 +1,5 @@
 """Image checks before training: truncated files and non-images are refused by name."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_full_mode_catches_damage_inside_a_file(tmp_path):
     # A hole in the middle of the data leaves the tail intact: only a full decode can see it.
     path = make(tmp_path, "png_rgb")
     data = bytearray(path.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = b"\x00" * 64
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\x00" * 64
     path.write_bytes(bytes(data))
     verify_images([path], "train")
     with pytest.raises(ConfigError, match=r"1 (corrupt|truncated) \(.*img\.png\)"):

@@ -1,5 +1,6 @@
 """The command line end to end: the demo as a user runs it, evaluation from saved checkpoints,
 resuming, predict's CSV, and config errors (exit code 2, one line, nothing written)."""
+
 from __future__ import annotations
 
 import csv
@@ -13,15 +14,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # A smaller demo for the plumbing tests (the full demo has its own test below).
-TINY = ["data.synthetic.num_train=64", "data.synthetic.num_val=32", "data.synthetic.num_test=24",
-        "data.batch_size=16", "dcg.batch_size=16", "dcg.epochs=1", "model.feature_dim=16",
-        "trainer.max_epochs=2", "trainer.val_every=1"]
+TINY = [
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_val=32",
+    "data.synthetic.num_test=24",
+    "data.batch_size=16",
+    "dcg.batch_size=16",
+    "dcg.epochs=1",
+    "model.feature_dim=16",
+    "trainer.max_epochs=2",
+    "trainer.val_every=1",
+]
 
 
 def cli(*args: str, cwd: Path = ROOT, script: str = "diffuser_trainer.py") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -51,6 +61,7 @@ def test_fit_writes_run_directory(tiny_run):
 
 def test_tensorboard_has_metrics_and_confusion_matrix(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     logs, _ = tiny_run
     events = EventAccumulator(str(logs / "demo" / "version_0"))
     events.Reload()
@@ -64,8 +75,16 @@ def test_validate_and_test_reproduce_fit_metrics(tiny_run, tmp_path):
     logs, args = tiny_run
     fit = json.loads((logs / "demo" / "version_0" / "metrics.json").read_text())
     ok(cli("validate", "--ckpt", "best", "--out", str(tmp_path / "val.json"), *args))
-    ok(cli("test", "--ckpt", str(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt"),
-           "--out", str(tmp_path / "test.json"), *args))
+    ok(
+        cli(
+            "test",
+            "--ckpt",
+            str(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt"),
+            "--out",
+            str(tmp_path / "test.json"),
+            *args,
+        )
+    )
     val = json.loads((tmp_path / "val.json").read_text())["val"]
     test = json.loads((tmp_path / "test.json").read_text())["test"]
     assert val == pytest.approx(fit["val"], abs=1e-9)
@@ -94,6 +113,7 @@ def test_resume_from_last_continues_the_same_version(tiny_run):
     logs, args = tiny_run
     ok(cli("fit", "--ckpt", "last", *args, "trainer.max_epochs=3"))
     import torch
+
     last = torch.load(logs / "demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 2, "resuming from epoch 2 with max_epochs 3 must train exactly one more epoch"
     assert not (logs / "demo" / "version_1" / "checkpoints").exists()
@@ -117,6 +137,7 @@ CONFIG_ERRORS = [
 @pytest.mark.parametrize("args, needle", CONFIG_ERRORS)
 def test_config_error_returns_2_with_one_line(tmp_path, capsys, args, needle):
     import diffuser_trainer
+
     logs = tmp_path / "logs"
     assert diffuser_trainer.main([*args, f"trainer.log_dir={logs}"]) == 2
     err = capsys.readouterr().err
@@ -149,8 +170,15 @@ def test_config_error_exit_code_of_the_process(tmp_path):
 
 def test_train_dcg_script_alone(tmp_path):
     """Run as the README shows it, from another directory: the installed project needs no path set-up."""
-    ok(cli(f"trainer.log_dir={tmp_path}", *TINY, "dcg.ckpt=" + str(tmp_path / "dcg_alone.pt"),
-           script="pretraining/train_dcg.py", cwd=tmp_path))
+    ok(
+        cli(
+            f"trainer.log_dir={tmp_path}",
+            *TINY,
+            "dcg.ckpt=" + str(tmp_path / "dcg_alone.pt"),
+            script="pretraining/train_dcg.py",
+            cwd=tmp_path,
+        )
+    )
     assert (tmp_path / "dcg_alone.pt").is_file()
 
 
@@ -159,6 +187,7 @@ def test_fit_and_test_on_own_csv_lists(tmp_path):
     import numpy as np
     import pandas as pd
     from PIL import Image
+
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
     for k in range(30):
@@ -169,10 +198,17 @@ def test_fit_and_test_on_own_csv_lists(tmp_path):
     (tmp_path / "mine.yml").write_text(
         "name: mine\ndata:\n  dataset: list\n  num_classes: 3\n  image_size: 64\n  batch_size: 8\n  num_workers: 0\n"
         "dcg: {num_rois: 3, epochs: 1, batch_size: 8}\nmodel: {image_encoder: vit_t, feature_dim: 16}\n"
-        "trainer: {max_epochs: 1, val_every: 1}\n")
+        "trainer: {max_epochs: 1, val_every: 1}\n"
+    )
     # paths typed on the command line are relative to the shell's directory
-    common = ["--config", "mine.yml", "data.root=images", "data.train_list=train.csv", "data.test_list=test.csv",
-              "trainer.log_dir=logs"]
+    common = [
+        "--config",
+        "mine.yml",
+        "data.root=images",
+        "data.train_list=train.csv",
+        "data.test_list=test.csv",
+        "trainer.log_dir=logs",
+    ]
     ok(cli("fit", *common, cwd=tmp_path))
     ok(cli("test", "--ckpt", "best", "--out", "test.json", *common, cwd=tmp_path))
     evaluated = json.loads((tmp_path / "test.json").read_text())

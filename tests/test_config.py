@@ -1,4 +1,5 @@
 """Config loading: merge over defaults, overrides, types, paths, errors that name the key."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,34 +58,46 @@ def test_every_config_key_has_a_default(tmp_path):
 
 
 def test_overrides_parse_types():
-    cfg = load_config(None, ["optim.lr=1e-3", "trainer.max_epochs=3", "data.vertical_flip=true",
-                             "optim.betas=[0.5, 0.9]", "trainer.devices=1", "data.class_names=null"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=1e-3",
+            "trainer.max_epochs=3",
+            "data.vertical_flip=true",
+            "optim.betas=[0.5, 0.9]",
+            "trainer.devices=1",
+            "data.class_names=null",
+        ],
+    )
     assert cfg["optim"]["lr"] == 1e-3 and isinstance(cfg["optim"]["lr"], float)
     assert cfg["trainer"]["max_epochs"] == 3 and cfg["data"]["vertical_flip"] is True
     assert cfg["optim"]["betas"] == [0.5, 0.9] and cfg["trainer"]["devices"] == 1
     assert cfg["data"]["class_names"] is None
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("optim.learning_rate=1", "unknown config key optim.learning_rate"),
-    ("lr=1", "did you mean dcg.lr or optim.lr"),
-    ("trainer.max_epochs=1.5", "trainer.max_epochs"),
-    ("data.vertical_flip=1", "data.vertical_flip"),
-    ("data.dataset=imagenet", "data.dataset"),
-    ("data.image_size=100", "data.image_size"),
-    ("data.class_names=[a, b]", "data.class_names"),
-    ("diffusion.sampling_steps=0", "diffusion.sampling_steps"),
-    ("no_equals_sign", "key.sub=value"),
-    ("data.task=multi", "data.task"),
-    ("data.medmnist_size=32", "data.medmnist_size"),
-    ("data.verify_images=maybe", "data.verify_images"),
-    ("data.dataset=medmnist", "data.flag"),
-    ("data.task=multilabel", "data.task"),  # the demo set is multiclass
-    ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
-    ("trainer.limit_val_batches=0", "trainer.limit_val_batches"),
-    ("dcg.min_lr_ratio=1.5", "dcg.min_lr_ratio"),
-    ("optim.min_lr_ratio=-0.1", "optim.min_lr_ratio"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.learning_rate=1", "unknown config key optim.learning_rate"),
+        ("lr=1", "did you mean dcg.lr or optim.lr"),
+        ("trainer.max_epochs=1.5", "trainer.max_epochs"),
+        ("data.vertical_flip=1", "data.vertical_flip"),
+        ("data.dataset=imagenet", "data.dataset"),
+        ("data.image_size=100", "data.image_size"),
+        ("data.class_names=[a, b]", "data.class_names"),
+        ("diffusion.sampling_steps=0", "diffusion.sampling_steps"),
+        ("no_equals_sign", "key.sub=value"),
+        ("data.task=multi", "data.task"),
+        ("data.medmnist_size=32", "data.medmnist_size"),
+        ("data.verify_images=maybe", "data.verify_images"),
+        ("data.dataset=medmnist", "data.flag"),
+        ("data.task=multilabel", "data.task"),  # the demo set is multiclass
+        ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
+        ("trainer.limit_val_batches=0", "trainer.limit_val_batches"),
+        ("dcg.min_lr_ratio=1.5", "dcg.min_lr_ratio"),
+        ("optim.min_lr_ratio=-0.1", "optim.min_lr_ratio"),
+    ],
+)
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(None, [override])
@@ -137,8 +150,10 @@ def test_batch_limits_keep_their_type():
 
 # classes of each task's data set: ISIC 2018 Task 3, APTOS DR grades, placental maturity grades,
 # ChestX-ray14 findings, RetinaMNIST grades, BreastMNIST
-@pytest.mark.parametrize("name, num_classes", [("isic", 7), ("aptos", 5), ("placental", 4), ("chest", 14),
-                                               ("retinamnist", 5), ("breastmnist", 2)])
+@pytest.mark.parametrize(
+    "name, num_classes",
+    [("isic", 7), ("aptos", 5), ("placental", 4), ("chest", 14), ("retinamnist", 5), ("breastmnist", 2)],
+)
 def test_task_configs_load_with_the_papers_settings(name, num_classes):
     cfg = load_config(PROJECT_ROOT / "configs" / f"{name}.yml")
     assert cfg["name"] == name and cfg["data"]["image_size"] == 224 and cfg["model"]["feature_dim"] == 6144

@@ -1,5 +1,6 @@
 """Data: split lists (CSV, the authors' pickles read safely), image modes, validation carving,
 the synthetic demo set and the transforms."""
+
 from __future__ import annotations
 
 import pickle
@@ -26,7 +27,9 @@ def make_images(folder, count: int, size=(40, 30)):
 
 def test_csv_list_with_ids_without_extension(tmp_path):
     make_images(tmp_path / "images", 4)
-    pd.DataFrame({"image_id": [f"img_{k}" for k in range(4)], "label": [0, 1, 2, 1]}).to_csv(tmp_path / "l.csv", index=False)
+    pd.DataFrame({"image_id": [f"img_{k}" for k in range(4)], "label": [0, 1, 2, 1]}).to_csv(
+        tmp_path / "l.csv", index=False
+    )
     split = read_list(tmp_path / "l.csv", 3)
     data = ImageList(split, tmp_path / "images", transform=None)
     assert len(data) == 4 and data.paths[0].name == "img_0.png" and list(data.labels) == [0, 1, 2, 1]
@@ -51,11 +54,14 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
     assert "must never run" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("path,label\n", r"l\.csv is empty"),
-    ("path,grade\na.png,1\n", r"l\.csv: needs a label column .*found path, grade"),
-    ("path,label\na.png,x\n", r"l\.csv, row 0: label 'x' is not an integer class"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("path,label\n", r"l\.csv is empty"),
+        ("path,grade\na.png,1\n", r"l\.csv: needs a label column .*found path, grade"),
+        ("path,label\na.png,x\n", r"l\.csv, row 0: label 'x' is not an integer class"),
+    ],
+)
 def test_bad_lists_name_the_problem(tmp_path, content, needle):
     (tmp_path / "l.csv").write_text(content)
     with pytest.raises(ConfigError, match=needle):
@@ -111,9 +117,18 @@ def test_list_dataset_from_config(tmp_path):
     rows = pd.DataFrame({"path": [f"img_{k}.png" for k in range(12)], "label": [k % 3 for k in range(12)]})
     rows[:9].to_csv(tmp_path / "train.csv", index=False)
     rows[9:].to_csv(tmp_path / "test.csv", index=False)
-    cfg = load_config(None, ["data.dataset=list", f"data.root={tmp_path / 'images'}", "data.num_classes=3",
-                             f"data.train_list={tmp_path / 'train.csv'}", f"data.test_list={tmp_path / 'test.csv'}",
-                             "data.val_fraction=0.34", "data.class_names=null"])
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=list",
+            f"data.root={tmp_path / 'images'}",
+            "data.num_classes=3",
+            f"data.train_list={tmp_path / 'train.csv'}",
+            f"data.test_list={tmp_path / 'test.csv'}",
+            "data.val_fraction=0.34",
+            "data.class_names=null",
+        ],
+    )
     sets = build_datasets(cfg)
     assert (len(sets["train"]), len(sets["val"]), len(sets["test"])) == (5, 4, 3)  # val: ceil(9 * 0.34)
     sample = sets["train"][0]
@@ -154,7 +169,9 @@ FINDINGS = ["a", "b", "c"]
 
 
 def test_multilabel_csv_with_one_column_per_finding(tmp_path):
-    pd.DataFrame({"image": ["x.png", "y.png"], "a": [1, 0], "b": [0, 0], "c": [1, 1]}).to_csv(tmp_path / "l.csv", index=False)
+    pd.DataFrame({"image": ["x.png", "y.png"], "a": [1, 0], "b": [0, 0], "c": [1, 1]}).to_csv(
+        tmp_path / "l.csv", index=False
+    )
     split = read_list(tmp_path / "l.csv", 3, multilabel=True, class_names=FINDINGS)
     assert split.labels.dtype == np.float32 and split.labels.tolist() == [[1, 0, 1], [0, 0, 1]]
 
@@ -172,11 +189,14 @@ def test_authors_chest_pickle_drops_the_no_finding_bit(tmp_path):
     assert split.labels.tolist() == [[1, 0, 0], [0, 0, 0]]
 
 
-@pytest.mark.parametrize("label, needle", [
-    ([1, 0], "row 1: multi-hot label of length 2, expected data.num_classes = 3"),
-    ([1, 0, 2], "row 1: label .* other than 0 and 1"),
-    (1, "row 1: label 1 is not a multi-hot row"),
-])
+@pytest.mark.parametrize(
+    "label, needle",
+    [
+        ([1, 0], "row 1: multi-hot label of length 2, expected data.num_classes = 3"),
+        ([1, 0, 2], "row 1: label .* other than 0 and 1"),
+        (1, "row 1: label 1 is not a multi-hot row"),
+    ],
+)
 def test_bad_multi_hot_rows_name_file_and_row(tmp_path, label, needle):
     entries = [{"img_root": "x.png", "label": [1, 0, 0]}, {"img_root": "y.png", "label": label}]
     (tmp_path / "chest.pkl").write_bytes(pickle.dumps(entries))
@@ -198,18 +218,30 @@ def test_multilabel_carve_is_seeded_without_stratification():
     assert len(train) == 40 and not set(val.paths) & set(train.paths)
     # each image keeps its own multi-hot row
     row = {p: tuple(r) for p, r in zip(split.paths, labels.tolist(), strict=True)}
-    assert all(row[p] == tuple(r) for part in (train, val)
-               for p, r in zip(part.paths, part.labels.tolist(), strict=True))
+    assert all(
+        row[p] == tuple(r) for part in (train, val) for p, r in zip(part.paths, part.labels.tolist(), strict=True)
+    )
 
 
 def _list_config(tmp_path, train_labels, test_labels, extra=()):
     make_images(tmp_path / "images", len(train_labels) + len(test_labels))
     names = [f"img_{k}.png" for k in range(len(train_labels) + len(test_labels))]
-    pd.DataFrame({"path": names[:len(train_labels)], "label": train_labels}).to_csv(tmp_path / "train.csv", index=False)
-    pd.DataFrame({"path": names[len(train_labels):], "label": test_labels}).to_csv(tmp_path / "test.csv", index=False)
-    return load_config(None, ["data.dataset=list", f"data.root={tmp_path / 'images'}", f"data.train_list={tmp_path / 'train.csv'}",
-                              f"data.test_list={tmp_path / 'test.csv'}", f"data.val_list={tmp_path / 'test.csv'}",
-                              "data.class_names=null", *extra])
+    pd.DataFrame({"path": names[: len(train_labels)], "label": train_labels}).to_csv(
+        tmp_path / "train.csv", index=False
+    )
+    pd.DataFrame({"path": names[len(train_labels) :], "label": test_labels}).to_csv(tmp_path / "test.csv", index=False)
+    return load_config(
+        None,
+        [
+            "data.dataset=list",
+            f"data.root={tmp_path / 'images'}",
+            f"data.train_list={tmp_path / 'train.csv'}",
+            f"data.test_list={tmp_path / 'test.csv'}",
+            f"data.val_list={tmp_path / 'test.csv'}",
+            "data.class_names=null",
+            *extra,
+        ],
+    )
 
 
 def test_class_count_that_disagrees_with_the_labels(tmp_path):

@@ -1,5 +1,6 @@
 """Tests for pretraining/dcg.py: top-t pooling, greedy ROI proposal, cropping, gated attention MIL
 and the DCG forward (SPEC section 2)."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,8 +43,8 @@ def greedy_reference(cam: torch.Tensor, num_rois: int, window: int) -> list[list
                     for di in range(window):
                         for dj in range(window):
                             total += score[r + di][c + dj]
-                    if total / window ** 2 > best:
-                        best, where = total / window ** 2, (r, c)
+                    if total / window**2 > best:
+                        best, where = total / window**2, (r, c)
             picks.append(where)
             for di in range(window):
                 for dj in range(window):
@@ -58,10 +59,11 @@ def as_list(cells: torch.Tensor) -> list[list[tuple[int, int]]]:
 
 # --------------------------------------------------------------------------- top-t pooling, window
 
+
 def test_top_t_pool_hand_values():
     s = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[-1.0, 5.0], [0.0, 2.0]]]])  # (1, 2, 2, 2)
-    torch.testing.assert_close(top_t_pool(s, 1.0), torch.tensor([[2.5, 1.5]]))   # mean over positions
-    torch.testing.assert_close(top_t_pool(s, 0.5), torch.tensor([[3.5, 3.5]]))   # mean of (4, 3) and (5, 2)
+    torch.testing.assert_close(top_t_pool(s, 1.0), torch.tensor([[2.5, 1.5]]))  # mean over positions
+    torch.testing.assert_close(top_t_pool(s, 0.5), torch.tensor([[3.5, 3.5]]))  # mean of (4, 3) and (5, 2)
     torch.testing.assert_close(top_t_pool(s, 0.25), torch.tensor([[4.0, 5.0]]))  # max
 
 
@@ -73,13 +75,15 @@ def test_top_t_pool_shape_and_grad():
     torch.testing.assert_close(s.grad, torch.full_like(s, 1 / 49))
 
 
-@pytest.mark.parametrize("roi, cam, image, expected", [
-    (32, 7, 224, 1), (112, 7, 224, 4), (32, 2, 64, 1), (64, 7, 224, 2), (8, 7, 224, 1)])
+@pytest.mark.parametrize(
+    "roi, cam, image, expected", [(32, 7, 224, 1), (112, 7, 224, 4), (32, 2, 64, 1), (64, 7, 224, 2), (8, 7, 224, 1)]
+)
 def test_roi_window(roi, cam, image, expected):
     assert roi_window(roi, cam, image) == expected
 
 
 # --------------------------------------------------------------------------- ROI proposal
+
 
 def hand_cam() -> torch.Tensor:
     """(2, 7, 7): class 0 min 0 max 10, class 1 min -3 max 5. Normalised sum:
@@ -150,10 +154,11 @@ def test_propose_rois_no_cross_talk():
     for window, k in [(1, 6), (2, 5), (4, 3)]:
         together = propose_rois(cam, k, window)
         for b in range(3):
-            assert torch.equal(together[b], propose_rois(cam[b:b + 1], k, window)[0])
+            assert torch.equal(together[b], propose_rois(cam[b : b + 1], k, window)[0])
 
 
 # --------------------------------------------------------------------------- cells -> pixels, crops
+
 
 def test_cells_to_pixels():
     cells = torch.tensor([[[3, 6], [0, 1]], [[6, 0], [5, 2]]])
@@ -168,7 +173,7 @@ def test_cells_to_pixels():
 def make_image(b: int = 2, size: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(4)
     image = torch.rand(b, 3, size, size, generator=g)
-    image[0, 0] -= 2.0   # first-channel minima differ per image
+    image[0, 0] -= 2.0  # first-channel minima differ per image
     image[1, 0] -= 5.0
     image[:, 1] -= 20.0  # channel 1 holds the global minimum: it must not be used
     return image
@@ -183,8 +188,8 @@ def test_crop_patches_in_range():
     for b in range(2):
         for k in range(2):
             y, x = corners[b, k].tolist()
-            assert torch.equal(patches[b, k], image[b, 0, y:y + r, x:x + r])
-            assert not torch.equal(patches[b, k], image[b, 1, y:y + r, x:x + r])
+            assert torch.equal(patches[b, k], image[b, 0, y : y + r, x : x + r])
+            assert not torch.equal(patches[b, k], image[b, 1, y : y + r, x : x + r])
 
 
 def test_crop_patches_outside_filled_with_first_channel_min():
@@ -195,7 +200,7 @@ def test_crop_patches_outside_filled_with_first_channel_min():
         fill = image[b, 0].min()
         expected = torch.full((4, 4), float(fill))
         inside = image[b, 0, y:, x:]
-        expected[:inside.shape[0], :inside.shape[1]] = inside
+        expected[: inside.shape[0], : inside.shape[1]] = inside
         assert torch.equal(patches[b, 0], expected)
     # the fills differ between the two images (about -2 and -5), and are not the channel-1 minimum
     assert patches[0, 0, -1, -1] > -3 and patches[1, 0, -1, -1] < -4
@@ -203,6 +208,7 @@ def test_crop_patches_outside_filled_with_first_channel_min():
 
 
 # --------------------------------------------------------------------------- gated attention MIL
+
 
 def test_gated_attention_mil_hand():
     torch.manual_seed(0)
@@ -213,8 +219,9 @@ def test_gated_attention_mil_hand():
     torch.testing.assert_close(a.sum(1), torch.ones(2))
     # a = softmax_K(w^T (sigmoid(U h) * tanh(V h))), by hand with the module's matrices
     U, V, w = mil.gate_u.weight, mil.gate_v.weight, mil.score_w.weight[0]
-    s = torch.stack([torch.stack([w @ (torch.sigmoid(U @ h[b, k]) * torch.tanh(V @ h[b, k]))
-                                  for k in range(4)]) for b in range(2)])
+    s = torch.stack(
+        [torch.stack([w @ (torch.sigmoid(U @ h[b, k]) * torch.tanh(V @ h[b, k])) for k in range(4)]) for b in range(2)]
+    )
     expected_a = torch.exp(s) / torch.exp(s).sum(1, keepdim=True)
     torch.testing.assert_close(a, expected_a)
     expected_z = torch.stack([sum(expected_a[b, k] * h[b, k] for k in range(4)) for b in range(2)])
@@ -241,6 +248,7 @@ def test_gated_attention_mil_permutation_and_uniform():
 
 # --------------------------------------------------------------------------- DCG forward
 
+
 @pytest.mark.parametrize("image_size, num_rois", [(64, 3), (224, 6)])
 def test_dcg_forward(make_dcg, image_size, num_rois):
     dcg = make_dcg(image_size=image_size, num_rois=num_rois).eval()
@@ -265,7 +273,7 @@ def test_dcg_forward(make_dcg, image_size, num_rois):
         order = np.argsort(-score[bi], kind="stable")[:num_rois]
         for k, cell in enumerate(order):
             y, x = (cell // cam) * 32, (cell % cam) * 32
-            assert torch.equal(out.patches[bi, k], image[bi, 0, y:y + 32, x:x + 32])
+            assert torch.equal(out.patches[bi, k], image[bi, 0, y : y + 32, x : x + 32])
 
 
 def test_dcg_gradients_reach_both_trunks(make_dcg):
@@ -291,8 +299,7 @@ def test_dcg_rejects_bad_config():
 
 
 def test_build_dcg_from_config():
-    cfg = {"data": {"num_classes": 4, "image_size": 224},
-           "dcg": {"num_rois": 4, "roi_size": 112, "percent_t": 0.5}}
+    cfg = {"data": {"num_classes": 4, "image_size": 224}, "dcg": {"num_rois": 4, "roi_size": 112, "percent_t": 0.5}}
     dcg = build_dcg(cfg)
     assert (dcg.cam_size, dcg.num_rois, dcg.roi_size, dcg.percent_t, dcg.window) == (7, 4, 112, 0.5, 4)
     assert dcg.saliency_conv.out_channels == 4 and dcg.saliency_conv.bias is None

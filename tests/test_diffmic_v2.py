@@ -1,5 +1,6 @@
 """Tests for diffmic_v2.py: the prior map with its ablation switches, the training step and the evaluation
 path (encoders once per image, S samples averaged) of the LightningModule."""
+
 import pytest
 import torch
 
@@ -49,8 +50,12 @@ def test_training_step_trains_the_denoiser_and_never_the_dcg():
 def test_evaluation_encodes_once_for_all_samples_and_averages_them(monkeypatch):
     system = small_system("diffusion.eval_samples=3").eval()
     counts = {"dcg": 0, "image": 0, "patch": 0, "body": 0}
-    for name, module in (("dcg", system.dcg), ("image", system.denoiser.image_encoder),
-                         ("patch", system.denoiser.patch_encoder), ("body", system.denoiser.cc1)):
+    for name, module in (
+        ("dcg", system.dcg),
+        ("image", system.denoiser.image_encoder),
+        ("patch", system.denoiser.patch_encoder),
+        ("body", system.denoiser.cc1),
+    ):
         module.register_forward_hook(lambda *args, name=name: counts.__setitem__(name, counts[name] + 1))
     image = torch.randn(2, 3, 64, 64)
     starts = torch.rand(2, 3, 2, 3)  # (y_global / y_local stand-ins, S, B, C)

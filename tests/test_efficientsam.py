@@ -33,14 +33,22 @@ def official_shapes(name: str) -> dict:
     }
     for i in range(SPEC[name]["depth"]):
         p = f"blocks.{i}."
-        shapes.update({
-            p + "norm1.weight": (d,), p + "norm1.bias": (d,),
-            p + "attn.qkv.weight": (3 * d, d), p + "attn.qkv.bias": (3 * d,),
-            p + "attn.proj.weight": (d, d), p + "attn.proj.bias": (d,),
-            p + "norm2.weight": (d,), p + "norm2.bias": (d,),
-            p + "mlp.fc1.weight": (4 * d, d), p + "mlp.fc1.bias": (4 * d,),
-            p + "mlp.fc2.weight": (d, 4 * d), p + "mlp.fc2.bias": (d,),
-        })
+        shapes.update(
+            {
+                p + "norm1.weight": (d,),
+                p + "norm1.bias": (d,),
+                p + "attn.qkv.weight": (3 * d, d),
+                p + "attn.qkv.bias": (3 * d,),
+                p + "attn.proj.weight": (d, d),
+                p + "attn.proj.bias": (d,),
+                p + "norm2.weight": (d,),
+                p + "norm2.bias": (d,),
+                p + "mlp.fc1.weight": (4 * d, d),
+                p + "mlp.fc1.bias": (4 * d,),
+                p + "mlp.fc2.weight": (d, 4 * d),
+                p + "mlp.fc2.bias": (d,),
+            }
+        )
     return shapes
 
 
@@ -195,8 +203,11 @@ def test_load_official_checkpoint(tmp_path, caplog, wrap):
     with caplog.at_level(logging.INFO, logger="EfficientSAM"):
         load_efficientsam_encoder(enc, path)
     # one INFO record of the package's logger naming the file and how many tensors were loaded
-    loaded_msgs = [r.getMessage() for r in caplog.records
-                   if r.name.startswith("EfficientSAM") and r.levelno == logging.INFO and str(path) in r.getMessage()]
+    loaded_msgs = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("EfficientSAM") and r.levelno == logging.INFO and str(path) in r.getMessage()
+    ]
     assert len(loaded_msgs) == 1 and f"Loaded {len(state)} " in loaded_msgs[0]
     loaded = enc.state_dict()
     assert loaded.keys() == state.keys()

@@ -1,5 +1,6 @@
 """MedMNIST: the file table checked against the official names and the real files, naming, download
 (network mocked), loading and every broken-file error."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,20 @@ from dataloader.medmnist import MEDMNIST_2D, MedMNISTSplit, ensure_medmnist, med
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 COUNTS = {"train": 6, "val": 3, "test": 4}
 # The 2D data sets of the MedMNIST v2/v3 release (medmnist/info.py).
-OFFICIAL_2D_FLAGS = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
-                     "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist")
+OFFICIAL_2D_FLAGS = (
+    "pathmnist",
+    "chestmnist",
+    "dermamnist",
+    "octmnist",
+    "pneumoniamnist",
+    "retinamnist",
+    "breastmnist",
+    "bloodmnist",
+    "tissuemnist",
+    "organamnist",
+    "organcmnist",
+    "organsmnist",
+)
 # Facts of the real files in shared/data/medmnist (its README): split sizes, RGB or grey, train label counts.
 REAL = {
     "retinamnist": ((1080, 120, 400), True, {0: 486, 1: 128, 2: 206, 3: 194, 4: 66}),
@@ -37,8 +50,9 @@ def real_file(flag: str) -> Path:
     return path
 
 
-def write_npz(path: Path, channels: int | None = None, num_labels: int = 1, num_classes: int = 3,
-              drop: str | None = None) -> Path:
+def write_npz(
+    path: Path, channels: int | None = None, num_labels: int = 1, num_classes: int = 3, drop: str | None = None
+) -> Path:
     """A small file in the official layout: uint8 {split}_images and {split}_labels (N, num_labels)."""
     rng = np.random.default_rng(0)
     arrays = {}
@@ -55,8 +69,7 @@ def write_npz(path: Path, channels: int | None = None, num_labels: int = 1, num_
 @pytest.mark.parametrize("flag", OFFICIAL_2D_FLAGS)
 def test_every_official_2d_flag_maps_to_its_official_files(tmp_path, flag):
     # 28 px is the original file name without a suffix; MedMNIST+ sizes carry _{size}
-    for size, name in [(28, f"{flag}.npz"), (64, f"{flag}_64.npz"), (128, f"{flag}_128.npz"),
-                       (224, f"{flag}_224.npz")]:
+    for size, name in [(28, f"{flag}.npz"), (64, f"{flag}_64.npz"), (128, f"{flag}_128.npz"), (224, f"{flag}_224.npz")]:
         assert medmnist_path(tmp_path, flag, size) == tmp_path / name
         # offline, the error says which official file to fetch and the MD5 to check it against
         with pytest.raises(ConfigError) as err:
@@ -173,6 +186,7 @@ def test_missing_file_without_download(tmp_path):
 def test_offline_download_is_a_config_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no route to host")
+
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(ConfigError, match=r"records/10519652/files/breastmnist\.npz") as err:
         ensure_medmnist(tmp_path / "new", "breastmnist", 28, download=True)
@@ -188,6 +202,7 @@ def test_download_lands_file_after_md5_check(tmp_path, monkeypatch):
     def fetch(url, timeout):
         urls.append(url)
         return io.BytesIO(payload)
+
     monkeypatch.setattr(urllib.request, "urlopen", fetch)
     path = ensure_medmnist(tmp_path / "medmnist", "bloodmnist", 64, download=True)
     assert path == tmp_path / "medmnist" / "bloodmnist_64.npz" and path.read_bytes() == payload

@@ -22,8 +22,9 @@ def metric_warnings(caplog) -> list[str]:
 #   2: 0 1 ( 1,  4, -1)    6: 2 1 (-2,  5,  3)
 #   3: 1 1 (-1,  6,  2)    7: 2 2 (-3, -1,  7)
 Y3 = np.array([0, 0, 0, 1, 1, 2, 2, 2])
-S3 = np.array([[5, 1, -2], [3, 2, 0], [1, 4, -1], [-1, 6, 2],
-               [0, 3, -3], [4, -2, 1], [-2, 5, 3], [-3, -1, 7]], dtype=float)
+S3 = np.array(
+    [[5, 1, -2], [3, 2, 0], [1, 4, -1], [-1, 6, 2], [0, 3, -3], [4, -2, 1], [-2, 5, 3], [-3, -1, 7]], dtype=float
+)
 
 
 def test_hand_example_three_classes(caplog):
@@ -151,7 +152,7 @@ def test_confusion_matrix_image_shape_and_colour(c):
     img = confusion_matrix_image(cm, cell=cell)
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     assert img.shape[0] > c * cell and img.shape[1] > c * cell
-    grid = img[-c * cell:, -c * cell:].astype(int)  # grid is flush bottom-right
+    grid = img[-c * cell :, -c * cell :].astype(int)  # grid is flush bottom-right
     diag, off = grid[3, 3], grid[3, cell + 3]  # corners of cells (0,0) and (0,1), away from text
     assert diag.sum() < off.sum()  # darker
     assert diag[2] > diag[0]  # blue dominates red
@@ -164,7 +165,7 @@ def test_confusion_matrix_image_shape_and_colour(c):
 def test_confusion_matrix_image_shade_follows_row_fraction():
     cell = 48
     img = confusion_matrix_image(np.array([[1, 3], [2, 2]]), cell=cell)
-    grid = img[-2 * cell:, -2 * cell:].astype(int)
+    grid = img[-2 * cell :, -2 * cell :].astype(int)
     shade = {(i, j): grid[i * cell + 3, j * cell + 3].sum() for i in range(2) for j in range(2)}
     # fractions of each row: (0,0) 1/4, (0,1) 3/4, (1,0) = (1,1) = 1/2; darker means a larger fraction
     assert shade[0, 1] < shade[1, 0] == shade[1, 1] < shade[0, 0] < 3 * 255
@@ -179,7 +180,7 @@ def test_confusion_matrix_image_with_names():
     # the names are drawn in the margins: longer names widen the left margin (row labels) and deepen the
     # top margin (vertical column labels); the grid itself is the same
     assert img.shape[0] > plain.shape[0] and img.shape[1] > plain.shape[1]
-    np.testing.assert_array_equal(img[-2 * cell:, -2 * cell:], plain[-2 * cell:, -2 * cell:])
+    np.testing.assert_array_equal(img[-2 * cell :, -2 * cell :], plain[-2 * cell :, -2 * cell :])
     # row label "malignant" (right-aligned against the grid, left of the axis title's column): beside row 1
     # there is dark text where the plain image's narrower margin would already end
     left, plain_left = img.shape[1] - 2 * cell, plain.shape[1] - 2 * cell
@@ -189,34 +190,65 @@ def test_confusion_matrix_image_with_names():
     np.testing.assert_array_equal(long, confusion_matrix_image(cm, class_names=["b" * 20, "m"], cell=cell))
 
 
-@pytest.mark.parametrize("cm, names, match", [
-    (np.zeros((2, 3), int), None, r"square \(C, C\), got \(2, 3\)"),
-    (np.zeros(3, int), None, r"square \(C, C\), got \(3,\)"),
-    (np.zeros((2, 2), int), ["a", "b", "c"], "got 3 class names for 2 classes"),
-])
+@pytest.mark.parametrize(
+    "cm, names, match",
+    [
+        (np.zeros((2, 3), int), None, r"square \(C, C\), got \(2, 3\)"),
+        (np.zeros(3, int), None, r"square \(C, C\), got \(3,\)"),
+        (np.zeros((2, 2), int), ["a", "b", "c"], "got 3 class names for 2 classes"),
+    ],
+)
 def test_confusion_matrix_image_bad_inputs(cm, names, match):
     with pytest.raises(ValueError, match=match):
         confusion_matrix_image(cm, class_names=names)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: classification_metrics(np.array([0, 3]), np.zeros((2, 3))),
-     r"y_true values must lie in 0\.\.2, got range 0\.\.3"),
-    (lambda: classification_metrics(np.array([0, 1, 2]), np.zeros((2, 3))), "y_true has 3 samples but scores has 2"),
-    (lambda: classification_metrics(np.array([0, 0]), np.zeros((2, 1))), r"C >= 2, got \(2, 1\)"),
-    (lambda: classification_metrics(np.array([], dtype=int), np.zeros((0, 3))), "y_true is empty"),
-    (lambda: classification_metrics(np.array([0.5, 1]), np.zeros((2, 3))), "y_true must hold integer class indices"),
-    (lambda: classification_metrics(np.array([0, 1]), np.array([[0, 1, np.nan], [0, 1, 2]])), "NaN or inf"),
-    (lambda: multilabel_metrics(np.zeros((2, 3)), np.zeros((2, 2))), r"got \(2, 3\) and \(2, 2\)"),
-    (lambda: multilabel_metrics(np.array([[2, 0]]), np.zeros((1, 2))), "y_true must contain only 0 and 1"),
-    (lambda: multilabel_metrics(np.zeros((1, 2)), np.zeros((1, 2)), names=["a"]), "got 1 names for 2 findings"),
-    (lambda: confusion_matrix(np.array([0, 2]), np.array([0, 1]), 2),
-     r"y_true values must lie in 0\.\.1, got range 0\.\.2"),
-    (lambda: confusion_matrix(np.array([0, 1]), np.array([0, 2]), 2),
-     r"y_pred values must lie in 0\.\.1, got range 0\.\.2"),
-    (lambda: confusion_matrix(np.array([0, 1]), np.array([0, 1, 1]), 2), r"y_true \(2,\) and y_pred \(3,\) differ"),
-], ids=["label_range", "length", "one_column", "empty", "non_integer", "nan_score", "ml_shape", "ml_not_binary",
-        "ml_names", "cm_true_range", "cm_pred_range", "cm_length"])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda: classification_metrics(np.array([0, 3]), np.zeros((2, 3))),
+            r"y_true values must lie in 0\.\.2, got range 0\.\.3",
+        ),
+        (
+            lambda: classification_metrics(np.array([0, 1, 2]), np.zeros((2, 3))),
+            "y_true has 3 samples but scores has 2",
+        ),
+        (lambda: classification_metrics(np.array([0, 0]), np.zeros((2, 1))), r"C >= 2, got \(2, 1\)"),
+        (lambda: classification_metrics(np.array([], dtype=int), np.zeros((0, 3))), "y_true is empty"),
+        (
+            lambda: classification_metrics(np.array([0.5, 1]), np.zeros((2, 3))),
+            "y_true must hold integer class indices",
+        ),
+        (lambda: classification_metrics(np.array([0, 1]), np.array([[0, 1, np.nan], [0, 1, 2]])), "NaN or inf"),
+        (lambda: multilabel_metrics(np.zeros((2, 3)), np.zeros((2, 2))), r"got \(2, 3\) and \(2, 2\)"),
+        (lambda: multilabel_metrics(np.array([[2, 0]]), np.zeros((1, 2))), "y_true must contain only 0 and 1"),
+        (lambda: multilabel_metrics(np.zeros((1, 2)), np.zeros((1, 2)), names=["a"]), "got 1 names for 2 findings"),
+        (
+            lambda: confusion_matrix(np.array([0, 2]), np.array([0, 1]), 2),
+            r"y_true values must lie in 0\.\.1, got range 0\.\.2",
+        ),
+        (
+            lambda: confusion_matrix(np.array([0, 1]), np.array([0, 2]), 2),
+            r"y_pred values must lie in 0\.\.1, got range 0\.\.2",
+        ),
+        (lambda: confusion_matrix(np.array([0, 1]), np.array([0, 1, 1]), 2), r"y_true \(2,\) and y_pred \(3,\) differ"),
+    ],
+    ids=[
+        "label_range",
+        "length",
+        "one_column",
+        "empty",
+        "non_integer",
+        "nan_score",
+        "ml_shape",
+        "ml_not_binary",
+        "ml_names",
+        "cm_true_range",
+        "cm_pred_range",
+        "cm_length",
+    ],
+)
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -1,5 +1,6 @@
 """Tests for model.py: time-conditioned 1x1 convolutions, the condition weights, the ConditionalModel
 denoiser and its gradient flow in a training-like step (SPEC sections 4 and 5)."""
+
 import logging
 
 import pytest
@@ -13,6 +14,7 @@ C, K, FEAT = 3, 3, 16
 
 
 # --------------------------------------------------------------------------- ConditionalConv2d
+
 
 def test_conditional_conv_per_cell_hand():
     torch.manual_seed(0)
@@ -63,6 +65,7 @@ def test_conditional_conv_gradients():
 
 # --------------------------------------------------------------------------- PatchEncoder
 
+
 def test_patch_encoder_shape():
     torch.manual_seed(0)
     enc = PatchEncoder("resnet18", 8).eval()
@@ -78,6 +81,7 @@ def test_patch_encoder_shape():
 
 
 # --------------------------------------------------------------------------- ConditionalModel
+
 
 def inputs(b: int, grid: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -162,13 +166,16 @@ def test_condition_weights_sum_to_one(captured):
     torch.testing.assert_close(after - before, torch.full_like(before, 5.0), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ("y_in_channels", "y_in must be"),
-    ("y_in_grid", "y_in must be"),
-    ("t_per_sample", r"t must be \(B, K, K\)"),
-    ("t_grid", r"t must be \(B, K, K\)"),
-    ("patches", "need K = 3 patches"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("y_in_channels", "y_in must be"),
+        ("y_in_grid", "y_in must be"),
+        ("t_per_sample", r"t must be \(B, K, K\)"),
+        ("t_grid", r"t must be \(B, K, K\)"),
+        ("patches", "need K = 3 patches"),
+    ],
+)
 def test_shape_assertions(make_denoiser, bad, match):
     model = make_denoiser().eval()
     image, patches, y_in, t = inputs(2, K)
@@ -236,9 +243,13 @@ def test_training_step_gradient_flow(make_dcg, make_denoiser):
 
 
 def test_build_denoiser_from_config():
-    cfg = {"data": {"num_classes": 4}, "dcg": {"num_rois": 2},
-           "model": {"feature_dim": 8, "image_encoder": "vit_t", "patch_encoder": "resnet18", "condition_init": "default"},
-           "diffusion": {"timesteps": 50}, "ablation": {"roi_branch": True}}
+    cfg = {
+        "data": {"num_classes": 4},
+        "dcg": {"num_rois": 2},
+        "model": {"feature_dim": 8, "image_encoder": "vit_t", "patch_encoder": "resnet18", "condition_init": "default"},
+        "diffusion": {"timesteps": 50},
+        "ablation": {"roi_branch": True},
+    }
     model = build_denoiser(cfg)
     assert (model.num_classes, model.grid_size) == (4, 2)
     assert model.token_logits.shape == (1, 8, 3)
@@ -263,8 +274,9 @@ def test_identity_condition_init_passes_the_prior_through():
     """condition_init identity: x_w is exactly 1 at the start, and the encoders still receive gradient
     through the BatchNorm weights, which leave 0 after one step."""
     torch.manual_seed(0)
-    model = ConditionalModel(num_classes=3, grid_size=3, feature_dim=16, num_timesteps=100, image_encoder="vit_t",
-                             condition_init="identity")
+    model = ConditionalModel(
+        num_classes=3, grid_size=3, feature_dim=16, num_timesteps=100, image_encoder="vit_t", condition_init="identity"
+    )
     image, patches = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(model.encode(image, patches), torch.ones(4, 16))
     y_in, t = torch.randn(4, 6, 3, 3), torch.randint(0, 100, (4, 3, 3))
@@ -310,6 +322,7 @@ def test_imagenet_weights_unreachable_fall_back_to_random_init_loudly(monkeypatc
     import torchvision
 
     from backbones import Trunk
+
     trunk = Trunk("resnet18")
     before = {k: v.clone() for k, v in trunk.state_dict().items()}
     real = torchvision.models.get_model
@@ -318,6 +331,7 @@ def test_imagenet_weights_unreachable_fall_back_to_random_init_loudly(monkeypatc
         if weights is not None:
             raise urllib.error.URLError("no network")
         return real(name, weights=None, **kwargs)
+
     monkeypatch.setattr(torchvision.models, "get_model", offline)
     with caplog.at_level("WARNING"):
         trunk.load_weights("imagenet", key="dcg.backbone_weights")

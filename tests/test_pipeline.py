@@ -1,5 +1,6 @@
 """Tests for pipeline.py: guided prior map, DDIM scheduler (closed form and diffusers oracle),
 heterologous noise, diffusion focal loss and DDIM sampling (SPEC sections 3, 4 and 6)."""
+
 import math
 
 import numpy as np
@@ -34,16 +35,15 @@ def hand_step(y: np.ndarray, e: np.ndarray, t: int, ratio: int, clip: bool) -> n
 
 # --------------------------------------------------------------------------- guided prior map
 
+
 def test_guided_prior_map_k3_hand_values():
-    g = torch.tensor([[2.0, -1.0], [0.5, 4.0]])   # y_global (B=2, C=2), raw logits incl. negatives
+    g = torch.tensor([[2.0, -1.0], [0.5, 4.0]])  # y_global (B=2, C=2), raw logits incl. negatives
     l = torch.tensor([[-4.0, 3.0], [1.5, -2.0]])  # y_local
     p = guided_prior_map(g, l, 3)
     assert p.shape == (2, 2, 3, 3)
     # D = [[0, .5, 1], [.5, 0, .5], [1, .5, 0]]; P = (1 - D) g + D l
     m = -1.0  # (2 + -4) / 2
-    expected_b0_c0 = torch.tensor([[2.0, m, -4.0],
-                                   [m, 2.0, m],
-                                   [-4.0, m, 2.0]])
+    expected_b0_c0 = torch.tensor([[2.0, m, -4.0], [m, 2.0, m], [-4.0, m, 2.0]])
     torch.testing.assert_close(p[0, 0], expected_b0_c0)
     torch.testing.assert_close(p[0, 1], torch.tensor([[-1.0, 1.0, 3.0], [1.0, -1.0, 1.0], [3.0, 1.0, -1.0]]))
     torch.testing.assert_close(p[1, 0], torch.tensor([[0.5, 1.0, 1.5], [1.0, 0.5, 1.0], [1.5, 1.0, 0.5]]))
@@ -56,8 +56,8 @@ def test_guided_prior_map_k6_hand_values():
     p = guided_prior_map(g, l, 6)
     assert p.shape == (1, 3, 6, 6)
     for i in range(6):
-        torch.testing.assert_close(p[0, :, i, i], g[0])          # diagonal: y_global
-    torch.testing.assert_close(p[0, :, 5, 0], l[0])              # far corners: y_local
+        torch.testing.assert_close(p[0, :, i, i], g[0])  # diagonal: y_global
+    torch.testing.assert_close(p[0, :, 5, 0], l[0])  # far corners: y_local
     torch.testing.assert_close(p[0, :, 0, 5], l[0])
     # D[1, 4] = 3/5: 0.4 g + 0.6 l
     torch.testing.assert_close(p[0, :, 1, 4], torch.tensor([0.4 * 3 - 0.6, -0.8 + 4.8, 3.0]))
@@ -76,6 +76,7 @@ def test_guided_prior_map_k1_is_global():
 
 # --------------------------------------------------------------------------- scheduler, closed form
 
+
 def test_schedule_closed_form():
     s = DDIMScheduler()
     assert s.betas.dtype == torch.float32 and s.betas.shape == (T,)
@@ -85,12 +86,15 @@ def test_schedule_closed_form():
     assert "betas" not in s.state_dict() and "alphas_cumprod" not in s.state_dict()
 
 
-@pytest.mark.parametrize("steps, expected", [
-    (10, [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
-    (7, [852, 710, 568, 426, 284, 142, 0]),
-    (1, [0]),
-    (3, [666, 333, 0]),
-])
+@pytest.mark.parametrize(
+    "steps, expected",
+    [
+        (10, [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
+        (7, [852, 710, 568, 426, 284, 142, 0]),
+        (1, [0]),
+        (3, [666, 333, 0]),
+    ],
+)
 def test_set_timesteps_leading(steps, expected):
     s = DDIMScheduler()
     out = s.set_timesteps(steps)
@@ -173,11 +177,20 @@ def test_add_noise_per_sample_t():
 
 # --------------------------------------------------------------------------- scheduler vs diffusers
 
+
 def diffusers_ddim(clip: bool = True):
     diffusers = pytest.importorskip("diffusers")
-    return diffusers.DDIMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                                   clip_sample=clip, set_alpha_to_one=True, timestep_spacing="leading",
-                                   steps_offset=0, prediction_type="epsilon")
+    return diffusers.DDIMScheduler(
+        num_train_timesteps=T,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=clip,
+        set_alpha_to_one=True,
+        timestep_spacing="leading",
+        steps_offset=0,
+        prediction_type="epsilon",
+    )
 
 
 @pytest.mark.parametrize("steps", [10, 7, 50])
@@ -220,11 +233,11 @@ def test_add_noise_matches_diffusers():
     y0 = torch.randn(4, 3, 3, 3, generator=g)
     eps = torch.randn(4, 3, 3, 3, generator=g)
     t = torch.tensor([0, 17, 600, 999])
-    torch.testing.assert_close(DDIMScheduler().add_noise(y0, eps, t), ref.add_noise(y0, eps, t),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(DDIMScheduler().add_noise(y0, eps, t), ref.add_noise(y0, eps, t), rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- heterologous noise
+
 
 def test_heterologous_noise_per_cell():
     torch.manual_seed(0)
@@ -260,14 +273,18 @@ def test_heterologous_noise_eps_standard_normal():
 
 # --------------------------------------------------------------------------- diffusion focal loss
 
-@pytest.mark.parametrize("logits, label, alpha, gamma, expected", [
-    ([0.0, 0.0, 0.0, 0.0], 2, 10.0, 1.0, 8.5),             # p = 0.25: 1 + 10 * 0.75
-    ([0.0, 0.0, 0.0, 0.0], 2, 10.0, 2.0, 6.625),           # 1 + 10 * 0.75^2
-    ([1000.0, 0.0, 0.0, 0.0], 0, 10.0, 1.0, 1.0),          # p = 1
-    ([1000.0, 0.0, 0.0, 0.0], 1, 10.0, 1.0, 11.0),         # p = 0
-    ([math.log(3.0), 0.0], 0, 10.0, 1.0, 3.5),             # p = 0.75
-    ([math.log(3.0), 0.0], 1, 4.0, 2.0, 1 + 4 * 0.5625),   # p = 0.25
-])
+
+@pytest.mark.parametrize(
+    "logits, label, alpha, gamma, expected",
+    [
+        ([0.0, 0.0, 0.0, 0.0], 2, 10.0, 1.0, 8.5),  # p = 0.25: 1 + 10 * 0.75
+        ([0.0, 0.0, 0.0, 0.0], 2, 10.0, 2.0, 6.625),  # 1 + 10 * 0.75^2
+        ([1000.0, 0.0, 0.0, 0.0], 0, 10.0, 1.0, 1.0),  # p = 1
+        ([1000.0, 0.0, 0.0, 0.0], 1, 10.0, 1.0, 11.0),  # p = 0
+        ([math.log(3.0), 0.0], 0, 10.0, 1.0, 3.5),  # p = 0.75
+        ([math.log(3.0), 0.0], 1, 4.0, 2.0, 1 + 4 * 0.5625),  # p = 0.25
+    ],
+)
 def test_focal_weight_hand_values(logits, label, alpha, gamma, expected):
     y_fusion = torch.tensor([logits])
     y0 = torch.nn.functional.one_hot(torch.tensor([label]), len(logits)).float()
@@ -318,6 +335,7 @@ def test_diffusion_focal_loss_gradient():
 
 # --------------------------------------------------------------------------- DDIM sampling
 
+
 class FakeDenoiser(nn.Module):
     """eps_hat = 0.2 Y_t - 0.1 P + x_w + t / 2000, x_w = mean of the image per sample."""
 
@@ -342,8 +360,14 @@ def test_ddim_sample_matches_hand_loop(steps):
     image = torch.rand(b, 3, 16, 16, generator=g) * 0.1
     start = torch.rand(2, b, c, generator=g)
     denoiser = FakeDenoiser(c, k)
-    out = ddim_sample(denoiser, DDIMScheduler(), denoiser.encode(image, None), guided_prior_map(y_global, y_local, k),
-                      guided_prior_map(start[0], start[1], k)[None], steps)
+    out = ddim_sample(
+        denoiser,
+        DDIMScheduler(),
+        denoiser.encode(image, None),
+        guided_prior_map(y_global, y_local, k),
+        guided_prior_map(start[0], start[1], k)[None],
+        steps,
+    )
 
     def grid(gv, lv):  # hand guided map (float64)
         d = np.abs(np.arange(k)[:, None] - np.arange(k)[None, :]) / (k - 1)
@@ -397,8 +421,14 @@ def test_sampling_with_the_encoders_once_equals_the_authors_loop(small_models):
 
     with torch.no_grad():
         out = dcg(image)
-        cached = ddim_sample(denoiser, DDIMScheduler(), denoiser.encode(image, out.patches),
-                             guided_prior_map(out.y_global, out.y_local, 3), y_start[None], steps)[0]
+        cached = ddim_sample(
+            denoiser,
+            DDIMScheduler(),
+            denoiser.encode(image, out.patches),
+            guided_prior_map(out.y_global, out.y_local, 3),
+            y_start[None],
+            steps,
+        )[0]
     assert counts == {"dcg": 1, "image": 1, "patch": 1}
     counts.update(dcg=0, image=0, patch=0)
     reference = authors_sampling_loop(dcg, denoiser, DDIMScheduler(), image, y_start, steps)
@@ -406,8 +436,14 @@ def test_sampling_with_the_encoders_once_equals_the_authors_loop(small_models):
     assert cached.shape == (2, 3, 3, 3) and torch.isfinite(cached).all()
     torch.testing.assert_close(cached, reference, rtol=0, atol=1e-6)
     # the sample depends on its start
-    other = ddim_sample(denoiser, DDIMScheduler(), denoiser.encode(image, out.patches),
-                        guided_prior_map(out.y_global, out.y_local, 3), y_start.flip(0)[None] * 0.5, steps)[0]
+    other = ddim_sample(
+        denoiser,
+        DDIMScheduler(),
+        denoiser.encode(image, out.patches),
+        guided_prior_map(out.y_global, out.y_local, 3),
+        y_start.flip(0)[None] * 0.5,
+        steps,
+    )[0]
     assert not torch.allclose(other, cached)
 
 
@@ -424,7 +460,7 @@ def test_ddim_sample_several_starts_equal_separate_runs(small_models):
     grids = ddim_sample(denoiser, DDIMScheduler(), condition, prior, y_start, 5)
     assert grids.shape == (4, 2, 3, 3, 3)
     for s in range(4):
-        single = ddim_sample(denoiser, DDIMScheduler(), condition, prior, y_start[s:s + 1], 5)
+        single = ddim_sample(denoiser, DDIMScheduler(), condition, prior, y_start[s : s + 1], 5)
         torch.testing.assert_close(grids[s], single[0], rtol=0, atol=1e-5)
     assert not torch.allclose(grids[0], grids[1])
     with pytest.raises(AssertionError, match="y_start must be"):

@@ -2,6 +2,7 @@
 repository): BreastMNIST and RetinaMNIST, HAM10000 with the DiffMIC split, multi-label NIH ChestX-ray14.
 Each run is the real command line, in-process, with the task's YAML, its paths, and settings small
 enough for a few CPU steps."""
+
 from __future__ import annotations
 
 import csv
@@ -23,16 +24,33 @@ SHARED = ROOT.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")
 
 # A few CPU steps: small images and model, random init (no weights can be fetched here).
-FEW_STEPS = ["data.image_size=64", "data.batch_size=16", "data.num_workers=0", "dcg.batch_size=16", "dcg.epochs=1",
-             "dcg.num_rois=3", "dcg.roi_size=32", "dcg.backbone_weights=null", "model.image_encoder=vit_t",
-             "model.feature_dim=16", "model.patch_encoder_weights=null", "trainer.max_epochs=1",
-             "trainer.val_every=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
+FEW_STEPS = [
+    "data.image_size=64",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "dcg.batch_size=16",
+    "dcg.epochs=1",
+    "dcg.num_rois=3",
+    "dcg.roi_size=32",
+    "dcg.backbone_weights=null",
+    "model.image_encoder=vit_t",
+    "model.feature_dim=16",
+    "model.patch_encoder_weights=null",
+    "trainer.max_epochs=1",
+    "trainer.val_every=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+]
 
 
 def fit(config: str, tmp_path: Path, *overrides: str) -> dict:
     logs = tmp_path / "logs"
-    assert diffuser_trainer.main(["fit", "--config", str(ROOT / "configs" / config), *FEW_STEPS, *overrides,
-                                  f"trainer.log_dir={logs}"]) == 0
+    assert (
+        diffuser_trainer.main(
+            ["fit", "--config", str(ROOT / "configs" / config), *FEW_STEPS, *overrides, f"trainer.log_dir={logs}"]
+        )
+        == 0
+    )
     (metrics,) = logs.glob("*/version_0/metrics.json")
     return json.loads(metrics.read_text())
 
@@ -41,10 +59,13 @@ def medmnist_overrides() -> list[str]:
     return [f"data.root={SHARED / 'medmnist'}", "data.download=false"]
 
 
-@pytest.mark.parametrize("config, sizes, channels_equal, train_counts", [
-    ("retinamnist.yml", (1080, 120, 400), False, [486, 128, 206, 194, 66]),
-    ("breastmnist.yml", (546, 78, 156), True, [147, 399]),
-])
+@pytest.mark.parametrize(
+    "config, sizes, channels_equal, train_counts",
+    [
+        ("retinamnist.yml", (1080, 120, 400), False, [486, 128, 206, 194, 66]),
+        ("breastmnist.yml", (546, 78, 156), True, [147, 399]),
+    ],
+)
 def test_medmnist_configs_load_the_official_files(config, sizes, channels_equal, train_counts):
     cfg = load_config(ROOT / "configs" / config, medmnist_overrides())
     sets = build_datasets(cfg)
@@ -77,11 +98,21 @@ def isic_paths(root: Path, train: Path, test: Path) -> list[str]:
 
 def test_isic_config_reads_the_whole_diffmic_split_changing_only_paths(ham_images):
     splits = SHARED / "diffmic_splits"
-    cfg = load_config(ROOT / "configs" / "isic.yml",
-                      isic_paths(ham_images, splits / "isic2018_train.csv", splits / "isic2018_test.csv"))
+    cfg = load_config(
+        ROOT / "configs" / "isic.yml",
+        isic_paths(ham_images, splits / "isic2018_train.csv", splits / "isic2018_test.csv"),
+    )
     sets = build_datasets(cfg)
     assert (len(sets["train"]) + len(sets["val"]), len(sets["test"])) == (7011, 3004)
-    assert np.bincount(sets["test"].labels).tolist() == [332, 2038, 146, 88, 329, 32, 39]  # MEL NV BCC AKIEC BKL DF VASC
+    assert np.bincount(sets["test"].labels).tolist() == [
+        332,
+        2038,
+        146,
+        88,
+        329,
+        32,
+        39,
+    ]  # MEL NV BCC AKIEC BKL DF VASC
     assert sets["train"][0]["image"].shape == (3, 224, 224)
 
 
@@ -109,8 +140,12 @@ def test_chest_multilabel_trains_and_reports_mean_auroc(tmp_path):
         labels[labels["split_chexnet"] == split].to_csv(tmp_path / f"{split}.csv", index=False)
     cfg = load_config(ROOT / "configs" / "chest.yml")
     findings = cfg["data"]["class_names"]
-    overrides = [f"data.root={tmp_path / 'images'}", *(f"data.{s}_list={tmp_path / f'{s}.csv'}" for s in ("train", "val", "test")),
-                 "dcg.num_rois=4", "model.patch_encoder=resnet18"]
+    overrides = [
+        f"data.root={tmp_path / 'images'}",
+        *(f"data.{s}_list={tmp_path / f'{s}.csv'}" for s in ("train", "val", "test")),
+        "dcg.num_rois=4",
+        "model.patch_encoder=resnet18",
+    ]
     metrics = fit("chest.yml", tmp_path, *overrides)
     assert metrics["selection"]["monitor"] == "val/auc"
     assert math.isfinite(metrics["test"]["auc"]) and 0.0 <= metrics["test"]["auc"] <= 1.0
@@ -126,9 +161,24 @@ def test_chest_multilabel_trains_and_reports_mean_auroc(tmp_path):
     # predict: one score per finding for each of the 181 test images
     ckpt = next((tmp_path / "logs").glob("chest/version_0/checkpoints/best.ckpt"))
     out = tmp_path / "predictions.csv"
-    assert diffuser_trainer.main(["predict", "--config", str(ROOT / "configs" / "chest.yml"), "--ckpt", str(ckpt),
-                                  "--out", str(out), *FEW_STEPS, *overrides, "dcg.num_rois=4",
-                                  f"trainer.log_dir={tmp_path / 'logs'}"]) == 0
+    assert (
+        diffuser_trainer.main(
+            [
+                "predict",
+                "--config",
+                str(ROOT / "configs" / "chest.yml"),
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(out),
+                *FEW_STEPS,
+                *overrides,
+                "dcg.num_rois=4",
+                f"trainer.log_dir={tmp_path / 'logs'}",
+            ]
+        )
+        == 0
+    )
     with out.open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 181 and [f"score_{n}" for n in findings] == [k for k in rows[0] if k.startswith("score_")]
