@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,11 +35,14 @@ PATH_KEYS = (
     "model.patch_encoder_weights",
     "trainer.log_dir",
 )
+# Input paths that must be folders; every other input path must be a file.
+FOLDER_KEYS = ("data.root",)
 # Keys whose value may be a keyword instead of a path.
 PATH_KEYWORDS = {"dcg.backbone_weights": ("imagenet",), "model.patch_encoder_weights": ("imagenet", "dcg")}
 # Keys that accept more than the type of their default.
 EXTRA_TYPES: dict[str, tuple[type, ...]] = {
-    "trainer.devices": (int,),
+    "trainer.devices": (int, list),  # Lightning's forms: auto, 2, "2", "0,1", [0, 1]
+    "trainer.precision": (int,),  # Lightning's legacy 16 / 32 / 64
     "trainer.limit_train_batches": (int,),
     "trainer.limit_val_batches": (int,),
 }
@@ -178,18 +184,66 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if _get(cfg, key) not in choices:
             raise ConfigError(f"config key {key}: {_get(cfg, key)!r} is not one of {', '.join(map(str, choices))}")
     _check_values(cfg)
+    check_trainer(cfg)
     return cfg
 
 
+# Counts that must be at least 1.
+AT_LEAST_ONE = (
+    "dcg.batch_size",
+    "dcg.epochs",
+    "trainer.max_epochs",
+    "trainer.val_every",
+    "trainer.log_every_n_steps",
+    "model.feature_dim",
+    "diffusion.timesteps",
+    "diffusion.eval_samples",
+)
+# The range pl.seed_everything (numpy's legacy seeding) accepts.
+MAX_SEED = 2**32 - 1
+
+
+def _check_finite(cfg: dict) -> None:
+    """NaN slips through every range check below (each comparison with it is false) and infinity through
+    the open-ended ones; both only surface as a NaN loss or an optimiser error hours into a run. Every
+    float key is checked, so a key added to default.yml is covered without being listed."""
+    for key, value in _flatten(cfg).items():
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            what = f"{value!r} holds a value that" if isinstance(value, list) else repr(value)
+            raise ConfigError(f"config key {key}: {what} is not a finite number (NaN or infinity); give a finite value")
+
+
 def _check_values(cfg: dict) -> None:
-    """Cross-key checks that would otherwise fail deep inside a run."""
-    data, dcg = cfg["data"], cfg["dcg"]
+    """Ranges and cross-key checks of values that would otherwise fail deep inside a run."""
+    _check_finite(cfg)
+    data, dcg, diffusion, optim = cfg["data"], cfg["dcg"], cfg["diffusion"], cfg["optim"]
+    if not 0 <= cfg["seed"] <= MAX_SEED:
+        raise ConfigError(f"config key seed: must be in 0..{MAX_SEED} (what Lightning seeds with), got {cfg['seed']}")
     if data["num_classes"] < 2:
         raise ConfigError("config key data.num_classes: need at least 2 classes")
-    if data["image_size"] % 32 != 0:
+    if data["image_size"] < 32 or data["image_size"] % 32 != 0:
         raise ConfigError(
-            f"config key data.image_size: {data['image_size']} must be a multiple of 32 "
+            f"config key data.image_size: {data['image_size']} must be a positive multiple of 32 "
             "(the CAM side is image_size / 32 and the ViT patch is 16)"
+        )
+    # the denoiser's BatchNorm1d of the image features cannot train on a batch of one image, which
+    # would only show after the DCG pre-training
+    if data["batch_size"] < 2:
+        raise ConfigError(
+            f"config key data.batch_size: need at least 2 (BatchNorm cannot train on one image), "
+            f"got {data['batch_size']}"
+        )
+    for key in AT_LEAST_ONE:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"config key {key}: must be at least 1, got {_get(cfg, key)}")
+    if data["num_workers"] < 0:
+        raise ConfigError(
+            f"config key data.num_workers: must be >= 0 (0 loads in the main process), got {data['num_workers']}"
+        )
+    if data["rotation_degrees"] < 0:
+        raise ConfigError(
+            f"config key data.rotation_degrees: must be >= 0 (0: no rotation), got {data['rotation_degrees']}"
         )
     cam = data["image_size"] // 32
     if not 1 <= dcg["num_rois"] <= cam * cam:
@@ -213,18 +267,37 @@ def _check_values(cfg: dict) -> None:
             "config key model.patch_encoder_weights: dcg copies the DCG's local ResNet-18, "
             f"so model.patch_encoder must be resnet18, not {cfg['model']['patch_encoder']}"
         )
-    steps, timesteps = cfg["diffusion"]["sampling_steps"], cfg["diffusion"]["timesteps"]
+    steps, timesteps = diffusion["sampling_steps"], diffusion["timesteps"]
     if not 1 <= steps <= timesteps:
         raise ConfigError(f"config key diffusion.sampling_steps: must be in 1..diffusion.timesteps ({timesteps})")
-    if cfg["diffusion"]["eval_samples"] < 1:
-        raise ConfigError(f"config key diffusion.eval_samples: need at least 1, got {cfg['diffusion']['eval_samples']}")
+    # the scheduler's linear betas: each step must add some noise, and alpha_bar = prod(1 - beta) stay positive
+    if not 0.0 < diffusion["beta_start"] < 1.0:
+        raise ConfigError(f"config key diffusion.beta_start: must be in (0, 1), got {diffusion['beta_start']}")
+    if not diffusion["beta_start"] <= diffusion["beta_end"] < 1.0:
+        raise ConfigError(
+            f"config key diffusion.beta_end: must be in [diffusion.beta_start, 1) = [{diffusion['beta_start']}, 1), "
+            f"got {diffusion['beta_end']}"
+        )
+    for key in ("diffusion.focal_alpha", "diffusion.focal_gamma"):  # w = 1 + alpha (1 - p)^gamma must stay >= 1
+        if _get(cfg, key) < 0.0:
+            raise ConfigError(f"config key {key}: must be >= 0 (0 turns the focal weight off), got {_get(cfg, key)}")
+    for key in ("optim.lr", "dcg.lr", "optim.eps"):
+        if _get(cfg, key) <= 0.0:
+            raise ConfigError(f"config key {key}: must be > 0, got {_get(cfg, key)}")
+    if optim["weight_decay"] < 0.0:
+        raise ConfigError(f"config key optim.weight_decay: must be >= 0, got {optim['weight_decay']}")
+    betas = optim["betas"]
+    if len(betas) != 2 or not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+    ):
+        raise ConfigError(f"config key optim.betas: need two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
     for key in ("dcg.min_lr_ratio", "optim.min_lr_ratio"):
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(
                 f"config key {key}: must be in [0, 1] (a fraction of the learning rate), got {_get(cfg, key)}"
             )
-    if len(cfg["optim"]["betas"]) != 2:
-        raise ConfigError("config key optim.betas: need two numbers, e.g. [0.9, 0.999]")
+    if data["dataset"] == "synthetic":
+        _check_synthetic(data)
     if data["dataset"] == "synthetic" and data["task"] == "multilabel":
         raise ConfigError("config key data.task: the synthetic demo set is multiclass")
     if data["dataset"] == "medmnist" and not data["flag"]:
@@ -233,48 +306,176 @@ def _check_values(cfg: dict) -> None:
         limit = _get(cfg, key)
         if (isinstance(limit, float) and not 0.0 < limit <= 1.0) or (isinstance(limit, int) and limit < 1):
             raise ConfigError(f"config key {key}: {limit!r} must be a fraction in (0, 1] or a number of batches >= 1")
-    for key in (
-        "data.batch_size",
-        "dcg.batch_size",
-        "dcg.epochs",
-        "trainer.max_epochs",
-        "trainer.val_every",
-        "model.feature_dim",
-    ):
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"config key {key}: must be at least 1")
 
 
-def check_paths(cfg: dict, need_dcg: bool) -> None:
-    """Raise ConfigError for every configured input file that does not exist. The DCG checkpoint
-    is an input only when `need_dcg` (fit pre-trains it when missing)."""
+def _check_synthetic(data: dict) -> None:
+    """The demo set's sizes, which its generator would otherwise refuse with an assertion."""
+    from dataloader.synthetic import NUM_TEXTURES  # here: dataloader imports this module
+
+    if data["num_classes"] > NUM_TEXTURES:
+        raise ConfigError(
+            f"config key data.num_classes: the synthetic demo set has {NUM_TEXTURES} class textures, "
+            f"got {data['num_classes']}"
+        )
+    syn = data["synthetic"]
+    if syn["num_train"] < 2:  # a training batch of one image cannot train BatchNorm
+        raise ConfigError(f"config key data.synthetic.num_train: need at least 2, got {syn['num_train']}")
+    for key in ("num_val", "num_test"):
+        if syn[key] < 1:
+            raise ConfigError(f"config key data.synthetic.{key}: must be at least 1, got {syn[key]}")
+    if not 0 < syn["pattern_size"] < data["image_size"]:
+        raise ConfigError(
+            f"config key data.synthetic.pattern_size: must be in 1..data.image_size - 1 ({data['image_size'] - 1}), "
+            f"got {syn['pattern_size']}"
+        )
+
+
+# What to give instead, per trainer key Lightning refuses.
+TRAINER_HINTS = {
+    "accelerator": "use auto, cpu, gpu, cuda or mps",
+    "devices": "use auto, a number of devices such as 1, or GPU indices such as [0, 1] or '0,1'",
+    "precision": "use e.g. 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true or 64-true",
+    "strategy": "use auto or a strategy Lightning lists, e.g. ddp",
+}
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Hide the device summary, tips and fallback warnings of a probe Trainer: the run's own Trainer
+    prints them again, once, when it is built."""
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
+    levels = [log.level for log in loggers]
+    try:
+        for log in loggers:
+            log.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+def check_trainer(cfg: dict) -> None:
+    """Let Lightning judge trainer.accelerator, trainer.devices and trainer.precision (and
+    trainer.strategy, where the config has that key) with its own rules, by building a bare Trainer
+    from them: no logger, no checkpoints, so nothing is written, and no process is started (that
+    happens at fit). A refused value raises a one-line ConfigError naming the key."""
+    # imported here, not at the top: Lightning takes seconds to import, and the many modules that only
+    # need ConfigError should not pay for it
+    import pytorch_lightning as pl
+    from pytorch_lightning.accelerators import CUDAAccelerator, MPSAccelerator
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    t = cfg["trainer"]
+    accelerator = t["accelerator"]
+    # Lightning's own availability tests (NVML-based: they do not initialise CUDA); its message for a
+    # missing GPU does not say what to do
+    cuda, mps = CUDAAccelerator.is_available(), MPSAccelerator.is_available()
+    if (accelerator == "cuda" and not cuda) or (accelerator == "gpu" and not (cuda or mps)):
+        raise ConfigError(
+            f"config key trainer.accelerator: {accelerator}, but no GPU is visible on this machine "
+            "(CUDA is not available); use trainer.accelerator=cpu or auto"
+        )
+    if accelerator == "mps" and not mps:
+        raise ConfigError(
+            "config key trainer.accelerator: mps, but MPS (Apple GPU) is not available on this machine; "
+            "use trainer.accelerator=cpu or auto"
+        )
+    devices = t["devices"]
+    if isinstance(devices, list) and not all(isinstance(d, int) and not isinstance(d, bool) for d in devices):
+        raise ConfigError(
+            f"config key trainer.devices: a list must hold device indices such as [0, 1], got {devices!r}"
+        )
+    names = ["accelerator", "devices", "precision"] + (["strategy"] if "strategy" in t else [])
+
+    def probe(keys: list[str]) -> None:
+        with _quiet_lightning():
+            pl.Trainer(
+                **{k: t[k] for k in keys},
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+
+    refusals = (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError)
+    try:
+        probe(names)
+        return
+    except refusals:
+        pass
+    # some key was refused: add the keys one at a time to name the first one Lightning refuses (the last
+    # round probes the whole set again, so it raises at the latest there)
+    for n, name in enumerate(names):
+        try:
+            probe(names[: n + 1])
+        except refusals as err:
+            given = ", ".join(f"trainer.{k}={t[k]!r}" for k in names[:n])
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ConfigError(
+                f"config key trainer.{name}: Lightning refuses {t[name]!r}{f' (with {given})' if given else ''}: "
+                f"{reason.rstrip('.')}; {TRAINER_HINTS[name]}"
+            ) from None
+
+
+def check_paths(cfg: dict, need_dcg: bool, need_data: bool = True) -> None:
+    """Raise ConfigError for every configured input path that does not exist, is a folder where a file
+    is expected (or a file where data.root must be a folder), or cannot be read. The DCG checkpoint
+    is an input only when `need_dcg` (fit pre-trains it when missing); the data set's lists only when
+    `need_data` (predict --input classifies other images). Files are not opened or loaded."""
+    data_keys = ["data.root", "data.train_list", "data.val_list", "data.test_list"]
     keys = [
-        "data.root",
-        "data.train_list",
-        "data.val_list",
-        "data.test_list",
+        *(data_keys if need_data else []),
         "dcg.backbone_weights",
         "model.efficientsam_weights",
         "model.patch_encoder_weights",
     ]
     if need_dcg:
         keys.append("dcg.ckpt")
-    if cfg["data"]["dataset"] == "medmnist":
-        keys.remove("data.root")  # the download creates it; offline, the loader's error says what to fetch
+    medmnist = cfg["data"]["dataset"] == "medmnist"
     for key in keys:
         value = _get(cfg, key)
         if value is None or value in PATH_KEYWORDS.get(key, ()):
             continue
-        if not Path(value).exists():
+        path = Path(value)
+        if not path.exists():
+            if medmnist and key == "data.root":
+                continue  # the download creates it; offline, the loader's error says what to fetch
             raise ConfigError(f"config key {key}: path does not exist: {value}")
-    required = {
-        "list": ("data.root", "data.train_list", "data.test_list"),
-        "medmnist": ("data.root",),
-        "synthetic": (),
-    }[cfg["data"]["dataset"]]
+        _check_readable(key, path)
+    required = (
+        {
+            "list": ("data.root", "data.train_list", "data.test_list"),
+            "medmnist": ("data.root",),
+            "synthetic": (),
+        }[cfg["data"]["dataset"]]
+        if need_data
+        else ()
+    )
     for key in required:
         if _get(cfg, key) is None:
             raise ConfigError(f"config key {key} is required when data.dataset is {cfg['data']['dataset']}")
+
+
+def _check_readable(key: str, path: Path) -> None:
+    """An existing input path must be of the right kind and readable (a folder: listable and enterable)."""
+    if key in FOLDER_KEYS:
+        if not path.is_dir():
+            raise ConfigError(
+                f"config key {key}: expected a folder, but {path} is a file; give the folder that holds the data"
+            )
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(
+                f"config key {key}: folder {path} is not readable (permission denied); fix its permissions"
+            )
+        return
+    if path.is_dir():
+        raise ConfigError(f"config key {key}: expected a file, but {path} is a folder; give the file inside it")
+    if not path.is_file():
+        raise ConfigError(f"config key {key}: {path} is not a regular file; give a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"config key {key}: file {path} is not readable (permission denied); fix its permissions")
 
 
 def dcg_ckpt_path(cfg: dict) -> Path:

@@ -11,8 +11,13 @@ the prediction is the mean of the final grids over the S samples and the K x K c
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
+from checkpoints import dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
+from config import ConfigError, dcg_ckpt_path
 from evaluation import EvaluatedSystem
 from model import build_denoiser
 from pipeline import (
@@ -25,6 +30,7 @@ from pipeline import (
     one_hot,
 )
 from pretraining.dcg import DCGOutput, build_dcg
+from pretraining.dcg_file import load_dcg
 from utils import build_optimizer
 
 
@@ -32,15 +38,78 @@ class DiffMICv2(EvaluatedSystem):
     """Frozen DCG guidance + ConditionalModel denoiser + DDIM scheduler.
 
     The guidance model is anything that maps an image batch to a `DCGOutput`; this class calls it in
-    exactly two places, `training_step` and `evaluate_batch`, and never trains it."""
+    exactly two places, `training_step` and `sample`, and never trains it.
+
+    Checkpoints do not hold the frozen DCG: they name its file by path and SHA-256 (checkpoints.py), and
+    `load_dcg_file` must have loaded that file before a checkpoint is loaded or saved."""
 
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
-        self.save_hyperparameters({"config": cfg})
+        self.save_hyperparameters({"cfg": cfg})
         d = cfg["diffusion"]
         self.dcg = build_dcg(cfg).requires_grad_(False)
         self.denoiser = build_denoiser(cfg)
         self.scheduler = DDIMScheduler(d["timesteps"], d["beta_start"], d["beta_end"], d["clip_sample"])
+        self.dcg_file: dict[str, str] | None = None  # the DCG file loaded into self.dcg: path and SHA-256
+
+    def load_dcg_file(self, path: str | Path, train_set=None) -> None:
+        """Load the frozen DCG from its file (with `train_set`, a new run: checked against what it was trained
+        from) and remember the file, which every checkpoint of this model names."""
+        load_dcg(self.dcg, self.cfg, Path(path), train_set)
+        self.dcg_file = dcg_reference(path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert self.dcg_file is not None, "load_dcg_file first: a checkpoint names the DCG file it was trained with"
+        for key in [k for k in checkpoint["state_dict"] if k.startswith("dcg.")]:
+            del checkpoint["state_dict"][key]  # kept once per run, in the DCG file
+        run_dir = self.trainer.log_dir if self._trainer is not None else None
+        checkpoint["dcg_file"] = with_run_folder(self.dcg_file, run_dir)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        reference = checkpoint.get("dcg_file")
+        if reference is None:  # an older checkpoint that holds the DCG itself
+            return
+        if self.dcg_file is None or self.dcg_file["sha256"] != reference["sha256"]:
+            raise ConfigError(
+                f"the checkpoint was trained with the DCG file {reference['path']} (SHA-256 "
+                f"{reference['sha256'][:12]}...); load that file with load_dcg_file before the checkpoint"
+            )
+        checkpoint["state_dict"].update({f"dcg.{k}": v for k, v in self.dcg.state_dict().items()})
+
+    def load_checkpoint_file(
+        self, path: str | Path, dcg_path: str | Path | None = None, checkpoint: dict[str, Any] | None = None
+    ) -> None:
+        """Load a checkpoint of this project into this model, its DCG from the DCG file the checkpoint names (the
+        recorded path, the same place relative to the run folder, or `dcg_path` / the config's DCG path). A file
+        that is unsafe, damaged, or does not fit this model's config is a ConfigError naming it. `checkpoint`:
+        the file's content when the caller has read it already."""
+        checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+        if "state_dict" not in checkpoint:
+            raise ConfigError(f"checkpoint {path} holds no state_dict: not a checkpoint written by this project")
+        if "dcg_file" in checkpoint:
+            self.load_dcg_file(find_dcg_file(checkpoint["dcg_file"], path, dcg_path or dcg_ckpt_path(self.cfg)))
+        self.on_load_checkpoint(checkpoint)
+        try:
+            self.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as err:
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise ConfigError(f"checkpoint {path} does not fit the config's model ({first})") from None
+
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path: str | Path, dcg_path: str | Path | None = None, **_: Any
+    ) -> DiffMICv2:
+        """The trained model of a checkpoint, in eval mode, built from the config stored in it (for notebooks):
+        `DiffMICv2.load_from_checkpoint("logs/demo/version_0/checkpoints/best.ckpt")`. Loads as weights only;
+        the DCG comes from the run's DCG file (see `load_checkpoint_file`)."""
+        checkpoint = read_checkpoint(checkpoint_path)
+        hparams = checkpoint.get("hyper_parameters", {})
+        cfg = hparams.get("cfg", hparams.get("config"))
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"checkpoint {checkpoint_path} stores no DiffMIC-v2 config (hyper_parameters.cfg)")
+        system = cls(cfg)
+        system.load_checkpoint_file(checkpoint_path, dcg_path, checkpoint)
+        return system.eval()
 
     def train(self, mode: bool = True) -> DiffMICv2:
         super().train(mode)

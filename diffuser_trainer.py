@@ -1,7 +1,7 @@
 """The command line: train and evaluate DiffMIC-v2.
 
     python diffuser_trainer.py [fit|validate|test|predict] [--config FILE] [--ckpt PATH|best|last]
-                               [--out FILE] [key.sub=value ...]
+                               [--out FILE] [--input DIR_OR_LIST] [key.sub=value ...]
 
 A config error ends the command with exit code 2 and one line that names the key or the file.
 """
@@ -17,13 +17,15 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 import yaml
 
+from checkpoints import read_checkpoint
 from config import ConfigError, check_paths, dcg_ckpt_path, errors_of, load_config
 from dataloader.datamodule import DiffMICDataModule
+from dataloader.transforms import build_transform
+from dataloader.unlabelled import unlabelled_images
 from diffmic_v2 import DiffMICv2
-from pretraining.train_dcg import load_dcg, pretrain_dcg
+from pretraining.train_dcg import pretrain_dcg
 from utils import build_trainer, selection_metric, setup_logging
 
 logger = logging.getLogger("diffuser_trainer")
@@ -51,64 +53,81 @@ def version_of(ckpt: Path | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def load_weights(system: DiffMICv2, ckpt: Path) -> None:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    try:
-        system.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise ConfigError(f"--ckpt {ckpt} does not fit the config's model ({first})") from None
-    logger.info("weights loaded from %s", ckpt)
-
-
 def write_json(path: Path, content: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=2, allow_nan=True))
     logger.info("wrote %s", path)
 
 
-def write_predictions(path: Path, outputs: list[dict], dataset, class_names: list[str]) -> None:
-    """One row per image: its id, the truth, one score per class (finding), the prediction and the
-    spread of the grid cells. Multi-label: the truth and prediction are the findings at or above
-    0.5, joined by '|'."""
+def write_predictions(path: Path, outputs: list[dict], dataset, class_names: list[str], multilabel: bool) -> None:
+    """One row per image: its id, its label (when the images have labels), one score per class (finding), the
+    prediction and the spread of the grid cells. Multi-label: the label and the prediction are the findings at
+    or above 0.5, joined by '|'. Unlabelled images (predict --input) get a `status` column instead of a label:
+    `ok`, or `unreadable: <why>` with the scores left empty."""
+    labelled = dataset.labels is not None
+    head = ["image"] + (["label"] if labelled else []) + [f"score_{n}" for n in class_names] + ["pred"]
+    head += ([] if multilabel else ["pred_name"]) + ["spread"] + ([] if labelled else ["status"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    scores_head = [f"score_{n}" for n in class_names]
+    unreadable = 0
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        rows = [
-            (i, s, sp, y)
-            for out in outputs
-            for i, s, sp, y in zip(out["index"], out["scores"], out["spread"], out["label"], strict=True)
-        ]
-        multilabel = bool(rows) and rows[0][3].dim() == 1
-        if multilabel:
-            writer.writerow(["image", "label"] + scores_head + ["pred", "spread"])
-        else:
-            writer.writerow(["image", "label"] + scores_head + ["pred", "pred_name", "spread"])
-        for i, scores, spread, label in rows:
-            values = [f"{s:.6f}" for s in scores.tolist()]
-            if multilabel:
-                truth = "|".join(n for n, y in zip(class_names, label.tolist(), strict=True) if y >= 0.5)
-                pred = "|".join(n for n, s in zip(class_names, scores.tolist(), strict=True) if s >= 0.5)
-                writer.writerow([dataset.ids[int(i)], truth] + values + [pred, f"{float(spread):.6f}"])
-            else:
-                pred = int(scores.argmax())
-                writer.writerow(
-                    [dataset.ids[int(i)], int(label)] + values + [pred, class_names[pred], f"{float(spread):.6f}"]
-                )
+        writer.writerow(head)
+        for out in outputs:
+            errors = out.get("error", [""] * len(out["index"]))
+            for i, scores, spread, label, error in zip(
+                out["index"], out["scores"], out["spread"], out["label"], errors, strict=True
+            ):
+                row = [dataset.ids[int(i)]]
+                if labelled:
+                    truth = label.tolist()
+                    row.append(
+                        "|".join(n for n, y in zip(class_names, truth, strict=True) if y >= 0.5)
+                        if multilabel
+                        else int(truth)
+                    )
+                if error:
+                    unreadable += 1
+                    writer.writerow(row + [""] * (len(head) - len(row) - 1) + [f"unreadable: {error}"])
+                    continue
+                row += [f"{s:.6f}" for s in scores.tolist()]
+                if multilabel:
+                    row.append("|".join(n for n, s in zip(class_names, scores.tolist(), strict=True) if s >= 0.5))
+                else:
+                    pred = int(scores.argmax())
+                    row += [pred, class_names[pred]]
+                row.append(f"{float(spread):.6f}")
+                writer.writerow(row + ([] if labelled else ["ok"]))
+    if unreadable:
+        logger.warning("%d image(s) could not be read: their rows in %s say why", unreadable, path)
     logger.info("wrote %s", path)
 
 
-def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None:
-    """Run one command on a checked config; `out` replaces the default output file."""
-    check_paths(cfg, need_dcg=False)
+def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source: str | None = None) -> None:
+    """Run one command on a checked config; `out` replaces the default output file; `source` (predict only) is a
+    folder or list of unlabelled images to classify instead of the test list. A checkpoint is read (weights only)
+    and checked against the config before anything runs or is written."""
+    if source is not None and command != "predict":
+        raise ConfigError(f"--input is for predict, not {command}")
+    check_paths(cfg, need_dcg=False, need_data=source is None)
     ckpt = find_checkpoint(cfg, ckpt_spec) if ckpt_spec else None
     if command != "fit" and ckpt is None:
         raise ConfigError(f"{command} needs --ckpt PATH|best|last")
+    checkpoint = read_checkpoint(ckpt) if ckpt is not None else None
+    if command == "fit" and ckpt is None and dcg_ckpt_path(cfg).is_file():  # refused before any work if unsafe
+        read_checkpoint(dcg_ckpt_path(cfg), "DCG file (config key dcg.ckpt)")
     pl.seed_everything(cfg["seed"], workers=True)  # initialisation, shuffling and noise follow cfg.seed
-    data = DiffMICDataModule(cfg)
+    if source is None:
+        data = DiffMICDataModule(cfg)
+    else:
+        images = unlabelled_images(
+            source, cfg["data"]["root"], build_transform(cfg, train=False), cfg["data"]["image_size"]
+        )
+        data = DiffMICDataModule(cfg, datasets={"predict": images})
     system = DiffMICv2(cfg)
     names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
+    if checkpoint is not None:  # evaluation, or a resume: the weights must fit the config before any file is written
+        system.load_checkpoint_file(ckpt, checkpoint=checkpoint)
+        logger.info("weights loaded from %s", ckpt)
     if command == "fit":
         if ckpt is None:  # a new run: the DCG (pre-trained first if missing) and the encoders' initial weights
             dcg_path = dcg_ckpt_path(cfg)
@@ -119,7 +138,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
                     cfg["dcg"]["epochs"],
                 )
                 pretrain_dcg(cfg, data.datasets)
-            load_dcg(system.dcg, cfg, dcg_path)
+            system.load_dcg_file(dcg_path, data.datasets["train"])
             with errors_of("model.efficientsam_weights"):
                 system.denoiser.load_image_encoder(cfg["model"]["efficientsam_weights"])
             with errors_of("model.patch_encoder_weights"):
@@ -128,9 +147,9 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
             cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
         )
         save_config(cfg, trainer)
-        trainer.fit(system, datamodule=data, ckpt_path=ckpt)
+        trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)
         best_path = best.best_model_path or str(Path(trainer.log_dir) / "checkpoints" / "last.ckpt")
-        trainer.validate(system, datamodule=data, ckpt_path=best_path, verbose=False)
+        trainer.validate(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
         result = {
             "checkpoint": best_path,
             "val": dict(system.last_metrics),
@@ -139,11 +158,10 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
                 "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
             },
         }
-        trainer.test(system, datamodule=data, ckpt_path=best_path, verbose=False)
+        trainer.test(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
         result["test"] = dict(system.last_metrics)
         write_json(Path(out) if out else Path(trainer.log_dir) / "metrics.json", result)
         return
-    load_weights(system, ckpt)
     trainer, _ = build_trainer(cfg, cfg["name"], 1, 1)
     save_config(cfg, trainer)
     if command in ("validate", "test"):
@@ -155,8 +173,10 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None) -> None
         )
     else:
         outputs = trainer.predict(system, datamodule=data)
+        dataset = data.datasets["predict" if source is not None else "test"]
+        multilabel = cfg["data"]["task"] == "multilabel"
         write_predictions(
-            Path(out) if out else Path(trainer.log_dir) / "predictions.csv", outputs, data.datasets["test"], names
+            Path(out) if out else Path(trainer.log_dir) / "predictions.csv", outputs, dataset, names, multilabel
         )
 
 
@@ -177,6 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
     parser.add_argument("--ckpt", help="checkpoint: a path, best or last (fit: resume from it)")
     parser.add_argument("--out", help="where validate/test/fit write metrics JSON, or predict its CSV")
+    parser.add_argument("--input", help="predict: a folder of images or a CSV list of paths, without labels")
     args = parser.parse_intermixed_args(argv)
     args.command = args.words.pop(0) if args.words and args.words[0] in COMMANDS else "fit"
     bad = [w for w in args.words if "=" not in w]
@@ -190,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_config(args.config, args.words)
-        run(args.command, cfg, args.ckpt, args.out)
+        run(args.command, cfg, args.ckpt, args.out, args.input)
     except ConfigError as err:
         logger.error("config error: %s", err)
         return 2

@@ -40,6 +40,8 @@ class EvaluatedSystem(pl.LightningModule):
     def _step(self, batch: dict) -> dict:
         out = {k: v.detach().float().cpu() for k, v in self.evaluate_batch(batch).items()}
         out.update(label=batch["label"].cpu(), index=batch["index"].cpu())
+        if "error" in batch:  # unlabelled images: why an image could not be read ("" when it was)
+            out["error"] = list(batch["error"])
         self._collected.append(out)
         return out
 

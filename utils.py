@@ -66,16 +66,23 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 def build_trainer(
-    cfg: dict, run_name: str, max_epochs: int, val_every: int, version: int | None = None
+    cfg: dict, run_name: str, max_epochs: int, val_every: int, version: int | None = None, resumable: bool = True
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
     """A Trainer logging to <log_dir>/<run_name>/version_N with TensorBoard, a progress bar, the
-    learning rate, `best.ckpt` (highest `selection_metric`, the later epoch on a tie) and `last.ckpt`
-    (every epoch, for resuming)."""
+    learning rate, `best.ckpt` (highest `selection_metric`, the later epoch on a tie; the weights only, what
+    evaluation needs) and, when `resumable`, `last.ckpt` (every epoch, with the optimiser state, for resuming)."""
     t = cfg["trainer"]
     best = BestCheckpoint(
-        monitor=selection_metric(cfg), mode="max", filename="best", save_top_k=1, auto_insert_metric_name=False
+        monitor=selection_metric(cfg),
+        mode="max",
+        filename="best",
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        save_weights_only=True,
     )
-    last = ModelCheckpoint(filename="last", save_top_k=1, save_on_train_epoch_end=True)
+    checkpoints = [best]
+    if resumable:
+        checkpoints.append(ModelCheckpoint(filename="last", save_top_k=1, save_on_train_epoch_end=True))
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         check_val_every_n_epoch=val_every,
@@ -84,7 +91,7 @@ def build_trainer(
         precision=t["precision"],
         log_every_n_steps=t["log_every_n_steps"],
         logger=TensorBoardLogger(t["log_dir"], name=run_name, version=version, default_hp_metric=False),
-        callbacks=[best, last, LearningRateMonitor(logging_interval="epoch")],
+        callbacks=[*checkpoints, LearningRateMonitor(logging_interval="epoch")],
         limit_train_batches=t["limit_train_batches"],
         limit_val_batches=t["limit_val_batches"],
         num_sanity_val_steps=0,

@@ -36,7 +36,8 @@ import diffuser_trainer
 from config import PROJECT_ROOT, ConfigError, check_paths, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from evaluation import EvaluatedSystem
-from pretraining.train_dcg import DCGSystem, dcg_optimizer, load_dcg, pretrain_dcg
+from pretraining.dcg_file import load_dcg
+from pretraining.train_dcg import DCGSystem, dcg_optimizer, pretrain_dcg
 from utils import build_trainer, setup_logging
 
 logger = logging.getLogger("benchmarks.accuracy")

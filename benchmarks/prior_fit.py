@@ -30,7 +30,7 @@ from dataloader.transforms import build_transform
 from metrics import classification_metrics
 from pipeline import focal_weight, one_hot
 from pretraining.dcg import build_dcg
-from pretraining.train_dcg import load_dcg
+from pretraining.dcg_file import load_dcg
 from utils import setup_logging
 
 logger = logging.getLogger("benchmarks.prior_fit")

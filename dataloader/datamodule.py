@@ -181,4 +181,5 @@ class DiffMICDataModule(pl.LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        """The `predict` split when there is one (unlabelled images, predict --input), else the test list."""
+        return self._loader("predict" if "predict" in self.datasets else "test", train=False)

@@ -2,12 +2,18 @@
 
 Single-label lists give one integer class per image; multi-label lists give a multi-hot row of C
 findings (per-finding CSV columns named by data.class_names, a `label` column of C bits, or the
-authors' pickle, whose rows may carry a 15th "no finding" bit that is dropped)."""
+authors' pickle, whose rows may carry a 15th "no finding" bit; it is dropped only when it is 1 exactly
+when none of the C findings is, in every row).
+
+A listed path that does not resolve under the data root (the authors' lists name images like
+`./dataset/isic2018/images/ISIC_0032616.jpg`) is looked up by its file name anywhere under the root."""
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,36 +86,63 @@ def _class_labels(path: Path, raw: list, num_classes: int) -> np.ndarray:
     return labels
 
 
+def _row_bits(path: Path, i: int, row, num_classes: int) -> np.ndarray:
+    """One multi-hot row (a sequence or an 'a b c' / 'a|b|c' / 'a,b,c' string) -> its 0/1 values."""
+    bits = row.replace("|", " ").replace(",", " ").split() if isinstance(row, str) else row
+    if not isinstance(bits, (list, tuple, np.ndarray)):
+        raise ConfigError(
+            f"split list {path}, row {i}: label {row!r} is not a multi-hot row of "
+            f"{num_classes} bits (data.task is multilabel)"
+        )
+    if len(bits) not in (num_classes, num_classes + 1):
+        raise ConfigError(
+            f"split list {path}, row {i}: multi-hot label of length {len(bits)}, expected "
+            f"data.num_classes = {num_classes} (or {num_classes + 1} ending in the authors' no-finding bit); "
+            f"the row holds {row!r}. Set data.num_classes to the number of findings or fix the row"
+        )
+    try:
+        values = np.asarray([float(b) for b in bits])
+    except (TypeError, ValueError):
+        raise ConfigError(f"split list {path}, row {i}: label {row!r} holds something other than 0 and 1") from None
+    if not np.all((values == 0) | (values == 1)):
+        raise ConfigError(f"split list {path}, row {i}: label {row!r} holds something other than 0 and 1")
+    return values
+
+
 def _multi_hot(path: Path, rows: list, num_classes: int) -> np.ndarray:
-    """Rows of bits (sequences or 'a b c' / 'a|b|c' strings) -> (N, C) float32."""
+    """Rows of bits -> (N, C) float32. Rows of C + 1 bits (the authors' chest lists) lose their last
+    bit only when it is the no-finding bit: 1 exactly when none of the C findings is, in every row.
+    Anything else (a 15th finding, a shifted column) would silently lose or corrupt labels, so it is
+    refused, naming the first row that shows it."""
     out = np.zeros((len(rows), num_classes), np.float32)
-    extra_bit = 0
+    width = None  # the width of row 0: a list mixing C and C + 1 bits is malformed
     for i, row in enumerate(rows):
-        bits = row.replace("|", " ").replace(",", " ").split() if isinstance(row, str) else row
-        if not isinstance(bits, (list, tuple, np.ndarray)):
+        values = _row_bits(path, i, row, num_classes)
+        if width is None:
+            width = len(values)
+        elif len(values) != width:
             raise ConfigError(
-                f"split list {path}, row {i}: label {row!r} is not a multi-hot row of "
-                f"{num_classes} bits (data.task is multilabel)"
+                f"split list {path}, row {i}: multi-hot label of length {len(values)} ({row!r}), but row 0 has "
+                f"{width} bits; every row must have data.num_classes = {num_classes} bits, or every row "
+                f"{num_classes + 1} ending in the authors' no-finding bit"
             )
-        if len(bits) == num_classes + 1:  # the authors' chest lists append a "no finding" bit
-            bits, extra_bit = bits[:num_classes], extra_bit + 1
-        if len(bits) != num_classes:
-            raise ConfigError(
-                f"split list {path}, row {i}: multi-hot label of length {len(bits)}, expected "
-                f"data.num_classes = {num_classes} (or {num_classes + 1} with a trailing no-finding bit)"
-            )
-        try:
-            values = np.asarray([float(b) for b in bits])
-        except (TypeError, ValueError):
-            raise ConfigError(f"split list {path}, row {i}: label {row!r} holds something other than 0 and 1") from None
-        if not np.all((values == 0) | (values == 1)):
-            raise ConfigError(f"split list {path}, row {i}: label {row!r} holds something other than 0 and 1")
-        out[i] = values
-    if extra_bit:
+        if width == num_classes + 1:
+            findings, extra = int(values[:num_classes].sum()), int(values[num_classes])
+            if extra != int(findings == 0):
+                found = f"together with {findings} finding(s)" if findings else "although none of the findings is 1"
+                raise ConfigError(
+                    f"split list {path}, row {i}: label {row!r} has {num_classes + 1} bits for data.num_classes = "
+                    f"{num_classes}, and its last bit is {extra} {found}. The extra column is dropped only when it "
+                    f"is the authors' no-finding bit, which must be 1 exactly when none of the first {num_classes} "
+                    f"bits is 1, in every row; fix the list, or set data.num_classes = {num_classes + 1} if the "
+                    "last column is a finding of its own"
+                )
+        out[i] = values[:num_classes]
+    if width == num_classes + 1:
         logger.info(
             "%s: dropped the appended no-finding bit of %d rows (it is 1 exactly when no finding is)",
             path.name,
-            extra_bit,
+            len(rows),
         )
     return out
 
@@ -151,7 +184,8 @@ def read_list(
 
 
 def resolve_image(root: Path, name: str) -> Path | None:
-    """root/name, or root/name.<suffix> for lists that give ids without extension."""
+    """root/name, or root/name.<suffix> for lists that give ids without extension. An absolute name
+    that exists is used as it is (root / absolute_path is absolute_path)."""
     candidate = root / name
     if candidate.is_file():
         return candidate
@@ -159,6 +193,63 @@ def resolve_image(root: Path, name: str) -> Path | None:
         if (root / (name + suffix)).is_file():
             return root / (name + suffix)
     return None
+
+
+def _index_images_by_name(root: Path) -> dict[str, list[Path]]:
+    """File name -> sorted paths of every image file (IMAGE_SUFFIXES, any case) anywhere under root.
+    Symlinked folders are followed (data sets are often linked in), each real folder once."""
+    index: dict[str, list[Path]] = defaultdict(list)
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a second link to a folder already scanned, or a link cycle
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for file in files:
+            if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES:
+                index[file].append(Path(folder) / file)
+    logger.debug("indexed %d image file name(s) under %s", len(index), root)
+    return {name: sorted(paths) for name, paths in index.items()}
+
+
+# data root -> its index, so the train, val and test lists of one run share a single scan
+_NAME_INDEXES: dict[Path, dict[str, list[Path]]] = {}
+
+
+def _file_name(listed: str) -> str:
+    """The last path component, for '/' and for the '\\' of lists written on Windows."""
+    return listed.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _name_candidates(index: dict[str, list[Path]], listed: str) -> list[Path]:
+    """Files whose name is the listed file name, or that name plus an image suffix (as for root/name)."""
+    name = _file_name(listed)
+    if not name:
+        return []
+    found = list(index.get(name, []))
+    for suffix in IMAGE_SUFFIXES:
+        found += index.get(name + suffix, [])
+    # one file reached through two names (a symlinked file) is one candidate
+    unique: dict[str, Path] = {}
+    for candidate in found:
+        unique.setdefault(os.path.realpath(candidate), candidate)
+    return list(unique.values())
+
+
+def find_by_name(root: Path, names: list[str]) -> list[list[Path]]:
+    """For each listed path, the image files under root with its file name (a list per name). The
+    index of root is built on first need and kept; a cached index that cannot answer (a name with
+    no file, or a file gone) is rebuilt once, since files may have been added since it was built."""
+    key = root.resolve()
+    fresh = key not in _NAME_INDEXES
+    if fresh:
+        _NAME_INDEXES[key] = _index_images_by_name(root)
+    found = [_name_candidates(_NAME_INDEXES[key], n) for n in names]
+    if not fresh and any(not c or not all(p.is_file() for p in c) for c in found):
+        _NAME_INDEXES[key] = _index_images_by_name(root)
+        found = [_name_candidates(_NAME_INDEXES[key], n) for n in names]
+    return found
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -176,20 +267,64 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 class ImageList(Dataset):
-    """Images named by a split list, relative to `root`; missing files are a ConfigError that lists
-    the first few and their count."""
+    """Images named by a split list, relative to `root`. A listed path that does not resolve there
+    (the authors' lists carry their own folders, e.g. ./dataset/isic2018/images/ISIC_0032616.jpg) is
+    found by its file name anywhere under root; a name matching two files is a ConfigError, and
+    missing files are a ConfigError that lists the first few and their count."""
 
     def __init__(self, split: SplitList, root: str | Path, transform=None) -> None:
         root = Path(root)
         resolved = [resolve_image(root, p) for p in split.paths]
+        unresolved = [i for i, r in enumerate(resolved) if r is None]
+        if unresolved:  # scan the root only when some listed path does not resolve directly
+            self._resolve_by_name(split, root, resolved, unresolved)
         missing = [p for p, r in zip(split.paths, resolved, strict=True) if r is None]
         if missing:
             raise ConfigError(
                 f"{len(missing)} of {len(split)} image(s) of {split.name} not found under {root}: "
-                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                "(looked for root/<path>, root/<path>.<image suffix> and the file name anywhere under root); "
+                "check data.root and the list"
             )
         self.paths, self.labels, self.ids = resolved, split.labels, list(split.paths)
         self.transform = transform
+
+    @staticmethod
+    def _resolve_by_name(split: SplitList, root: Path, resolved: list[Path | None], rows: list[int]) -> None:
+        """Fill resolved[i] for the given rows by file name under root (in place)."""
+        candidates = find_by_name(root, [split.paths[i] for i in rows])
+        by_name: dict[Path, str] = {}  # file -> the first listed path that took it
+        merged: list[tuple[str, str, Path]] = []  # distinct listed paths that share one file
+        found = 0
+        for i, files in zip(rows, candidates, strict=True):
+            if len(files) > 1:
+                raise ConfigError(
+                    f"{split.name}: {split.paths[i]!r} is not under {root}, and its file name "
+                    f"{_file_name(split.paths[i])!r} matches {len(files)} files there: {files[0]}, {files[1]}; "
+                    "remove or rename the duplicates, or point data.root at the folder the list's paths are "
+                    "relative to"
+                )
+            if files:
+                resolved[i], found = files[0], found + 1
+                other = by_name.setdefault(files[0], split.paths[i])
+                if other != split.paths[i]:
+                    merged.append((other, split.paths[i], files[0]))
+        if merged:  # the list tells these files apart by folder, the tree under root does not
+            logger.warning(
+                "%s: %d listed path(s) resolve by file name to a file another listed path also resolves to, "
+                "e.g. %r and %r both to %s; check data.root",
+                split.name,
+                len(merged),
+                *merged[0],
+            )
+        if found:
+            logger.info(
+                "%s: %d of %d image(s) found by file name under %s (their listed folders are not under data.root)",
+                split.name,
+                found,
+                len(split),
+                root,
+            )
 
     def __len__(self) -> int:
         return len(self.labels)

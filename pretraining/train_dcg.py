@@ -1,6 +1,7 @@
 """Pre-train the DCG guidance model (SPEC section 2): cross-entropy (binary cross-entropy for
 multi-label) on y_global, y_local and y_fusion, Adam, the diffusion model's training split; the best
-epoch by validation macro F1 (multi-label: mean AUROC) is saved to the DCG file.
+epoch by validation macro F1 (multi-label: mean AUROC) is saved to the DCG file (pretraining/dcg_file.py), the
+only copy of the trained DCG that the run keeps.
 
     python pretraining/train_dcg.py --config configs/demo.yml [key.sub=value ...]
 """
@@ -20,44 +21,11 @@ from torch.utils.data import Dataset
 from config import ConfigError, check_paths, dcg_ckpt_path, errors_of, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from evaluation import EvaluatedSystem
-from pretraining.dcg import DCG, build_dcg
+from pretraining.dcg import build_dcg
+from pretraining.dcg_file import save_dcg
 from utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging
 
 logger = logging.getLogger(__name__)
-
-
-def dcg_meta(cfg: dict) -> dict:
-    """The config values a saved DCG must agree with."""
-    return {
-        "num_classes": cfg["data"]["num_classes"],
-        "image_size": cfg["data"]["image_size"],
-        "num_rois": cfg["dcg"]["num_rois"],
-        "roi_size": cfg["dcg"]["roi_size"],
-        "percent_t": cfg["dcg"]["percent_t"],
-        "task": cfg["data"]["task"],
-    }
-
-
-def save_dcg(dcg: DCG, cfg: dict, path: Path) -> None:
-    """The DCG's state dict and the settings it was trained with."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": dcg.state_dict(), "meta": dcg_meta(cfg)}, path)
-
-
-def load_dcg(dcg: DCG, cfg: dict, path: Path) -> None:
-    """Load DCG weights saved by `save_dcg`; a file made for other settings is a config error."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise ConfigError(f"config key dcg.ckpt: {path} is not a DCG file written by pretraining/train_dcg.py")
-    expected = dcg_meta(cfg)
-    wrong = {k: v for k, v in saved.get("meta", {}).items() if k in expected and expected[k] != v}
-    if wrong:
-        raise ConfigError(
-            f"config key dcg.ckpt: {path} was trained with {wrong}, the config asks for "
-            f"{ {k: expected[k] for k in wrong} }; delete the file or point dcg.ckpt elsewhere"
-        )
-    dcg.load_state_dict(saved["state_dict"])
-    logger.info("DCG weights loaded from %s", path)
 
 
 def dcg_optimizer(params, cfg: dict) -> dict:
@@ -106,13 +74,17 @@ def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None) -> Path:
     with errors_of("dcg.backbone_weights"):
         system.dcg.load_backbone_weights(cfg["dcg"]["backbone_weights"])
     data = DiffMICDataModule(cfg, batch_size=cfg["dcg"]["batch_size"], datasets=datasets)
-    trainer, best = build_trainer(cfg, f"{cfg['name']}/dcg", cfg["dcg"]["epochs"], val_every=1)
+    trainer, best = build_trainer(cfg, f"{cfg['name']}/dcg", cfg["dcg"]["epochs"], val_every=1, resumable=False)
     trainer.fit(system, datamodule=data)
-    trainer.validate(system, datamodule=data, ckpt_path=best.best_model_path or None, verbose=False)
+    best_path = best.best_model_path or None
+    trainer.validate(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
     metric = selection_metric(cfg).split("/", 1)[1]
     logger.info("DCG: validation %s %.4f at its best epoch", metric, system.last_metrics.get(metric, float("nan")))
-    save_dcg(system.dcg, cfg, path)
-    logger.info("DCG saved to %s", path)
+    if trainer.is_global_zero:
+        save_dcg(system.dcg, cfg, datasets["train"], path)
+        logger.info("DCG saved to %s", path)
+        if best_path is not None:  # the DCG file is now the one copy of these weights
+            Path(best_path).unlink()
     return path
 
 

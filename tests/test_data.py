@@ -182,17 +182,31 @@ def test_multilabel_label_column_of_bits(tmp_path):
     assert split.labels.tolist() == [[1, 0, 1], [0, 1, 0]]
 
 
-def test_authors_chest_pickle_drops_the_no_finding_bit(tmp_path):
-    entries = [{"img_root": "x.png", "label": [1, 0, 0, 0]}, {"img_root": "y.png", "label": [0, 0, 0, 1]}]
+def test_authors_chest_pickle_drops_the_no_finding_bit(tmp_path, caplog):
+    # the last bit is 1 exactly when none of the 3 findings is: it is the no-finding bit
+    entries = [
+        {"img_root": "x.png", "label": [1, 0, 0, 0]},
+        {"img_root": "y.png", "label": [0, 0, 0, 1]},
+        {"img_root": "z.png", "label": [0, 1, 1, 0]},
+    ]
     (tmp_path / "chest.pkl").write_bytes(pickle.dumps(entries))
-    split = read_list(tmp_path / "chest.pkl", 3, multilabel=True)
-    assert split.labels.tolist() == [[1, 0, 0], [0, 0, 0]]
+    with caplog.at_level("INFO", logger="dataloader.lists"):
+        split = read_list(tmp_path / "chest.pkl", 3, multilabel=True)
+    assert split.labels.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
+    assert "chest.pkl: dropped the appended no-finding bit of 3 rows" in caplog.text
+    # the same trailing column is not a no-finding bit once it is 1 beside a finding: refused, not cut off
+    entries[2]["label"] = [0, 1, 1, 1]
+    (tmp_path / "chest.pkl").write_bytes(pickle.dumps(entries))
+    with pytest.raises(ConfigError, match=r"chest.pkl, row 2: label \[0, 1, 1, 1\] has 4 bits .* last bit is 1"):
+        read_list(tmp_path / "chest.pkl", 3, multilabel=True)
 
 
 @pytest.mark.parametrize(
     "label, needle",
     [
         ([1, 0], "row 1: multi-hot label of length 2, expected data.num_classes = 3"),
+        ([1, 0, 0, 0, 0], r"row 1: multi-hot label of length 5, .* the row holds \[1, 0, 0, 0, 0\]"),
+        ([0, 0, 0, 1], "row 1: multi-hot label of length 4 .* but row 0 has 3 bits"),
         ([1, 0, 2], "row 1: label .* other than 0 and 1"),
         (1, "row 1: label 1 is not a multi-hot row"),
     ],

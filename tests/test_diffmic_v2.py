@@ -90,3 +90,4 @@ def test_evaluate_batch_scores_and_spread():
     predicted = out["scores"].argmax(dim=1)
     expected_spread = torch.stack([grid[b, predicted[b]].flatten().std() for b in range(3)])
     torch.testing.assert_close(out["spread"], expected_spread)
+

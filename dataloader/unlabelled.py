@@ -1,0 +1,69 @@
+"""Images without labels, for `predict --input`: every image of a folder (recursively) or of a list with a path
+column. Every image gets a row in the predictions; one that cannot be read is reported in its row, not skipped."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from config import ConfigError
+from dataloader.lists import IMAGE_SUFFIXES, PATH_COLUMNS, load_rgb, resolve_image
+
+logger = logging.getLogger(__name__)
+
+
+class UnlabelledImages(Dataset):
+    """Images by path, each with its id (how the folder or list names it). An image that cannot be read gives a
+    blank image and its reason in `error` ("" when it was read), so that the batch still runs and the row is
+    reported. `labels` is None: there is nothing to score against."""
+
+    labels = None
+
+    def __init__(self, paths: list[Path], ids: list[str], transform, image_size: int) -> None:
+        assert len(paths) == len(ids), "one id per path"
+        self.paths, self.ids, self.transform, self.image_size = paths, ids, transform, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image, error = self.transform(load_rgb(self.paths[index])), ""
+        except OSError as err:  # missing, truncated or not an image: reported in the predictions
+            image, error = torch.zeros(3, self.image_size, self.image_size), str(err)
+        return {"image": image, "label": -1, "index": index, "error": error}
+
+
+def unlabelled_images(source: str | Path, root: str | Path | None, transform, image_size: int) -> UnlabelledImages:
+    """The images of a folder (every file with an image suffix, recursively, in sorted order; ids relative to the
+    folder) or of a CSV list with a path column (paths relative to `root` when given, else to the list's folder;
+    ids as the list writes them)."""
+    source = Path(source).expanduser().resolve()
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file())
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            raise ConfigError(f"--input {source}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        if len(images) < len(files):
+            logger.info("--input %s: %d files without an image suffix left out", source, len(files) - len(images))
+        return UnlabelledImages(images, [p.relative_to(source).as_posix() for p in images], transform, image_size)
+    if not source.is_file():
+        raise ConfigError(f"--input {source}: no such folder or list")
+    try:
+        frame = pd.read_csv(source)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--input {source} is not a readable CSV ({err})".replace("\n", " ")) from None
+    column = next((c for c in PATH_COLUMNS if c in frame.columns), None)
+    if column is None or frame.empty:
+        raise ConfigError(
+            f"--input {source}: needs a path column (one of {', '.join(PATH_COLUMNS)}) and at least one row; "
+            f"found columns {', '.join(map(str, frame.columns))}"
+        )
+    base = Path(root) if root is not None else source.parent
+    names = frame[column].astype(str).tolist()
+    paths = [resolve_image(base, name) or base / name for name in names]  # a missing file is reported in its row
+    return UnlabelledImages(paths, names, transform, image_size)

@@ -1,0 +1,238 @@
+"""Checkpoints a user can trust and share: weights-only loading (a payload never runs), damaged files refused by
+name, the DCG stored once per run and found by checksum, checkpoint contents sized to their use, resumes checked
+before anything is written, DCG files reused only for their own training, and predictions for unlabelled images."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffuser_trainer
+from checkpoints import read_checkpoint
+from config import ConfigError, load_config
+from dataloader.synthetic import SyntheticPatterns
+from diffmic_v2 import DiffMICv2
+from pretraining.dcg import build_dcg
+from pretraining.dcg_file import load_dcg, save_dcg
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_val=32",
+    "data.synthetic.num_test=24",
+    "data.batch_size=16",
+    "dcg.batch_size=16",
+    "dcg.epochs=1",
+    "model.feature_dim=16",
+    "trainer.max_epochs=2",
+    "trainer.val_every=1",
+]
+
+
+class Payload:
+    """Unpickling this object creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "diffuser_trainer.py"), *args], capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny demo fit: its log folder and the overrides that reach it."""
+    logs = tmp_path_factory.mktemp("logs")
+    args = [f"trainer.log_dir={logs}", *TINY]
+    result = cli("fit", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return logs, args
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+# --------------------------------------------------------------------------- unsafe and damaged files
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["test", "--ckpt", "{bad}"],
+        ["validate", "--ckpt", "{bad}"],
+        ["predict", "--ckpt", "{bad}"],
+        ["fit", "--ckpt", "{bad}"],
+        ["fit", "dcg.ckpt={bad}"],
+    ],
+)
+def test_a_malicious_checkpoint_never_runs(tmp_path, capsys, command):
+    marker, bad = tmp_path / "payload_ran", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "payload": Payload(marker)}, bad)
+    logs = tmp_path / "logs"
+    args = [word.format(bad=bad) for word in command] + [f"trainer.log_dir={logs}", *TINY]
+    assert diffuser_trainer.main(args) == 2
+    assert not marker.exists(), "unpickling ran the payload"
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(bad) in lines[0] and "holds a pickled io.open" in lines[0], lines
+    assert not logs.exists(), "nothing may be written"
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "dcg"])
+def test_a_truncated_file_is_refused_by_name(run, tmp_path, capsys, which):
+    logs, args = run
+    source = logs / "demo" / ("dcg.pt" if which == "dcg" else "version_0/checkpoints/best.ckpt")
+    damaged = tmp_path / source.name
+    damaged.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    before = files_under(logs)
+    extra = ["dcg.ckpt=" + str(damaged)] if which == "dcg" else ["--ckpt", str(damaged)]
+    assert diffuser_trainer.main(["fit" if which == "dcg" else "test", *extra, *args, "seed=7"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{damaged} is truncated or damaged" in lines[0], lines
+    assert files_under(logs) == before
+
+
+# --------------------------------------------------------------------------- what a checkpoint holds
+
+
+def test_checkpoint_contents_fit_their_use(run):
+    logs, _ = run
+    folder = logs / "demo"
+    best = read_checkpoint(folder / "version_0/checkpoints/best.ckpt")
+    last = read_checkpoint(folder / "version_0/checkpoints/last.ckpt")
+    dcg_keys = [k for k in {**best["state_dict"], **last["state_dict"]} if k.startswith("dcg.")]
+    assert not dcg_keys, "the frozen DCG is stored once, in dcg.pt"
+    assert "optimizer_states" not in best and "lr_schedulers" not in best, "best.ckpt holds what evaluation needs"
+    assert last["optimizer_states"] and last["lr_schedulers"] and last["loops"], "last.ckpt holds a resume"
+    for checkpoint in (best, last):
+        assert checkpoint["dcg_file"]["relative"] == "../dcg.pt"
+        assert checkpoint["dcg_file"]["path"] == str((folder / "dcg.pt").resolve())
+    assert best["hyper_parameters"]["cfg"]["name"] == "demo"
+    # the DCG pre-training leaves no checkpoint of its own: dcg.pt is the one copy
+    assert not list((folder / "dcg").rglob("*.ckpt"))
+    weights = sum(v.numel() * v.element_size() for v in best["state_dict"].values())
+    assert (folder / "version_0/checkpoints/best.ckpt").stat().st_size < 1.1 * weights + 2e6
+
+
+def test_load_from_checkpoint_gives_the_trained_model(run):
+    logs, _ = run
+    path = logs / "demo" / "version_0" / "checkpoints" / "best.ckpt"
+    system = DiffMICv2.load_from_checkpoint(path)
+    assert not system.training and not system.dcg.training
+    saved = read_checkpoint(path)["state_dict"]
+    state = system.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    dcg = read_checkpoint(logs / "demo" / "dcg.pt")["state_dict"]
+    assert all(torch.equal(state[f"dcg.{k}"], v) for k, v in dcg.items())
+
+
+def test_a_run_folder_moved_elsewhere_finds_its_dcg_and_a_changed_dcg_is_refused(run, tmp_path, capsys):
+    logs, args = run
+    moved = tmp_path / "moved"
+    shutil.copytree(logs / "demo", moved / "demo", ignore=shutil.ignore_patterns("version_1*", "version_2*"))
+    best = moved / "demo" / "version_0" / "checkpoints" / "best.ckpt"
+    system = DiffMICv2.load_from_checkpoint(best)  # the recorded path still exists: same weights either way
+    original = dict(system.dcg_file)
+    # the recorded path gone (another machine): the copy beside the run folder is found by its checksum
+    reference = read_checkpoint(best)["dcg_file"]
+    checkpoint = read_checkpoint(best)
+    checkpoint["dcg_file"] = {**reference, "path": str(tmp_path / "elsewhere" / "dcg.pt")}
+    torch.save(checkpoint, best)
+    found = DiffMICv2.load_from_checkpoint(best)
+    assert found.dcg_file == {"path": str((moved / "demo" / "dcg.pt").resolve()), "sha256": original["sha256"]}
+    # a DCG file that is not the one the checkpoint was trained with is refused, naming where it looked
+    dcg = read_checkpoint(moved / "demo" / "dcg.pt")
+    dcg["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in dcg["state_dict"].items()}
+    torch.save(dcg, moved / "demo" / "dcg.pt")
+    with pytest.raises(ConfigError, match=r"hold another DCG"):
+        DiffMICv2.load_from_checkpoint(best, dcg_path=moved / "demo" / "dcg.pt")
+
+
+# --------------------------------------------------------------------------- resume and DCG reuse
+
+
+def test_a_resume_that_does_not_fit_writes_nothing(run, capsys):
+    logs, args = run
+    config = logs / "demo" / "version_0" / "config.yaml"
+    before, files = config.read_text(), files_under(logs)
+    assert diffuser_trainer.main(["fit", "--ckpt", "last", *args, "model.feature_dim=32"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert len(lines) == 1 and "last.ckpt does not fit the config's model" in lines[0], lines
+    assert config.read_text() == before and files_under(logs) == files
+
+
+def test_a_dcg_file_of_another_training_is_refused_unless_allowed(run, capsys):
+    logs, args = run
+    files = files_under(logs)
+    assert diffuser_trainer.main(["fit", *args, "seed=8"]) == 2  # demo.yml's seed is 7: another split and seed
+    lines = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+    assert len(lines) == 1 and "was trained from another training split" in lines[0] and "seed 7" in lines[0]
+    assert "dcg.require_same_training=false" in lines[0]
+    assert files_under(logs) == files
+
+
+def test_dcg_file_records_its_training(tmp_path):
+    cfg = load_config(None, [*TINY, "data.class_names=null", "data.num_classes=3"])
+    train = SyntheticPatterns(12, 3, 64, 16, seed=0)
+    dcg = build_dcg(cfg)
+    save_dcg(dcg, cfg, train, tmp_path / "dcg.pt")
+    saved = read_checkpoint(tmp_path / "dcg.pt")["trained_from"]
+    assert saved["training_images"] == 12 and saved["seed"] == cfg["seed"] and saved["epochs"] == 1
+    load_dcg(build_dcg(cfg), cfg, tmp_path / "dcg.pt", train)  # its own training: accepted
+    other = SyntheticPatterns(12, 3, 64, 16, seed=1)
+    with pytest.raises(ConfigError, match="another training split"):
+        load_dcg(build_dcg(cfg), cfg, tmp_path / "dcg.pt", other)
+    with pytest.raises(ConfigError, match=r"epochs 1 \(this run: 5\)"):
+        load_dcg(build_dcg(cfg), {**cfg, "dcg": {**cfg["dcg"], "epochs": 5}}, tmp_path / "dcg.pt", train)
+    relaxed = {**cfg, "dcg": {**cfg["dcg"], "require_same_training": False}}
+    load_dcg(build_dcg(cfg), relaxed, tmp_path / "dcg.pt", other)
+    # the settings that shape the DCG are checked whatever the override
+    with pytest.raises(ConfigError, match="num_rois"):
+        load_dcg(build_dcg(cfg), {**relaxed, "dcg": {**relaxed["dcg"], "num_rois": 2}}, tmp_path / "dcg.pt")
+
+
+# --------------------------------------------------------------------------- unlabelled images
+
+
+def test_predict_on_a_folder_of_unlabelled_images(run, tmp_path):
+    logs, args = run
+    images = tmp_path / "new_cases"
+    (images / "ward_b").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "ward_b/c.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(images / name)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "pred.csv"
+    result = cli("predict", "--ckpt", "best", "--input", str(images), "--out", str(out), *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row["image"]: row for row in csv.DictReader(out.open())}
+    assert set(rows) == {"a.png", "b.jpg", "broken.png", "ward_b/c.png"}
+    names = ["h_stripes", "v_stripes", "checker", "ring"]
+    assert list(next(iter(rows.values()))) == [
+        "image",
+        *[f"score_{n}" for n in names],
+        "pred",
+        "pred_name",
+        "spread",
+        "status",
+    ]
+    for name in ("a.png", "b.jpg", "ward_b/c.png"):
+        scores = [float(rows[name][f"score_{n}"]) for n in names]
+        assert rows[name]["status"] == "ok" and int(rows[name]["pred"]) == scores.index(max(scores))
+    assert rows["broken.png"]["status"].startswith("unreadable: cannot read image") and rows["broken.png"]["pred"] == ""
+    assert "1 image(s) could not be read" in result.stderr
