@@ -47,7 +47,7 @@ class DiffMICv2(EvaluatedSystem):
         super().__init__(cfg)
         self.save_hyperparameters({"cfg": cfg})
         d = cfg["diffusion"]
-        self.dcg = build_dcg(cfg).requires_grad_(False)
+        self.dcg = build_dcg(cfg).requires_grad_(False).eval()  # frozen, in eval mode (SPEC 5)
         self.denoiser = build_denoiser(cfg)
         self.scheduler = DDIMScheduler(d["timesteps"], d["beta_start"], d["beta_end"], d["clip_sample"])
         self.dcg_file: dict[str, str] | None = None  # the DCG file loaded into self.dcg: path and SHA-256
@@ -115,6 +115,11 @@ class DiffMICv2(EvaluatedSystem):
         super().train(mode)
         self.dcg.eval()  # frozen guidance: BatchNorm keeps its pre-trained statistics
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning does not call train() when fitting starts, and after each validation it restores the modes
+        # of the submodules one by one; so the DCG's eval mode is set here too, not only in train().
+        self.dcg.eval()
 
     def prior(self, guide: DCGOutput) -> torch.Tensor:
         """The guided prior map P (B, C, K, K) of SPEC 3. The `ablation` section of the config switches
