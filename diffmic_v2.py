@@ -31,6 +31,7 @@ from pipeline import (
 )
 from pretraining.dcg import DCGOutput, build_dcg
 from pretraining.dcg_file import load_dcg
+from seeding import start_noise
 from utils import build_optimizer
 
 
@@ -59,6 +60,7 @@ class DiffMICv2(EvaluatedSystem):
         self.dcg_file = dcg_reference(path)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # random states, for a resume
         assert self.dcg_file is not None, "load_dcg_file first: a checkpoint names the DCG file it was trained with"
         for key in [k for k in checkpoint["state_dict"] if k.startswith("dcg.")]:
             del checkpoint["state_dict"][key]  # kept once per run, in the DCG file
@@ -66,6 +68,7 @@ class DiffMICv2(EvaluatedSystem):
         checkpoint["dcg_file"] = with_run_folder(self.dcg_file, run_dir)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         reference = checkpoint.get("dcg_file")
         if reference is None:  # an older checkpoint that holds the DCG itself
             return
@@ -150,14 +153,16 @@ class DiffMICv2(EvaluatedSystem):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
-    def sample(self, image: torch.Tensor) -> torch.Tensor:
+    def sample(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """DDIM label grids for an image batch, the mean over diffusion.eval_samples starts: (B, C, K, K).
 
         Y_T is the guided map of two uniform [0, 1) vectors that stand in for y_global and y_local (the
-        authors' code), drawn from the evaluation generator."""
+        authors' code), drawn for each image from `seed` and its dataset `index` (seeding.start_noise), so an image
+        gets the same starts in any batch, on any process."""
         d, grid = self.cfg["diffusion"], self.denoiser.grid_size
         batch, classes = image.shape[0], self.cfg["data"]["num_classes"]
-        start = torch.rand(2, d["eval_samples"], batch, classes, generator=self.eval_generator).to(image.device)
+        noise = start_noise(self.cfg["seed"], index, (2, d["eval_samples"], classes))  # (B, 2, S, C)
+        start = noise.permute(1, 2, 0, 3).to(image.device)  # (2, S, B, C)
         guide = self.dcg(image)
         prior = self.prior(guide)
         y_start = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid)
@@ -174,7 +179,7 @@ class DiffMICv2(EvaluatedSystem):
 
     @torch.no_grad()
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        grid = self.sample(batch["image"])
+        grid = self.sample(batch["image"], batch["index"])
         scores = grid.mean(dim=(2, 3))
         if self.cfg["data"]["task"] == "multilabel":  # disagreement of the cells, averaged over findings
             return {"scores": scores, "spread": grid.flatten(2).std(dim=2).mean(dim=1)}

@@ -59,44 +59,48 @@ def write_json(path: Path, content: dict) -> None:
     logger.info("wrote %s", path)
 
 
-def write_predictions(path: Path, outputs: list[dict], dataset, class_names: list[str], multilabel: bool) -> None:
-    """One row per image: its id, its label (when the images have labels), one score per class (finding), the
-    prediction and the spread of the grid cells. Multi-label: the label and the prediction are the findings at
-    or above 0.5, joined by '|'. Unlabelled images (predict --input) get a `status` column instead of a label:
-    `ok`, or `unreadable: <why>` with the scores left empty."""
+def write_predictions(path: Path, predictions: dict, dataset, class_names: list[str], multilabel: bool) -> None:
+    """One row per image, in index order: its id, its label (when the images have labels), one score per class
+    (finding), the prediction and the spread of the grid cells. Multi-label: the label and the prediction are the
+    findings at or above 0.5, joined by '|'. Unlabelled images (predict --input) get a `status` column instead of a
+    label: `ok`, or `unreadable: <why>` with the scores left empty. `predictions`: EvaluatedSystem.predictions."""
     labelled = dataset.labels is not None
     head = ["image"] + (["label"] if labelled else []) + [f"score_{n}" for n in class_names] + ["pred"]
     head += ([] if multilabel else ["pred_name"]) + ["spread"] + ([] if labelled else ["status"])
+    errors = predictions.get("error", [""] * len(predictions["index"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     unreadable = 0
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(head)
-        for out in outputs:
-            errors = out.get("error", [""] * len(out["index"]))
-            for i, scores, spread, label, error in zip(
-                out["index"], out["scores"], out["spread"], out["label"], errors, strict=True
-            ):
-                row = [dataset.ids[int(i)]]
-                if labelled:
-                    truth = label.tolist()
-                    row.append(
-                        "|".join(n for n, y in zip(class_names, truth, strict=True) if y >= 0.5)
-                        if multilabel
-                        else int(truth)
-                    )
-                if error:
-                    unreadable += 1
-                    writer.writerow(row + [""] * (len(head) - len(row) - 1) + [f"unreadable: {error}"])
-                    continue
-                row += [f"{s:.6f}" for s in scores.tolist()]
-                if multilabel:
-                    row.append("|".join(n for n, s in zip(class_names, scores.tolist(), strict=True) if s >= 0.5))
-                else:
-                    pred = int(scores.argmax())
-                    row += [pred, class_names[pred]]
-                row.append(f"{float(spread):.6f}")
-                writer.writerow(row + ([] if labelled else ["ok"]))
+        for i, scores, spread, label, error in zip(
+            predictions["index"],
+            predictions["scores"],
+            predictions["spread"],
+            predictions["label"],
+            errors,
+            strict=True,
+        ):
+            row = [dataset.ids[int(i)]]
+            if labelled:
+                truth = label.tolist()
+                row.append(
+                    "|".join(n for n, y in zip(class_names, truth, strict=True) if y >= 0.5)
+                    if multilabel
+                    else int(truth)
+                )
+            if error:
+                unreadable += 1
+                writer.writerow(row + [""] * (len(head) - len(row) - 1) + [f"unreadable: {error}"])
+                continue
+            row += [f"{s:.6f}" for s in scores.tolist()]
+            if multilabel:
+                row.append("|".join(n for n, s in zip(class_names, scores.tolist(), strict=True) if s >= 0.5))
+            else:
+                pred = int(scores.argmax())
+                row += [pred, class_names[pred]]
+            row.append(f"{float(spread):.6f}")
+            writer.writerow(row + ([] if labelled else ["ok"]))
     if unreadable:
         logger.warning("%d image(s) could not be read: their rows in %s say why", unreadable, path)
     logger.info("wrote %s", path)
@@ -146,9 +150,9 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
         trainer, best = build_trainer(
             cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
         )
-        save_config(cfg, trainer)
-        trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)
-        best_path = best.best_model_path or str(Path(trainer.log_dir) / "checkpoints" / "last.ckpt")
+        run_dir = save_config(cfg, trainer)
+        trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
+        best_path = best.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
         trainer.validate(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
         result = {
             "checkpoint": best_path,
@@ -160,31 +164,36 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
         }
         trainer.test(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
         result["test"] = dict(system.last_metrics)
-        write_json(Path(out) if out else Path(trainer.log_dir) / "metrics.json", result)
+        if trainer.is_global_zero:
+            write_json(Path(out) if out else run_dir / "metrics.json", result)
         return
     trainer, _ = build_trainer(cfg, cfg["name"], 1, 1)
-    save_config(cfg, trainer)
+    run_dir = save_config(cfg, trainer)
     if command in ("validate", "test"):
         getattr(trainer, command)(system, datamodule=data, verbose=False)
         split = "val" if command == "validate" else "test"
-        write_json(
-            Path(out) if out else Path(trainer.log_dir) / "metrics.json",
-            {"checkpoint": str(ckpt), split: dict(system.last_metrics)},
-        )
+        if trainer.is_global_zero:
+            write_json(
+                Path(out) if out else run_dir / "metrics.json",
+                {"checkpoint": str(ckpt), split: dict(system.last_metrics)},
+            )
     else:
-        outputs = trainer.predict(system, datamodule=data)
+        trainer.predict(system, datamodule=data, return_predictions=False)  # gathered into system.predictions
         dataset = data.datasets["predict" if source is not None else "test"]
-        multilabel = cfg["data"]["task"] == "multilabel"
-        write_predictions(
-            Path(out) if out else Path(trainer.log_dir) / "predictions.csv", outputs, dataset, names, multilabel
-        )
+        if trainer.is_global_zero:
+            path = Path(out) if out else run_dir / "predictions.csv"
+            write_predictions(path, system.predictions, dataset, names, cfg["data"]["task"] == "multilabel")
 
 
-def save_config(cfg: dict, trainer) -> None:
+def save_config(cfg: dict, trainer) -> Path:
+    """The run folder: every process asks for it (once the processes are connected, Lightning broadcasts the first
+    one's answer, a collective call), the first process writes the resolved config there and logs it."""
     log_dir = Path(trainer.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    logger.info("run directory: %s", log_dir)
+    if trainer.is_global_zero:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        logger.info("run directory: %s", log_dir)
+    return log_dir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,17 +1,21 @@
 """Whole-split evaluation shared by the DCG pre-trainer and the diffusion model: collect scores over
-a split, compute the metrics of SPEC section 7 once per epoch, log them and a confusion matrix."""
+a split, compute the metrics of SPEC section 7 once per epoch, log them and a confusion matrix; and what every
+trainer needs to give the same answer on several processes and after a resume (seeding.py)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from figures import confusion_matrix_image
 from metrics import classification_metrics, confusion_matrix, multilabel_metrics
+from seeding import rank_seed, reseed, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -20,22 +24,65 @@ class EvaluatedSystem(pl.LightningModule):
     """Subclasses implement `evaluate_batch(batch) -> {"scores": (B, C), "spread": (B,) optional}`.
     Integer labels get the single-label metrics, multi-hot labels the multi-label ones (SPEC 7).
 
-    Evaluation noise comes from a generator re-seeded with cfg.seed at the start of every split
-    pass, so evaluating a checkpoint twice (or in another process) gives the same numbers."""
+    On several processes every process evaluates its share of a split; the shares are gathered and each image is
+    counted once (DistributedSampler pads the shares with repeated images), in index order, so the metrics do not
+    depend on the number of processes. Evaluation noise must depend on the image only (seeding.start_noise).
+
+    Training on several processes: each process reseeds torch, numpy and Python with its own `rank_seed` when the
+    fit starts. Full checkpoints (last.ckpt) carry every process's random states, and a resumed fit puts them back
+    where they were taken, at the end of an epoch."""
 
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         self.cfg = cfg
         self.last_metrics: dict[str, float] = {}
+        self.predictions: dict[str, Any] = {}
         self._collected: list[dict] = []
-        self.eval_generator = torch.Generator()
+        self._resumed_rng: dict[str, Any] | None = None
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ seeds and resume
+
+    def on_fit_start(self) -> None:
+        if self._resumed_rng is not None:  # a resume: continue every stream where the checkpoint left it
+            set_rng_state(self._resumed_rng)
+            self._resumed_rng = None
+        elif self.trainer.world_size > 1:
+            reseed(rank_seed(self.cfg["seed"], self.trainer.global_rank))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "optimizer_states" not in checkpoint:  # weights only (best.ckpt): nothing to resume
+            return
+        states = [rng_state()]
+        if self._distributed():
+            states = [None] * self.trainer.world_size
+            dist.all_gather_object(states, rng_state())
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None:
+            return
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if len(states) == world:
+            self._resumed_rng = states[self.trainer.global_rank if self._trainer is not None else 0]
+        else:
+            logger.warning(
+                "the checkpoint was written by %d process(es), this run has %d: the random streams restart from "
+                "per-process seeds, so the resumed run will not repeat the uninterrupted one exactly",
+                len(states),
+                world,
+            )
+
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1 and dist.is_initialized()
+
+    # ------------------------------------------------------------------ evaluation over a split
+
     def _start(self) -> None:
         self._collected = []
-        self.eval_generator.manual_seed(self.cfg["seed"])
 
     def _step(self, batch: dict) -> dict:
         out = {k: v.detach().float().cpu() for k, v in self.evaluate_batch(batch).items()}
@@ -45,16 +92,28 @@ class EvaluatedSystem(pl.LightningModule):
         self._collected.append(out)
         return out
 
-    def _gather(self, key: str) -> np.ndarray:
-        values = torch.cat([c[key] for c in self._collected])
-        if self.trainer is not None and self.trainer.world_size > 1:
-            values = self.all_gather(values.to(self.device)).flatten(0, 1).cpu()
-        return values.numpy()
+    def _gathered(self) -> dict[str, Any]:
+        """This split's outputs from every process, each image once, in index order: tensors as numpy arrays."""
+        local = {key: [c[key] for c in self._collected] for key in self._collected[0]} if self._collected else {}
+        parts = [local]
+        if self._distributed():
+            parts = [None] * self.trainer.world_size
+            dist.all_gather_object(parts, local)
+        parts = [p for p in parts if p]
+        if not parts:
+            return {}
+        merged: dict[str, Any] = {}
+        for key in parts[0]:
+            chunks = [chunk for p in parts for chunk in p[key]]
+            merged[key] = sum(chunks, []) if key == "error" else torch.cat(chunks).numpy()
+        _, first = np.unique(merged["index"], return_index=True)  # sorted by index; padding repeats dropped
+        return {k: [v[i] for i in first] if isinstance(v, list) else v[first] for k, v in merged.items()}
 
     def _finish(self, stage: str) -> None:
-        if not self._collected:
+        gathered = self._gathered()  # every process takes part, even one without batches
+        if not gathered:
             return
-        scores, labels = self._gather("scores"), self._gather("label")
+        scores, labels = gathered["scores"], gathered["label"]
         multilabel = labels.ndim == 2
         if multilabel:  # per-finding AUROC and their mean; F1 at 0.5
             self.last_metrics = multilabel_metrics(labels, scores, self.cfg["data"]["class_names"])
@@ -65,8 +124,9 @@ class EvaluatedSystem(pl.LightningModule):
             matrix = confusion_matrix(labels, scores.argmax(1), scores.shape[1])
             image = confusion_matrix_image(matrix, self.cfg["data"]["class_names"])
             self.logger.experiment.add_image(f"{stage}/confusion_matrix", image, self.current_epoch, dataformats="HWC")
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if "/" not in k)
-        logger.info("%s (epoch %d, %d images): %s", stage, self.current_epoch, len(labels), summary)
+        if self.trainer.is_global_zero:  # every process holds the same gathered metrics: say them once
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if "/" not in k)
+            logger.info("%s (epoch %d, %d images): %s", stage, self.current_epoch, len(labels), summary)
         self._collected = []
 
     def on_validation_epoch_start(self) -> None:
@@ -92,3 +152,8 @@ class EvaluatedSystem(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return self._step(batch)
+
+    def on_predict_epoch_end(self) -> None:
+        """Every image's outputs, gathered from all processes in index order: what predictions.csv is written from."""
+        self.predictions = self._gathered()
+        self._collected = []

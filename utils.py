@@ -88,6 +88,8 @@ def build_trainer(
         check_val_every_n_epoch=val_every,
         accelerator=t["accelerator"],
         devices=t["devices"],
+        strategy=t["strategy"],
+        sync_batchnorm=t["sync_batchnorm"],
         precision=t["precision"],
         log_every_n_steps=t["log_every_n_steps"],
         logger=TensorBoardLogger(t["log_dir"], name=run_name, version=version, default_hp_metric=False),
@@ -95,6 +97,9 @@ def build_trainer(
         limit_train_batches=t["limit_train_batches"],
         limit_val_batches=t["limit_val_batches"],
         num_sanity_val_steps=0,
+        # the DataModule splits the data over processes itself (dataloader/datamodule.py): evaluation by whole
+        # batches, so that an image's numbers do not depend on how many processes there are
+        use_distributed_sampler=False,
         enable_model_summary=False,
     )
     return trainer, best

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytorch_lightning as pl
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from config import ConfigError
 from dataloader.checks import verify_images
@@ -18,6 +18,28 @@ from dataloader.synthetic import SyntheticPatterns
 from dataloader.transforms import build_transform
 
 logger = logging.getLogger(__name__)
+
+
+def evaluation_batches(num_images: int, batch_size: int, world: int) -> list[list[int]]:
+    """The one-process evaluation batches: consecutive images, batch_size each, the last one shorter. Only where
+    there are fewer such batches than processes are they split finer, so that every process has one (the
+    processes gather their outputs together)."""
+    if -(-num_images // batch_size) < world:
+        batch_size = -(-num_images // world)
+    return [list(range(start, min(start + batch_size, num_images))) for start in range(0, num_images, batch_size)]
+
+
+class FixedBatches(Sampler):
+    """A batch sampler that yields the given batches of indices, in order, every epoch."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def carve_validation(split: SplitList, fraction: float, seed: int) -> tuple[SplitList, SplitList]:
@@ -152,23 +174,37 @@ class DiffMICDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset, workers = self.datasets[split], self.cfg["data"]["num_workers"]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        common = {"num_workers": workers, "pin_memory": False}
+        if not train:
+            if len(dataset) < world:
+                raise ConfigError(f"the {split} split has {len(dataset)} image(s), fewer than the {world} processes")
+            # evaluation in a fixed order; on several processes each takes whole batches of the one-process
+            # batching in turn, so every image is computed in the same batch as on one device (same numbers)
+            batches = FixedBatches(evaluation_batches(len(dataset), self.batch_size, world)[rank::world])
+            return DataLoader(dataset, batch_sampler=batches, persistent_workers=workers > 0, **common)
         # BatchNorm cannot train on a final batch of one image
-        drop_last = train and len(dataset) > self.batch_size
-        if drop_last and len(dataset) % self.batch_size:
+        drop_last = len(dataset) // world > self.batch_size
+        if drop_last and (len(dataset) // world) % self.batch_size:
             logger.info(
                 "training: the last %d of %d images (an incomplete batch) are left out of each epoch; "
                 "the order is reshuffled every epoch, so every image is used",
-                len(dataset) % self.batch_size,
+                (len(dataset) // world) % self.batch_size * world,
                 len(dataset),
             )
+        # several processes: each a shuffled share of the images (the same seed everywhere, reshuffled by epoch)
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.cfg["seed"]) if world > 1 else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=False,
+            # training workers start afresh every epoch, seeded from the main process's random state, which a
+            # checkpoint restores: persistent ones would carry their random state across epochs, where no resume
+            # can put it back (see README, resume)
+            persistent_workers=False,
+            **common,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,9 @@ def save_dcg(dcg: DCG, cfg: dict, train_set: Dataset, path: Path) -> None:
     """Write the DCG file: weights, shape settings and what the DCG was trained from."""
     path.parent.mkdir(parents=True, exist_ok=True)
     content = {"state_dict": dcg.state_dict(), "meta": dcg_meta(cfg), "trained_from": trained_from(cfg, train_set)}
-    torch.save(content, path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(content, partial)
+    os.replace(partial, path)  # a reader never sees half a file
 
 
 def load_dcg(dcg: DCG, cfg: dict, path: Path, train_set: Dataset | None = None) -> None:

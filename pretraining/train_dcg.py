@@ -80,11 +80,14 @@ def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None) -> Path:
     trainer.validate(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
     metric = selection_metric(cfg).split("/", 1)[1]
     logger.info("DCG: validation %s %.4f at its best epoch", metric, system.last_metrics.get(metric, float("nan")))
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # one process writes; the others read the file once it is complete
         save_dcg(system.dcg, cfg, datasets["train"], path)
         logger.info("DCG saved to %s", path)
         if best_path is not None:  # the DCG file is now the one copy of these weights
             Path(best_path).unlink()
+            if not any(Path(best_path).parent.iterdir()):
+                Path(best_path).parent.rmdir()
+    trainer.strategy.barrier("dcg.pt written")
     return path
 
 

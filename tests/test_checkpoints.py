@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import csv
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, cli
 from PIL import Image
 
 import diffuser_trainer
@@ -23,19 +22,6 @@ from diffmic_v2 import DiffMICv2
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg, save_dcg
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.synthetic.num_train=64",
-    "data.synthetic.num_val=32",
-    "data.synthetic.num_test=24",
-    "data.batch_size=16",
-    "dcg.batch_size=16",
-    "dcg.epochs=1",
-    "model.feature_dim=16",
-    "trainer.max_epochs=2",
-    "trainer.val_every=1",
-]
-
 
 class Payload:
     """Unpickling this object creates a file: what a malicious checkpoint would do."""
@@ -45,12 +31,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "diffuser_trainer.py"), *args], capture_output=True, text=True, timeout=900
-    )
 
 
 @pytest.fixture(scope="module")

@@ -5,38 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-# A smaller demo for the plumbing tests (the full demo has its own test below).
-TINY = [
-    "data.synthetic.num_train=64",
-    "data.synthetic.num_val=32",
-    "data.synthetic.num_test=24",
-    "data.batch_size=16",
-    "dcg.batch_size=16",
-    "dcg.epochs=1",
-    "model.feature_dim=16",
-    "trainer.max_epochs=2",
-    "trainer.val_every=1",
-]
-
-
-def cli(*args: str, cwd: Path = ROOT, script: str = "diffuser_trainer.py") -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+from helpers import TINY, cli, ok
 
 
 @pytest.fixture(scope="module")

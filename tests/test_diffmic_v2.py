@@ -4,6 +4,7 @@ path (encoders once per image, S samples averaged) of the LightningModule."""
 import pytest
 import torch
 
+import diffmic_v2
 from config import load_config
 from diffmic_v2 import DiffMICv2
 from pipeline import guided_prior_map
@@ -57,13 +58,13 @@ def test_evaluation_encodes_once_for_all_samples_and_averages_them(monkeypatch):
         ("body", system.denoiser.cc1),
     ):
         module.register_forward_hook(lambda *args, name=name: counts.__setitem__(name, counts[name] + 1))
-    image = torch.randn(2, 3, 64, 64)
-    starts = torch.rand(2, 3, 2, 3)  # (y_global / y_local stand-ins, S, B, C)
-    draws = []  # what the sampler asks of torch.rand: its start vectors
-    monkeypatch.setattr(torch, "rand", lambda *shape, generator=None: draws.pop(0))
+    image, index = torch.randn(2, 3, 64, 64), torch.tensor([5, 2])
+    starts = torch.rand(2, 2, 3, 3)  # (B, y_global / y_local stand-ins, S, C)
+    draws = []  # what the sampler asks of start_noise: each image's start vectors
+    monkeypatch.setattr(diffmic_v2, "start_noise", lambda seed, idx, shape: draws.pop(0))
     draws.append(starts)
     with torch.no_grad():
-        averaged = system.sample(image)
+        averaged = system.sample(image, index)
     steps = system.cfg["diffusion"]["sampling_steps"]
     assert counts == {"dcg": 1, "image": 1, "patch": 1, "body": steps}, "one batched body call per step"
     assert averaged.shape == (2, 3, 3, 3)
@@ -71,9 +72,9 @@ def test_evaluation_encodes_once_for_all_samples_and_averages_them(monkeypatch):
     system.cfg["diffusion"]["eval_samples"] = 1
     singles = []
     for s in range(3):
-        draws.append(starts[:, s : s + 1])
+        draws.append(starts[:, :, s : s + 1])
         with torch.no_grad():
-            singles.append(system.sample(image))
+            singles.append(system.sample(image, index))
     torch.testing.assert_close(averaged, torch.stack(singles).mean(0), rtol=0, atol=1e-5)
     assert not torch.allclose(singles[0], singles[1])
 
@@ -81,11 +82,9 @@ def test_evaluation_encodes_once_for_all_samples_and_averages_them(monkeypatch):
 def test_evaluate_batch_scores_and_spread():
     system = small_system().eval()
     batch = {"image": torch.randn(3, 3, 64, 64), "label": torch.tensor([0, 1, 2]), "index": torch.arange(3)}
-    system.eval_generator.manual_seed(0)
     out = system.evaluate_batch(batch)
-    system.eval_generator.manual_seed(0)
     with torch.no_grad():
-        grid = system.sample(batch["image"])
+        grid = system.sample(batch["image"], batch["index"])
     torch.testing.assert_close(out["scores"], grid.mean(dim=(2, 3)))
     predicted = out["scores"].argmax(dim=1)
     expected_spread = torch.stack([grid[b, predicted[b]].flatten().std() for b in range(3)])

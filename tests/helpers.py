@@ -1,0 +1,38 @@
+"""What the command-line tests share: a tiny demo config and a way to run the command line as a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The demo made small enough for plumbing tests (the full demo has its own test in test_cli.py).
+TINY = [
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_val=32",
+    "data.synthetic.num_test=24",
+    "data.batch_size=16",
+    "dcg.batch_size=16",
+    "dcg.epochs=1",
+    "model.feature_dim=16",
+    "trainer.max_epochs=2",
+    "trainer.val_every=1",
+]
+
+
+def cli(
+    *args: str, cwd: Path = ROOT, script: str = "diffuser_trainer.py", threads: int | None = None
+) -> subprocess.CompletedProcess:
+    """Run a script of the project in a fresh process; `threads` caps each process's intra-op threads (several
+    processes of one run share 2 cores)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result

@@ -1,0 +1,117 @@
+"""Several devices, one answer: two CPU processes (DDP over gloo) evaluate a checkpoint exactly as one does, count
+every image once, write each file once and draw their own training noise; a run killed with SIGKILL and resumed
+from last.ckpt ends with the metrics of the run that was never interrupted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import ROOT, ok
+from helpers import TINY as DEMO
+from helpers import cli as run_cli
+
+from seeding import rank_seed, start_noise
+
+# odd-sized validation and test splits: two processes cannot split them evenly
+TINY = [*DEMO, "data.synthetic.num_val=33", "data.synthetic.num_test=25", "trainer.accelerator=cpu"]
+TWO = ["trainer.devices=2", "trainer.strategy=ddp"]
+
+
+def cli(*args: str):
+    return run_cli(*args, threads=1)  # two processes on two cores
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("ddp_logs")
+    result = ok(cli("fit", f"trainer.log_dir={logs}", *TINY, *TWO))
+    return logs, result.stderr
+
+
+def test_two_processes_fit_once_and_write_each_file_once(ddp_run):
+    logs, stderr = ddp_run
+    run = logs / "demo"
+    assert sorted(p.name for p in run.iterdir()) == ["dcg", "dcg.pt", "version_0"], "no stray version folders"
+    assert sorted(p.name for p in (run / "dcg").iterdir()) == ["version_0"]
+    assert sorted(p.name for p in run.rglob("*.json")) == ["metrics.json"]
+    assert sorted(p.name for p in run.rglob("config.yaml")) == ["config.yaml"]
+    assert stderr.count("DCG saved to") == 1, "one DCG pre-training, written by one process"
+    # every evaluation counts each image once, not DistributedSampler's padding
+    counts = {line.split(" images)")[0].rsplit(", ", 1)[1] for line in stderr.splitlines() if " images): " in line}
+    assert counts == {"33", "25"}, counts
+
+
+@pytest.mark.parametrize("command, split", [("validate", "val"), ("test", "test")])
+def test_one_and_two_processes_give_identical_metrics(ddp_run, tmp_path, command, split):
+    logs, _ = ddp_run
+    best = str(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt")
+    common = [command, "--ckpt", best, f"trainer.log_dir={tmp_path / 'logs'}", *TINY]
+    ok(cli(*common, "trainer.devices=1", "--out", str(tmp_path / "one.json")))
+    ok(cli(*common, *TWO, "--out", str(tmp_path / "two.json")))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())[split] for n in ("one", "two"))
+    assert one == two  # to the last digit
+
+
+def test_predict_on_two_processes_writes_every_row_once(ddp_run, tmp_path):
+    logs, _ = ddp_run
+    common = ["predict", "--ckpt", str(logs / "demo/version_0/checkpoints/best.ckpt"), *TINY]
+    ok(cli(*common, f"trainer.log_dir={tmp_path / 'a'}", "trainer.devices=1", "--out", str(tmp_path / "one.csv")))
+    ok(cli(*common, f"trainer.log_dir={tmp_path / 'b'}", *TWO, "--out", str(tmp_path / "two.csv")))
+    one, two = (list(csv.DictReader((tmp_path / f"{n}.csv").open())) for n in ("one", "two"))
+    assert len(two) == 25 and len({row["image"] for row in two}) == 25
+    assert two == one
+
+
+def test_training_noise_is_per_rank_and_reproducible():
+    seeds = [rank_seed(7, rank) for rank in range(4)]
+    assert len(set(seeds)) == 4 and seeds == [rank_seed(7, rank) for rank in range(4)]
+    assert rank_seed(8, 0) not in seeds
+    draws = []
+    for seed in seeds[:2]:
+        torch.manual_seed(seed)
+        draws.append(torch.randint(0, 1000, (4, 3, 3)))
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_start_noise_depends_on_the_image_not_on_its_batch():
+    index = torch.tensor([4, 0, 9])
+    noise = start_noise(7, index, (2, 3, 5))
+    assert noise.shape == (3, 2, 3, 5)
+    torch.testing.assert_close(start_noise(7, torch.tensor([9, 4]), (2, 3, 5)), noise[[2, 0]], rtol=0, atol=0)
+    assert not torch.equal(start_noise(8, index, (2, 3, 5)), noise)
+    assert not torch.equal(noise[0], noise[1])
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
+    args = [*TINY, "trainer.max_epochs=3", "trainer.devices=1"]
+    ok(cli("fit", f"trainer.log_dir={tmp_path / 'whole'}", *args))
+    whole = json.loads((tmp_path / "whole/demo/version_0/metrics.json").read_text())
+
+    logs = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "diffuser_trainer.py"), "fit", f"trainer.log_dir={logs}", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    last = logs / "demo/version_0/checkpoints/last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)  # mid-run: after the first epoch's last.ckpt, within the second epoch
+    process.wait()
+    assert not (logs / "demo/version_0/metrics.json").exists()
+    ok(cli("fit", "--ckpt", "last", f"trainer.log_dir={logs}", *args))
+    resumed = json.loads((logs / "demo/version_0/metrics.json").read_text())
+    assert resumed["val"] == whole["val"] and resumed["test"] == whole["test"]
+    assert resumed["selection"] == whole["selection"]
