@@ -188,6 +188,11 @@ def test_dcg_file_records_its_training(tmp_path):
 # --------------------------------------------------------------------------- unlabelled images
 
 
+def names_of(rows: dict) -> list[str]:
+    """The score, prediction and spread columns of a predictions table."""
+    return [k for k in next(iter(rows.values())) if k.startswith("score_") or k in ("pred", "spread")]
+
+
 def test_predict_on_a_folder_of_unlabelled_images(run, tmp_path):
     logs, args = run
     images = tmp_path / "new_cases"
@@ -216,3 +221,12 @@ def test_predict_on_a_folder_of_unlabelled_images(run, tmp_path):
         assert rows[name]["status"] == "ok" and int(rows[name]["pred"]) == scores.index(max(scores))
     assert rows["broken.png"]["status"].startswith("unreadable: cannot read image") and rows["broken.png"]["pred"] == ""
     assert "1 image(s) could not be read" in result.stderr
+    # a list with only a path column (relative to its own folder here): every listed image a row, a missing one too
+    (images / "cases.csv").write_text("path\na.png\nward_b/c.png\nmissing.png\n")
+    listed = tmp_path / "listed.csv"
+    result = cli("predict", "--ckpt", "best", "--input", str(images / "cases.csv"), "--out", str(listed), *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed_rows = {row["image"]: row for row in csv.DictReader(listed.open())}
+    assert list(listed_rows) == ["a.png", "ward_b/c.png", "missing.png"]
+    assert {k: listed_rows["a.png"][k] for k in names_of(rows)} == {k: rows["a.png"][k] for k in names_of(rows)}
+    assert listed_rows["missing.png"]["status"].startswith("unreadable: cannot read image")

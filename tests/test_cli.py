@@ -103,6 +103,8 @@ CONFIG_ERRORS = [
     (["model.patch_encoder=resnet50", "model.patch_encoder_weights=dcg"], "model.patch_encoder_weights"),
     (["dcg.cross_fit_folds=2"], "unknown config key dcg.cross_fit_folds"),
     (["diffusion.eval_samples=0"], "diffusion.eval_samples"),
+    (["trainer.strategy=banana"], "trainer.strategy"),
+    (["trainer.sync_batchnorm=sometimes"], "trainer.sync_batchnorm"),
 ]
 
 

@@ -115,3 +115,18 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
     resumed = json.loads((logs / "demo/version_0/metrics.json").read_text())
     assert resumed["val"] == whole["val"] and resumed["test"] == whole["test"]
     assert resumed["selection"] == whole["selection"]
+
+
+@pytest.mark.parametrize("world, rank", [(1, 0), (2, 0), (2, 1)])
+def test_each_process_of_a_fit_reseeds_with_its_own_seed(world, rank):
+    """A fit on one process keeps the seeded stream; on several, process r continues from rank_seed(seed, r)."""
+    from types import SimpleNamespace
+
+    from config import load_config
+    from evaluation import EvaluatedSystem
+
+    system = EvaluatedSystem(load_config(None, []))
+    system._trainer = SimpleNamespace(world_size=world, global_rank=rank)
+    torch.manual_seed(123)
+    system.on_fit_start()
+    assert torch.initial_seed() == (rank_seed(7, rank) if world > 1 else 123)
