@@ -296,8 +296,6 @@ def _check_values(cfg: dict) -> None:
             raise ConfigError(
                 f"config key {key}: must be in [0, 1] (a fraction of the learning rate), got {_get(cfg, key)}"
             )
-    if data["dataset"] == "synthetic":
-        _check_synthetic(data)
     if data["dataset"] == "synthetic" and data["task"] == "multilabel":
         raise ConfigError("config key data.task: the synthetic demo set is multiclass")
     if data["dataset"] == "medmnist" and not data["flag"]:
@@ -306,28 +304,6 @@ def _check_values(cfg: dict) -> None:
         limit = _get(cfg, key)
         if (isinstance(limit, float) and not 0.0 < limit <= 1.0) or (isinstance(limit, int) and limit < 1):
             raise ConfigError(f"config key {key}: {limit!r} must be a fraction in (0, 1] or a number of batches >= 1")
-
-
-def _check_synthetic(data: dict) -> None:
-    """The demo set's sizes, which its generator would otherwise refuse with an assertion."""
-    from dataloader.synthetic import NUM_TEXTURES  # here: dataloader imports this module
-
-    if data["num_classes"] > NUM_TEXTURES:
-        raise ConfigError(
-            f"config key data.num_classes: the synthetic demo set has {NUM_TEXTURES} class textures, "
-            f"got {data['num_classes']}"
-        )
-    syn = data["synthetic"]
-    if syn["num_train"] < 2:  # a training batch of one image cannot train BatchNorm
-        raise ConfigError(f"config key data.synthetic.num_train: need at least 2, got {syn['num_train']}")
-    for key in ("num_val", "num_test"):
-        if syn[key] < 1:
-            raise ConfigError(f"config key data.synthetic.{key}: must be at least 1, got {syn[key]}")
-    if not 0 < syn["pattern_size"] < data["image_size"]:
-        raise ConfigError(
-            f"config key data.synthetic.pattern_size: must be in 1..data.image_size - 1 ({data['image_size'] - 1}), "
-            f"got {syn['pattern_size']}"
-        )
 
 
 # What to give instead, per trainer key Lightning refuses.

@@ -14,7 +14,7 @@ from config import ConfigError
 from dataloader.checks import verify_images
 from dataloader.lists import ImageList, SplitList, read_list
 from dataloader.medmnist import MedMNISTSplit, ensure_medmnist
-from dataloader.synthetic import SyntheticPatterns
+from dataloader.synthetic import NUM_TEXTURES, SyntheticPatterns
 from dataloader.transforms import build_transform
 
 logger = logging.getLogger(__name__)
@@ -138,11 +138,32 @@ def check_labels(cfg: dict, sets: dict[str, Dataset]) -> None:
             logger.warning("classes %s of the %s split never occur in training", absent, split)
 
 
+def check_synthetic(data: dict) -> None:
+    """The demo set's sizes, which its generator would otherwise refuse with an assertion."""
+    if data["num_classes"] > NUM_TEXTURES:
+        raise ConfigError(
+            f"config key data.num_classes: the synthetic demo set has {NUM_TEXTURES} class textures, "
+            f"got {data['num_classes']}"
+        )
+    syn = data["synthetic"]
+    if syn["num_train"] < 2:  # a training batch of one image cannot train BatchNorm
+        raise ConfigError(f"config key data.synthetic.num_train: need at least 2, got {syn['num_train']}")
+    for key in ("num_val", "num_test"):
+        if syn[key] < 1:
+            raise ConfigError(f"config key data.synthetic.{key}: must be at least 1, got {syn[key]}")
+    if not 0 < syn["pattern_size"] < data["image_size"]:
+        raise ConfigError(
+            f"config key data.synthetic.pattern_size: must be in 1..data.image_size - 1 ({data['image_size'] - 1}), "
+            f"got {syn['pattern_size']}"
+        )
+
+
 def build_datasets(cfg: dict) -> dict[str, Dataset]:
     """{'train', 'val', 'test'} datasets of a config; raises ConfigError for bad lists, files or labels."""
     data = cfg["data"]
     train_tf, eval_tf = build_transform(cfg, train=True), build_transform(cfg, train=False)
     if data["dataset"] == "synthetic":
+        check_synthetic(data)
         syn, seed = data["synthetic"], cfg["seed"]
 
         def make(n: int, offset: int, tf) -> SyntheticPatterns:  # each split from its own seed

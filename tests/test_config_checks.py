@@ -83,6 +83,16 @@ def test_nan_in_a_yaml_file_and_in_a_list_is_refused(tmp_path):
         (["data.batch_size=1"], r"config key data\.batch_size: need at least 2"),
         (["data.rotation_degrees=-10"], r"config key data\.rotation_degrees: must be >= 0"),
         (["data.image_size=0"], r"config key data\.image_size: 0 must be a positive multiple of 32"),
+    ],
+)
+def test_bad_ranges_name_the_key(overrides, pattern):
+    with pytest.raises(ConfigError, match="^" + pattern):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
         (["data.synthetic.num_train=1"], r"config key data\.synthetic\.num_train: need at least 2"),
         (["data.synthetic.num_test=0"], r"config key data\.synthetic\.num_test: must be at least 1"),
         (["data.synthetic.pattern_size=64"], r"config key data\.synthetic\.pattern_size: must be in 1\.\.data\.image"),
@@ -93,9 +103,13 @@ def test_nan_in_a_yaml_file_and_in_a_list_is_refused(tmp_path):
         ),
     ],
 )
-def test_bad_ranges_name_the_key(overrides, pattern):
+def test_bad_synthetic_sizes_are_refused_before_any_image_is_made(overrides, pattern, monkeypatch):
+    """The demo set's limits belong to its data layer; they are checked before the generator runs."""
+    from dataloader import datamodule
+
+    monkeypatch.setattr(datamodule, "SyntheticPatterns", lambda *a, **k: pytest.fail("images made"))
     with pytest.raises(ConfigError, match="^" + pattern):
-        load_config(None, overrides)
+        datamodule.build_datasets(load_config(None, overrides))
 
 
 @pytest.mark.parametrize(
