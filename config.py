@@ -52,7 +52,9 @@ CHOICES = {
     "data.transform": ("standard", "chest"),
     "data.verify_images": ("fast", "full", "off"),
     "data.medmnist_size": (28, 64, 128, 224),
+    "model.method": ("diffmic_v2", "diffmic_v1"),
     "model.image_encoder": ("vit_s", "vit_t"),
+    "v1.encoder": ("resnet18", "resnet50", "densenet121"),
     "model.patch_encoder": ("resnet18", "resnet50", "densenet121", "densenet169"),
     "model.condition_init": ("default", "identity"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
@@ -198,6 +200,7 @@ AT_LEAST_ONE = (
     "model.feature_dim",
     "diffusion.timesteps",
     "diffusion.eval_samples",
+    "v1.feature_dim",
 )
 # The range pl.seed_everything (numpy's legacy seeding) accepts.
 MAX_SEED = 2**32 - 1
@@ -296,6 +299,8 @@ def _check_values(cfg: dict) -> None:
             raise ConfigError(
                 f"config key {key}: must be in [0, 1] (a fraction of the learning rate), got {_get(cfg, key)}"
             )
+    if cfg["model"]["method"] == "diffmic_v1":
+        _check_v1(cfg)
     if data["dataset"] == "synthetic" and data["task"] == "multilabel":
         raise ConfigError("config key data.task: the synthetic demo set is multiclass")
     if data["dataset"] == "medmnist" and not data["flag"]:
@@ -304,6 +309,32 @@ def _check_values(cfg: dict) -> None:
         limit = _get(cfg, key)
         if (isinstance(limit, float) and not 0.0 < limit <= 1.0) or (isinstance(limit, int) and limit < 1):
             raise ConfigError(f"config key {key}: {limit!r} must be a fraction in (0, 1] or a number of batches >= 1")
+
+
+def _check_v1(cfg: dict) -> None:
+    """The v1 keys, checked only when model.method is diffmic_v1 (a v2 config may leave them at any value)."""
+    v1, timesteps = cfg["v1"], cfg["diffusion"]["timesteps"]
+    if cfg["data"]["task"] == "multilabel":
+        raise ConfigError(
+            "config key model.method: diffmic_v1 classifies one label per image (softmax); "
+            "data.task multilabel needs diffmic_v2"
+        )
+    if not 1 <= v1["sampling_steps"] <= timesteps:
+        raise ConfigError(
+            f"config key v1.sampling_steps: {v1['sampling_steps']} must be in 1..diffusion.timesteps ({timesteps})"
+        )
+    if not 0.0 <= v1["ema_decay"] < 1.0:
+        raise ConfigError(f"config key v1.ema_decay: must be in [0, 1), got {v1['ema_decay']}")
+    for key in ("v1.mmd_weight", "v1.warmup_epochs"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"config key {key}: must be >= 0, got {_get(cfg, key)}")
+    if v1["grad_clip"] <= 0.0:
+        raise ConfigError(f"config key v1.grad_clip: must be > 0, got {v1['grad_clip']}")
+    if v1["warmup_epochs"] >= cfg["trainer"]["max_epochs"] and v1["warmup_epochs"] > 0:
+        raise ConfigError(
+            f"config key v1.warmup_epochs: {v1['warmup_epochs']} must be below trainer.max_epochs "
+            f"({cfg['trainer']['max_epochs']}), or the learning rate never leaves its warm-up"
+        )
 
 
 # What to give instead, per trainer key Lightning refuses.

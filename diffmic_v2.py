@@ -11,14 +11,10 @@ the prediction is the mean of the final grids over the S samples and the K x K c
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
 
-from checkpoints import dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
-from config import ConfigError, dcg_ckpt_path
-from evaluation import EvaluatedSystem
+from config import errors_of
+from guided import GuidedSystem
 from model import build_denoiser
 from pipeline import (
     DDIMScheduler,
@@ -29,39 +25,36 @@ from pipeline import (
     heterologous_noise,
     one_hot,
 )
-from pretraining.dcg import DCGOutput, build_dcg
-from pretraining.dcg_file import load_dcg
+from pretraining.dcg import DCGOutput
 from seeding import start_noise
 from utils import build_optimizer
 
 
-class DiffMICv2(EvaluatedSystem):
+class DiffMICv2(GuidedSystem):
     """Frozen DCG guidance + ConditionalModel denoiser + DDIM scheduler.
 
     The guidance model is anything that maps an image batch to a `DCGOutput`; this class calls it in
     exactly two places, `training_step` and `sample`, and never trains it.
 
-    Checkpoints do not hold the frozen DCG: they name its file by path and SHA-256 (checkpoints.py), and
+    Checkpoints do not hold the frozen DCG: they name its file by path and SHA-256 (guided.py), and
     `load_dcg_file` must have loaded that file before a checkpoint is loaded or saved."""
+
+    method = "diffmic_v2"
 
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
-        self.save_hyperparameters({"cfg": cfg})
         d = cfg["diffusion"]
-        self.dcg = build_dcg(cfg).requires_grad_(False).eval()  # frozen, in eval mode (SPEC 5)
         self.denoiser = build_denoiser(cfg)
         self.scheduler = DDIMScheduler(d["timesteps"], d["beta_start"], d["beta_end"], d["clip_sample"])
-        self.dcg_file: dict[str, str] | None = None  # the DCG file loaded into self.dcg: path and SHA-256
 
-    def train(self, mode: bool = True) -> DiffMICv2:
-        super().train(mode)
-        self.dcg.eval()  # frozen guidance: BatchNorm keeps its pre-trained statistics
-        return self
-
-    def on_train_epoch_start(self) -> None:
-        # Lightning does not call train() when fitting starts, and after each validation it restores the modes
-        # of the submodules one by one; so the DCG's eval mode is set here too, not only in train().
-        self.dcg.eval()
+    def load_initial_weights(self) -> None:
+        """EfficientSAM's image encoder and the ROI patch encoder, as model.efficientsam_weights and
+        model.patch_encoder_weights say (random init where they are null)."""
+        model = self.cfg["model"]
+        with errors_of("model.efficientsam_weights"):
+            self.denoiser.load_image_encoder(model["efficientsam_weights"])
+        with errors_of("model.patch_encoder_weights"):
+            self.denoiser.load_patch_encoder(model["patch_encoder_weights"], self.dcg.local_trunk)
 
     def prior(self, guide: DCGOutput) -> torch.Tensor:
         """The guided prior map P (B, C, K, K) of SPEC 3. The `ablation` section of the config switches
@@ -131,67 +124,3 @@ class DiffMICv2(EvaluatedSystem):
             self.denoiser.parameters(), self.cfg["optim"], self.cfg["trainer"]["max_epochs"]
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
-
-    # ------------------------------------------------------------------ the DCG file and checkpoints
-
-    def load_dcg_file(self, path: str | Path, train_set=None) -> None:
-        """Load the frozen DCG from its file (with `train_set`, a new run: checked against what it was trained
-        from) and remember the file, which every checkpoint of this model names."""
-        load_dcg(self.dcg, self.cfg, Path(path), train_set)
-        self.dcg_file = dcg_reference(path)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # random states, for a resume
-        assert self.dcg_file is not None, "load_dcg_file first: a checkpoint names the DCG file it was trained with"
-        for key in [k for k in checkpoint["state_dict"] if k.startswith("dcg.")]:
-            del checkpoint["state_dict"][key]  # kept once per run, in the DCG file
-        run_dir = self.trainer.log_dir if self._trainer is not None else None
-        checkpoint["dcg_file"] = with_run_folder(self.dcg_file, run_dir)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        reference = checkpoint.get("dcg_file")
-        if reference is None:  # an older checkpoint that holds the DCG itself
-            return
-        if self.dcg_file is None or self.dcg_file["sha256"] != reference["sha256"]:
-            raise ConfigError(
-                f"the checkpoint was trained with the DCG file {reference['path']} (SHA-256 "
-                f"{reference['sha256'][:12]}...); load that file with load_dcg_file before the checkpoint"
-            )
-        checkpoint["state_dict"].update({f"dcg.{k}": v for k, v in self.dcg.state_dict().items()})
-
-    def load_checkpoint_file(
-        self, path: str | Path, dcg_path: str | Path | None = None, checkpoint: dict[str, Any] | None = None
-    ) -> None:
-        """Load a checkpoint of this project into this model, its DCG from the DCG file the checkpoint names (the
-        recorded path, the same place relative to the run folder, or `dcg_path` / the config's DCG path). A file
-        that is unsafe, damaged, or does not fit this model's config is a ConfigError naming it. `checkpoint`:
-        the file's content when the caller has read it already."""
-        checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
-        if "state_dict" not in checkpoint:
-            raise ConfigError(f"checkpoint {path} holds no state_dict: not a checkpoint written by this project")
-        if "dcg_file" in checkpoint:
-            self.load_dcg_file(find_dcg_file(checkpoint["dcg_file"], path, dcg_path or dcg_ckpt_path(self.cfg)))
-        self.on_load_checkpoint(checkpoint)
-        try:
-            self.load_state_dict(checkpoint["state_dict"])
-        except RuntimeError as err:
-            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-            raise ConfigError(f"checkpoint {path} does not fit the config's model ({first})") from None
-
-    @classmethod
-    def load_from_checkpoint(
-        cls, checkpoint_path: str | Path, dcg_path: str | Path | None = None, **unused: Any
-    ) -> DiffMICv2:
-        """The trained model of a checkpoint, in eval mode, built from the config stored in it (for notebooks):
-        `DiffMICv2.load_from_checkpoint("logs/demo/version_0/checkpoints/best.ckpt")`. Loads as weights only, on
-        the CPU (move it with `.to(device)`); the DCG comes from the run's DCG file (see `load_checkpoint_file`).
-        Lightning's other arguments (map_location, strict, hparams overrides) do not apply and are ignored."""
-        checkpoint = read_checkpoint(checkpoint_path)
-        hparams = checkpoint.get("hyper_parameters", {})
-        cfg = hparams.get("cfg", hparams.get("config"))
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"checkpoint {checkpoint_path} stores no DiffMIC-v2 config (hyper_parameters.cfg)")
-        system = cls(cfg)
-        system.load_checkpoint_file(checkpoint_path, dcg_path, checkpoint)
-        return system.eval()

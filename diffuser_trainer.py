@@ -1,4 +1,4 @@
-"""The command line: train and evaluate DiffMIC-v2.
+"""The command line: train and evaluate DiffMIC-v2 (or DiffMIC v1: model.method=diffmic_v1).
 
     python diffuser_trainer.py [fit|validate|test|predict] [--config FILE] [--ckpt PATH|best|last]
                                [--out FILE] [--input DIR_OR_LIST] [key.sub=value ...]
@@ -20,11 +20,11 @@ import pytorch_lightning as pl
 import yaml
 
 from checkpoints import read_checkpoint
-from config import ConfigError, check_paths, dcg_ckpt_path, errors_of, load_config
+from config import ConfigError, check_paths, dcg_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
-from diffmic_v2 import DiffMICv2
+from methods import build_system
 from pretraining.train_dcg import pretrain_dcg
 from utils import build_trainer, selection_metric, setup_logging
 
@@ -127,7 +127,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
             source, cfg["data"]["root"], build_transform(cfg, train=False), cfg["data"]["image_size"]
         )
         data = DiffMICDataModule(cfg, datasets={"predict": images})
-    system = DiffMICv2(cfg)
+    system = build_system(cfg)
     names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
     if checkpoint is not None:  # evaluation, or a resume: the weights must fit the config before any file is written
         system.load_checkpoint_file(ckpt, checkpoint=checkpoint)
@@ -143,10 +143,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
                 )
                 pretrain_dcg(cfg, data.datasets)
             system.load_dcg_file(dcg_path, data.datasets["train"])
-            with errors_of("model.efficientsam_weights"):
-                system.denoiser.load_image_encoder(cfg["model"]["efficientsam_weights"])
-            with errors_of("model.patch_encoder_weights"):
-                system.denoiser.load_patch_encoder(cfg["model"]["patch_encoder_weights"], system.dcg.local_trunk)
+            system.load_initial_weights()
         trainer, best = build_trainer(
             cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
         )
@@ -199,7 +196,7 @@ def save_config(cfg: dict, trainer) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="diffuser_trainer.py",
-        description="Train and evaluate DiffMIC-v2.",
+        description="Train and evaluate DiffMIC-v2 (model.method=diffmic_v1: DiffMIC v1).",
         epilog="commands: fit (default), validate, test, predict; overrides look like optim.lr=5e-4",
     )
     parser.add_argument("words", nargs="*", metavar="[command] key.sub=value", help="command, then overrides")

@@ -22,13 +22,15 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(1)[0])
 
 
-def start_noise(seed: int, index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Uniform [0, 1) noise of `shape` for each image index: (B,) -> (B, *shape), row b from a generator seeded by
-    (seed, index[b]) alone. A few generators per batch cost nothing next to the DDIM steps they feed."""
+def start_noise(seed: int, index: torch.Tensor, shape: Sequence[int], normal: bool = False) -> torch.Tensor:
+    """Uniform [0, 1) noise (`normal`: standard normal) of `shape` for each image index: (B,) -> (B, *shape), row b
+    from a generator seeded by (seed, index[b]) alone. A few generators per batch cost nothing next to the sampling
+    steps they feed."""
+    draw = torch.randn if normal else torch.rand
     rows = []
     for i in index.tolist():
         generator = torch.Generator().manual_seed(rank_seed(seed, 1 << 20 | int(i)))  # apart from the rank seeds
-        rows.append(torch.rand(*shape, generator=generator))
+        rows.append(draw(*shape, generator=generator))
     return torch.stack(rows)
 
 

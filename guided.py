@@ -1,0 +1,129 @@
+"""What DiffMIC-v2 and DiffMIC (v1) share around their denoisers: the DCG guidance model, the file it was
+pre-trained into, and checkpoints that name that file instead of holding a second copy of a frozen DCG.
+
+A method that fine-tunes the DCG while its denoiser trains (v1's `joint_train`) sets `dcg_frozen = False`: its
+checkpoints then hold the fine-tuned DCG, and the DCG file only records where the fine-tuning started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from checkpoints import dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
+from config import ConfigError, dcg_ckpt_path
+from evaluation import EvaluatedSystem
+from pretraining.dcg import build_dcg
+from pretraining.dcg_file import load_dcg
+
+
+class GuidedSystem(EvaluatedSystem):
+    """An EvaluatedSystem with a DCG (`self.dcg`, kept in eval mode) loaded from a DCG file. Subclasses set
+    `method` (the config's model.method) and implement the training step, `evaluate_batch` and
+    `load_initial_weights` (the denoiser's pre-trained parts for a new run)."""
+
+    method = ""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__(cfg)
+        self.save_hyperparameters({"cfg": cfg})
+        self.dcg = build_dcg(cfg).requires_grad_(False).eval()  # frozen, in eval mode (SPEC 5)
+        self.dcg_frozen = True
+        self.dcg_file: dict[str, str] | None = None  # the DCG file loaded into self.dcg: path and SHA-256
+
+    def train(self, mode: bool = True) -> GuidedSystem:
+        super().train(mode)
+        self.dcg.eval()  # the guidance: BatchNorm keeps its pre-trained statistics
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning does not call train() when fitting starts, and after each validation it restores the modes
+        # of the submodules one by one; so the DCG's eval mode is set here too, not only in train().
+        self.dcg.eval()
+
+    def load_initial_weights(self) -> None:
+        """A new run: load the pre-trained weights the config names into the denoiser."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the DCG file and checkpoints
+
+    def load_dcg_file(self, path: str | Path, train_set=None) -> None:
+        """Load the DCG from its file (with `train_set`, a new run: checked against what it was trained
+        from) and remember the file, which every checkpoint of this model names."""
+        load_dcg(self.dcg, self.cfg, Path(path), train_set)
+        self.dcg_file = dcg_reference(path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # random states, for a resume
+        assert self.dcg_file is not None, "load_dcg_file first: a checkpoint names the DCG file it was trained with"
+        if self.dcg_frozen:
+            for key in [k for k in checkpoint["state_dict"] if k.startswith("dcg.")]:
+                del checkpoint["state_dict"][key]  # kept once per run, in the DCG file
+        run_dir = self.trainer.log_dir if self._trainer is not None else None
+        checkpoint["dcg_file"] = with_run_folder(self.dcg_file, run_dir)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        reference = checkpoint.get("dcg_file")
+        if reference is None or _holds_dcg(checkpoint):  # an older checkpoint, or a fine-tuned DCG: it is in there
+            return
+        if self.dcg_file is None or self.dcg_file["sha256"] != reference["sha256"]:
+            raise ConfigError(
+                f"the checkpoint was trained with the DCG file {reference['path']} (SHA-256 "
+                f"{reference['sha256'][:12]}...); load that file with load_dcg_file before the checkpoint"
+            )
+        checkpoint["state_dict"].update({f"dcg.{k}": v for k, v in self.dcg.state_dict().items()})
+
+    def load_checkpoint_file(
+        self, path: str | Path, dcg_path: str | Path | None = None, checkpoint: dict[str, Any] | None = None
+    ) -> None:
+        """Load a checkpoint of this project into this model, a frozen DCG from the DCG file the checkpoint names
+        (the recorded path, the same place relative to the run folder, or `dcg_path` / the config's DCG path). A
+        file that is unsafe, damaged, or does not fit this model's config is a ConfigError naming it. `checkpoint`:
+        the file's content when the caller has read it already."""
+        checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+        if "state_dict" not in checkpoint:
+            raise ConfigError(f"checkpoint {path} holds no state_dict: not a checkpoint written by this project")
+        stored = checkpoint.get("hyper_parameters", {}).get("cfg", {}).get("model", {}).get("method", "diffmic_v2")
+        if stored != self.method:
+            raise ConfigError(
+                f"checkpoint {path} is a {stored} model, the config's model.method is {self.method}: "
+                f"set model.method={stored}"
+            )
+        if "dcg_file" in checkpoint and not _holds_dcg(checkpoint):
+            self.load_dcg_file(find_dcg_file(checkpoint["dcg_file"], path, dcg_path or dcg_ckpt_path(self.cfg)))
+        elif "dcg_file" in checkpoint:
+            self.dcg_file = checkpoint["dcg_file"]  # where its fine-tuned DCG started; later saves name it again
+        self.on_load_checkpoint(checkpoint)
+        try:
+            self.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as err:
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise ConfigError(f"checkpoint {path} does not fit the config's model ({first})") from None
+
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path: str | Path, dcg_path: str | Path | None = None, **unused: Any
+    ) -> GuidedSystem:
+        """The trained model of a checkpoint, in eval mode, built from the config stored in it (for notebooks):
+        `DiffMICv2.load_from_checkpoint("logs/demo/version_0/checkpoints/best.ckpt")`. Loads as weights only, on
+        the CPU (move it with `.to(device)`); a frozen DCG comes from the run's DCG file (see
+        `load_checkpoint_file`). Lightning's other arguments (map_location, strict, hparams overrides) do not apply
+        and are ignored."""
+        checkpoint = read_checkpoint(checkpoint_path)
+        hparams = checkpoint.get("hyper_parameters", {})
+        cfg = hparams.get("cfg", hparams.get("config"))
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"checkpoint {checkpoint_path} stores no config (hyper_parameters.cfg)")
+        stored = cfg.get("model", {}).get("method", "diffmic_v2")
+        if stored != cls.method:
+            raise ConfigError(
+                f"checkpoint {checkpoint_path} is a {stored} model: load it with that method's class "
+                "(methods.METHODS[model.method])"
+            )
+        system = cls(cfg)
+        system.load_checkpoint_file(checkpoint_path, dcg_path, checkpoint)
+        return system.eval()
+
+
+def _holds_dcg(checkpoint: dict[str, Any]) -> bool:
+    return any(key.startswith("dcg.") for key in checkpoint["state_dict"])
