@@ -5,7 +5,8 @@ number of epochs:
   resnet18  a torchvision ResNet-18 classifier trained with cross-entropy (random init);
   dcg       the DCG guidance model alone, its fused output taken as the prediction (the prior);
   diffmic   DiffMIC-v2, guided by the DCG of the same seed (trained once, shared with `dcg`).
-Opt-in: diffmic-no_* are ablations of DiffMIC-v2 (benchmarks/README.md).
+Opt-in: diffmic_v1 is DiffMIC (v1, model.method=diffmic_v1) with that same DCG file as its start and the config's v1
+section; diffmic-no_* are ablations of DiffMIC-v2 (benchmarks/README.md).
 Every method keeps the checkpoint with the best validation score (macro F1) and is evaluated once on
 the test split. Writes benchmarks/results/<name>.json and .md (mean and standard deviation over
 seeds, per-seed rows, wall time, images per second, command, config and machine).
@@ -49,7 +50,9 @@ ABLATIONS = {
     # not a part of SPEC.md but this project's departure from the authors' init (README, the demo)
     "diffmic-default_condition_init": {"model": {"condition_init": "default"}},
 }
-METHODS = ("resnet18", "dcg", "diffmic", *ABLATIONS)
+# DiffMIC (v1): the same trainer, data, DCG file, seed and epochs, with the method switched.
+VARIANTS = {"diffmic_v1": {"model": {"method": "diffmic_v1"}}, **ABLATIONS}
+METHODS = ("resnet18", "dcg", "diffmic", "diffmic_v1", *ABLATIONS)
 METRICS = ("acc", "f1", "auc", "kappa")
 # MedMNIST v2 (Yang et al., Scientific Data 2023), Table: ResNet-18 (28), test ACC / AUC.
 MEDMNIST_V2_RESNET18_28 = {"retinamnist": {"acc": 0.524, "auc": 0.717}, "breastmnist": {"acc": 0.863, "auc": 0.901}}
@@ -167,8 +170,8 @@ def seed_config(base: dict, seed: int) -> dict:
 
 
 def ablation_config(cfg: dict, method: str) -> dict:
-    """The config of an ablation of one seed: its own run folder, the seed's DCG file."""
-    ablation = merge(cfg, ABLATIONS[method])
+    """The config of DiffMIC v1 or an ablation of one seed: its own run folder, the seed's DCG file."""
+    ablation = merge(cfg, VARIANTS[method])
     ablation["name"] = f"{cfg['name']}/{method}"
     return ablation
 
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         choices=METHODS,
         default=["resnet18", "dcg", "diffmic"],
-        help="diffmic-no_* are ablations of DiffMIC-v2 (default: the three compared methods)",
+        help="diffmic_v1 is DiffMIC v1, diffmic-no_* are ablations of DiffMIC-v2 (default: the three compared methods)",
     )
     parser.add_argument(
         "--ddim-steps",
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                     logger.info("removing %s from an earlier benchmark run", cfg["dcg"]["ckpt"])
                     Path(cfg["dcg"]["ckpt"]).unlink()
                 result = run_diffmic(cfg, dcg_seconds or 0.0)
-            else:  # an ablation: this seed's DCG (pre-trained here if no earlier method made it)
+            else:  # v1 or an ablation: this seed's DCG (pre-trained here if no earlier method made it)
                 result = run_diffmic(ablation_config(cfg, method), dcg_seconds or 0.0)
             result.update(
                 method=method,

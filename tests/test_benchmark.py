@@ -25,6 +25,7 @@ def test_accuracy_benchmark_smoke(tmp_path, capfd):
         "resnet18",
         "dcg",
         "diffmic",
+        "diffmic_v1",
         "diffmic-no_guided_map",
         "diffmic-no_roi_branch",
         "--ddim-steps",
@@ -43,10 +44,13 @@ def test_accuracy_benchmark_smoke(tmp_path, capfd):
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
         "model.feature_dim=16",
+        "v1.feature_dim=16",
+        "v1.sampling_steps=5",
+        "v1.warmup_epochs=0",
     ]
     assert accuracy.main(argv) == 0
     report = json.loads((tmp_path / "smoke.json").read_text())
-    trained = ["resnet18", "dcg", "diffmic", "diffmic-no_guided_map", "diffmic-no_roi_branch"]
+    trained = ["resnet18", "dcg", "diffmic", "diffmic_v1", "diffmic-no_guided_map", "diffmic-no_roi_branch"]
     # the diffmic checkpoint re-evaluated with other sampling settings: no training of its own
     evaluated = ["diffmic-ddim_2", "diffmic-samples_4"]
     assert [r["method"] for r in report["runs"]] == trained + evaluated
@@ -107,3 +111,19 @@ def test_accuracy_benchmark_needs_the_same_epochs_for_every_method(tmp_path, cap
     assert accuracy.main(argv) == 2
     assert "dcg.epochs (3) and trainer.max_epochs (4) must agree" in capfd.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_method_cost_benchmark_smoke(tmp_path):
+    """Both methods' samplers, with the encoders once and as the authors' code runs them, on the demo's small
+    models: the two ways give the same outputs, and re-running the encoders costs more FLOPs."""
+    from benchmarks import method_cost
+
+    demo = str(ROOT / "configs" / "demo.yml")
+    argv = ["--v2-config", demo, "--v1-config", demo, "--v1-steps", "4", "--repeats", "1", "--batch-size", "2"]
+    assert method_cost.main([*argv, "--out-dir", str(tmp_path), "model.feature_dim=16", "v1.feature_dim=16"]) == 0
+    report = json.loads((tmp_path / "method_cost_cpu.json").read_text())
+    assert all(report["every_step_output_equals_encoders_once"].values())
+    variants = list(report["variants"].values())
+    assert len(variants) == 4 and (tmp_path / "method_cost_cpu.md").is_file()
+    for once, every in ((variants[0], variants[1]), (variants[2], variants[3])):
+        assert every["gflop_per_image"] > once["gflop_per_image"] > 0
