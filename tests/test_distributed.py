@@ -130,3 +130,17 @@ def test_each_process_of_a_fit_reseeds_with_its_own_seed(world, rank):
     torch.manual_seed(123)
     system.on_fit_start()
     assert torch.initial_seed() == (rank_seed(7, rank) if world > 1 else 123)
+
+
+def test_diffmic_v1_trains_on_two_processes_and_evaluates_as_one(tmp_path):
+    """v1 with its joint DCG training (one backward for both losses, every parameter used) under DDP, and its
+    per-image sampling noise: the test metrics of one and of two processes agree to the last digit."""
+    v1 = [*TINY, "model.method=diffmic_v1", "v1.sampling_steps=10", "v1.warmup_epochs=0", "v1.feature_dim=16"]
+    logs = tmp_path / "logs"
+    ok(cli("fit", f"trainer.log_dir={logs}", *v1, *TWO))
+    best = str(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt")
+    common = ["test", "--ckpt", best, f"trainer.log_dir={tmp_path / 'eval'}", *v1]
+    ok(cli(*common, "trainer.devices=1", "--out", str(tmp_path / "one.json")))
+    ok(cli(*common, *TWO, "--out", str(tmp_path / "two.json")))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["test"] for n in ("one", "two"))
+    assert one == two
