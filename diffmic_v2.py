@@ -52,6 +52,10 @@ class DiffMICv2(EvaluatedSystem):
         self.denoiser = build_denoiser(cfg)
         self.scheduler = DDIMScheduler(d["timesteps"], d["beta_start"], d["beta_end"], d["clip_sample"])
         self.dcg_file: dict[str, str] | None = None  # the DCG file loaded into self.dcg: path and SHA-256
+        if cfg["trainer"].get("compile", False):  # configs stored before the key: not compiled
+            # in place (nn.Module.compile): the parameter names, and so the checkpoints, stay the same
+            for module in (self.dcg, self.denoiser.image_encoder, self.denoiser.patch_encoder):
+                module.compile()
 
     def train(self, mode: bool = True) -> DiffMICv2:
         super().train(mode)
@@ -67,13 +71,22 @@ class DiffMICv2(EvaluatedSystem):
         """The guided prior map P (B, C, K, K) of SPEC 3. The `ablation` section of the config switches
         parts off for the benchmark: no guided map gives P = 0, no ROI branch builds P from y_global alone."""
         ablation, grid = self.cfg["ablation"], self.denoiser.grid_size
+        # float32 even where the DCG ran under bf16 autocast: P is an input of the sampler's float32 arithmetic
+        y_global = guide.y_global.float()
         if not ablation["guided_map"]:
-            b, c = guide.y_global.shape
-            return guide.y_global.new_zeros(b, c, grid, grid)
-        y_local = guide.y_local if ablation["roi_branch"] else guide.y_global
-        return guided_prior_map(guide.y_global, y_local, grid)
+            b, c = y_global.shape
+            return y_global.new_zeros(b, c, grid, grid)
+        y_local = guide.y_local.float() if ablation["roi_branch"] else y_global
+        return guided_prior_map(y_global, y_local, grid)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        """The diffusion focal loss of one batch (float32 under bf16 autocast too: the denoiser's output, the
+        noise and the focal weight are cast up before the loss)."""
         image, d = batch["image"], self.cfg["diffusion"]
         y0 = one_hot(batch["label"], self.cfg["data"]["num_classes"]).to(image.dtype)
         with torch.no_grad():
@@ -88,9 +101,7 @@ class DiffMICv2(EvaluatedSystem):
             d["focal_gamma"],
             multilabel=self.cfg["data"]["task"] == "multilabel",
         )
-        loss = diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
+        return diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
 
     def sample(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """DDIM label grids for an image batch, the mean over diffusion.eval_samples starts: (B, C, K, K).
