@@ -19,7 +19,7 @@ import torch
 from checkpoints import dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
 from config import ConfigError, dcg_ckpt_path
 from evaluation import EvaluatedSystem
-from model import build_denoiser
+from model import build_denoiser, reuse_pointwise_weights
 from pipeline import (
     DDIMScheduler,
     ddim_sample,
@@ -117,14 +117,15 @@ class DiffMICv2(EvaluatedSystem):
         prior = self.prior(guide)
         y_start = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid)
         condition = self.denoiser.encode(image, guide.patches)
-        grids = ddim_sample(
-            self.denoiser,
-            self.scheduler,
-            condition,
-            prior,
-            y_start.view(d["eval_samples"], batch, classes, grid, grid),
-            d["sampling_steps"],
-        )
+        with reuse_pointwise_weights():  # bf16: the body's weights cast once for all DDIM steps
+            grids = ddim_sample(
+                self.denoiser,
+                self.scheduler,
+                condition,
+                prior,
+                y_start.view(d["eval_samples"], batch, classes, grid, grid),
+                d["sampling_steps"],
+            )
         return grids.mean(dim=0)
 
     @torch.no_grad()

@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from config import PROJECT_ROOT, ConfigError, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from diffmic_v2 import DiffMICv2
+from model import reuse_pointwise_weights
 from pipeline import guided_prior_map
 from seeding import start_noise
 from utils import adam, setup_logging
@@ -112,7 +113,7 @@ def sample_reencoding(system: DiffMICv2, batch: dict, precision: str) -> torch.T
     noise = start_noise(system.cfg["seed"], batch["index"], (2, d["eval_samples"], classes)).to(image.device)
     scheduler = system.scheduler
     grids = []
-    with precision_context(precision, image.device):
+    with precision_context(precision, image.device), reuse_pointwise_weights():  # as DiffMICv2.sample
         for s in range(d["eval_samples"]):
             y_t = guided_prior_map(noise[:, 0, s], noise[:, 1, s], grid)
             scheduler.set_timesteps(d["sampling_steps"])
@@ -267,7 +268,8 @@ def real_data_config(cfg: dict, images: int, folder: Path) -> dict:
         return cfg
     if not HAM_ZIP.is_file():
         raise ConfigError(f"{data['root']} does not exist and neither does {HAM_ZIP}: give data.root and the lists")
-    rows = pd.read_csv(HAM_TRAIN).head(images)
+    split = pd.read_csv(HAM_TRAIN)  # every class (the data layer checks data.num_classes against the labels)
+    rows = split.groupby("label", group_keys=False).head(-(-images // split["label"].nunique())).head(max(images, 7))
     with zipfile.ZipFile(HAM_ZIP) as archive:
         for name in rows["image_id"]:
             archive.extract(f"images/{name}.jpg", folder)
@@ -629,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the config's diffusion.sampling_steps)")
     parser.add_argument("--workers", type=int, help="data loader workers (default: the config's data.num_workers)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the matrices of the peak-rate probe")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip Lightning's fit on the real data")
     parser.add_argument("--profile", action="store_true", help="profile one training step and one sampled batch")
@@ -637,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     setup_logging()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         logger.error("--device cuda, but CUDA is not available on this machine")
         return 2

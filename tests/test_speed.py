@@ -7,7 +7,9 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
+import model
 from benchmarks import speed
 from config import load_config
 from diffmic_v2 import DiffMICv2
@@ -67,11 +69,29 @@ def test_bf16_training_and_sampling_run_on_the_cpu_with_float32_loss_and_scores(
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in system.denoiser.parameters())
+    assert system.denoiser.cc2.conv.weight.grad.abs().sum() > 0  # through the bf16 matrix-product form
     system.eval()
     with torch.no_grad(), speed.precision_context("bf16-mixed", torch.device("cpu")):
         out = system.evaluate_batch(batch)
     assert out["scores"].dtype == torch.float32 and torch.isfinite(out["scores"]).all()
     assert out["spread"].dtype == torch.float32 and torch.isfinite(out["spread"]).all()
+
+
+def test_pointwise_is_the_convolution_in_float32_and_its_matrix_product_under_autocast():
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(8, 5, 1), torch.randn(2, 8, 3, 3)
+    reference = conv(x)
+    assert torch.equal(model.pointwise(conv, x), reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.pointwise(conv, x)
+    assert low.dtype == torch.bfloat16 and low.shape == reference.shape
+    torch.testing.assert_close(low.float(), reference, rtol=0.03, atol=0.03)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), model.reuse_pointwise_weights():
+        first = model.pointwise(conv, x)
+        cached = model._pointwise_weights[conv]
+        assert cached.dtype == torch.bfloat16 and torch.equal(model.pointwise(conv, x), first)
+        assert model._pointwise_weights[conv] is cached  # cast once, reused by every later step
+    assert model._pointwise_weights is None  # dropped after the sampled batch
 
 
 def test_float32_training_loss_and_sampling_are_those_of_the_code_before_the_fast_path():
