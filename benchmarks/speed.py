@@ -540,11 +540,9 @@ def write_report(out_dir: Path, device: torch.device, report: dict) -> tuple[Pat
     lines = [
         f"# Speed benchmark on {device.type}: {m['device']}",
         "",
-        f"Command: `{report['command']}`",
-        "",
         f"Machine: {m['cpu']}, {m['cpu_threads']} torch threads; Python {m['python']}, torch {m['torch']}, "
         f"torchvision {m['torchvision']}, Lightning {m['lightning']}. Precisions: {', '.join(report['precisions'])}. "
-        f"Random weights; times are medians over {report['repeats']} repeats run side by side.",
+        "Random weights; times are medians over the repeats, every mode and precision run side by side in each.",
         "",
     ]
     for name, r in report["configs"].items():
@@ -552,6 +550,8 @@ def write_report(out_dir: Path, device: torch.device, report: dict) -> tuple[Pat
         steps = s["sampling_steps"]
         lines += [
             f"## {name} ({r['config']})",
+            "",
+            f"Command: `{r.get('command', report['command'])}`",
             "",
             f"{s['image_size']} px, {s['image_encoder']}, F = {s['feature_dim']}, K = {s['K']}, {steps} DDIM steps, "
             f"S = {s['eval_samples']}; measured at batch {s['batch_size']} (config: {s['config_batch_size']}).",
@@ -622,6 +622,10 @@ def write_report(out_dir: Path, device: torch.device, report: dict) -> tuple[Pat
     return stem.with_suffix(".md"), stem.with_suffix(".json")
 
 
+def _stem(path: str) -> str:
+    return Path(path).stem
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS), help="configs to measure")
@@ -645,18 +649,17 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         logger.error("--device cuda, but CUDA is not available on this machine")
         return 2
-    report = {
-        "command": "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "machine": machine(device),
-        "precisions": args.precision,
-        "repeats": args.repeats,
-        "configs": {},
-    }
+    command = "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    report = {"command": command, "machine": machine(device), "precisions": args.precision, "repeats": args.repeats}
+    # the configs an earlier run measured on this device stay in the report (each with its own command)
+    earlier = Path(args.out) / f"speed_{device.type}.json"
+    configs = json.loads(earlier.read_text()).get("configs", {}) if earlier.is_file() else {}
+    report["configs"] = {k: v for k, v in configs.items() if Path(v["config"]).stem not in map(_stem, args.config)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|in eval mode).*")
         for path in args.config:
             try:
-                report["configs"][Path(path).stem] = benchmark_config(args, path, device)
+                report["configs"][Path(path).stem] = {**benchmark_config(args, path, device), "command": command}
             except ConfigError as err:
                 logger.error("config error: %s", err)
                 return 2
