@@ -14,6 +14,7 @@ from benchmarks import speed
 from config import load_config
 from diffmic_v2 import DiffMICv2
 from pipeline import DDIMScheduler, diffusion_focal_loss, focal_weight, guided_prior_map, heterologous_noise, one_hot
+from pretraining.train_dcg import pretraining_precision
 
 # a denoiser small enough for unit tests, at the demo's 64 px
 TINY = [
@@ -174,3 +175,11 @@ def test_speed_benchmark_smoke_run_writes_its_report(tmp_path):
 def test_speed_refuses_a_precision_it_does_not_measure(precision):
     with pytest.raises(speed.ConfigError, match="--precision"):
         speed.precision_context(precision, torch.device("cpu"))
+
+
+def test_the_dcg_pretrains_in_float32_when_the_denoiser_trains_mixed():
+    cfg = load_config(None, ["trainer.precision=bf16-mixed"])
+    assert pretraining_precision(cfg)["trainer"]["precision"] == "32-true"
+    assert cfg["trainer"]["precision"] == "bf16-mixed"  # the run's own config is left as it is
+    plain = load_config(None, ["trainer.precision=64-true"])
+    assert pretraining_precision(plain) is plain
