@@ -70,7 +70,8 @@ def pretraining_precision(cfg: dict) -> dict:
     small share of a run's cost (two ResNet-18s, a tenth of the denoiser's epochs), and on the demo a DCG pre-trained
     under bf16-mixed guided the denoiser to a lower test accuracy (0.89 / 0.84 against 0.96 / 0.93, seeds 7 / 8),
     while a float32 DCG with a bf16-mixed denoiser matched float32 (0.94 / 0.94; README, Speed)."""
-    if not str(cfg["trainer"]["precision"]).endswith("-mixed"):
+    precision = str(cfg["trainer"]["precision"])
+    if not (precision.endswith("-mixed") or precision in ("16", "bf16")):  # Lightning's legacy names of mixed
         return cfg
     cfg = copy.deepcopy(cfg)
     cfg["trainer"]["precision"] = "32-true"

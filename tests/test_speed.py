@@ -178,6 +178,10 @@ def test_speed_refuses_a_precision_it_does_not_measure(precision):
 
 
 def test_the_dcg_pretrains_in_float32_when_the_denoiser_trains_mixed():
+    for legacy in ("16", "bf16"):
+        assert pretraining_precision(load_config(None, [f"trainer.precision={legacy}"]))["trainer"]["precision"] == (
+            "32-true"
+        )
     cfg = load_config(None, ["trainer.precision=bf16-mixed"])
     assert pretraining_precision(cfg)["trainer"]["precision"] == "32-true"
     assert cfg["trainer"]["precision"] == "bf16-mixed"  # the run's own config is left as it is
