@@ -47,6 +47,9 @@ class DiffMICv1(GuidedSystem):
         self.ema = EMA(self.denoiser, v1["ema_decay"])
         self.scheduler = CARDScheduler(d["timesteps"], d["beta_start"], d["beta_end"])
         self._diverged = 0
+        if cfg["trainer"].get("compile", False):  # in place, as DiffMIC-v2: checkpoint names stay the same
+            for module in (self.dcg, self.denoiser.trunk):
+                module.compile()
         if v1["joint_train"]:
             self.dcg.requires_grad_(True)
             self.dcg_frozen = False

@@ -15,7 +15,7 @@ import torch
 
 from config import errors_of
 from guided import GuidedSystem
-from model import build_denoiser
+from model import build_denoiser, reuse_pointwise_weights
 from pipeline import (
     DDIMScheduler,
     ddim_sample,
@@ -46,6 +46,10 @@ class DiffMICv2(GuidedSystem):
         d = cfg["diffusion"]
         self.denoiser = build_denoiser(cfg)
         self.scheduler = DDIMScheduler(d["timesteps"], d["beta_start"], d["beta_end"], d["clip_sample"])
+        if cfg["trainer"].get("compile", False):  # configs stored before the key: not compiled
+            # in place (nn.Module.compile): the parameter names, and so the checkpoints, stay the same
+            for module in (self.dcg, self.denoiser.image_encoder, self.denoiser.patch_encoder):
+                module.compile()
 
     def load_initial_weights(self) -> None:
         """EfficientSAM's image encoder and the ROI patch encoder, as model.efficientsam_weights and
@@ -60,13 +64,22 @@ class DiffMICv2(GuidedSystem):
         """The guided prior map P (B, C, K, K) of SPEC 3. The `ablation` section of the config switches
         parts off for the benchmark: no guided map gives P = 0, no ROI branch builds P from y_global alone."""
         ablation, grid = self.cfg["ablation"], self.denoiser.grid_size
+        # float32 even where the DCG ran under bf16 autocast: P is an input of the sampler's float32 arithmetic
+        y_global = guide.y_global.float()
         if not ablation["guided_map"]:
-            b, c = guide.y_global.shape
-            return guide.y_global.new_zeros(b, c, grid, grid)
-        y_local = guide.y_local if ablation["roi_branch"] else guide.y_global
-        return guided_prior_map(guide.y_global, y_local, grid)
+            b, c = y_global.shape
+            return y_global.new_zeros(b, c, grid, grid)
+        y_local = guide.y_local.float() if ablation["roi_branch"] else y_global
+        return guided_prior_map(y_global, y_local, grid)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        """The diffusion focal loss of one batch (float32 under bf16 autocast too: the denoiser's output, the
+        noise and the focal weight are cast up before the loss)."""
         image, d = batch["image"], self.cfg["diffusion"]
         y0 = one_hot(batch["label"], self.cfg["data"]["num_classes"]).to(image.dtype)
         with torch.no_grad():
@@ -81,9 +94,7 @@ class DiffMICv2(GuidedSystem):
             d["focal_gamma"],
             multilabel=self.cfg["data"]["task"] == "multilabel",
         )
-        loss = diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
+        return diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
 
     def sample(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """DDIM label grids for an image batch, the mean over diffusion.eval_samples starts: (B, C, K, K).
@@ -99,14 +110,15 @@ class DiffMICv2(GuidedSystem):
         prior = self.prior(guide)
         y_start = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid)
         condition = self.denoiser.encode(image, guide.patches)
-        grids = ddim_sample(
-            self.denoiser,
-            self.scheduler,
-            condition,
-            prior,
-            y_start.view(d["eval_samples"], batch, classes, grid, grid),
-            d["sampling_steps"],
-        )
+        with reuse_pointwise_weights():  # bf16: the body's weights cast once for all DDIM steps
+            grids = ddim_sample(
+                self.denoiser,
+                self.scheduler,
+                condition,
+                prior,
+                y_start.view(d["eval_samples"], batch, classes, grid, grid),
+                d["sampling_steps"],
+            )
         return grids.mean(dim=0)
 
     @torch.no_grad()

@@ -11,7 +11,9 @@ Notation: B batch, C classes, K grid side (= number of ROIs), F feature_dim.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,44 @@ from backbones import Trunk
 from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
 
 logger = logging.getLogger(__name__)
+
+
+# the low-precision copies of the 1x1 weights, kept while `reuse_pointwise_weights` is active (None: not kept)
+_pointwise_weights: dict[nn.Conv2d, torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def reuse_pointwise_weights() -> Iterator[None]:
+    """Inside, under autocast and without gradients, each 1x1 weight is cast to the low precision once and reused:
+    the DDIM loop runs the body at every step, and casting its 75 M weights (F = 6144) costs as much as the
+    products. The copies are dropped on leaving, so no stale copy outlives a sampled batch."""
+    global _pointwise_weights
+    outer = _pointwise_weights
+    _pointwise_weights = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _pointwise_weights = outer
+
+
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution. Float32: the convolution itself (the numbers of the paper path). Under autocast (bf16-mixed)
+    the same map as a matrix product over the cells, (B K K, in) x (in, out): on the K x K grid oneDNN's bf16
+    convolution reaches a sixth of the bf16 matmul rate, the product most of it (README, Speed)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return conv(x)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    cache = None if torch.is_grad_enabled() else _pointwise_weights
+    weight = None if cache is None else cache.get(conv)
+    if weight is None:
+        weight = conv.weight.flatten(1).to(dtype)
+        if cache is not None:
+            cache[conv] = weight
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c).to(dtype)  # contiguous rows: a strided input is a slow path
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    # the result is a channels-last view (B, out, K, K); the per-cell factors and BatchNorm take it as it is
+    return F.linear(rows, weight, bias).view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 class ConditionalConv2d(nn.Module):
@@ -34,7 +74,7 @@ class ConditionalConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         gamma = self.embed(t).permute(0, 3, 1, 2)  # (B, K, K, out) -> (B, out, K, K)
-        return self.conv(x) * gamma
+        return pointwise(self.conv, x) * gamma
 
 
 class PatchEncoder(nn.Module):
@@ -122,7 +162,7 @@ class ConditionalModel(nn.Module):
         assert patches.shape[1] == self.grid_size, (
             f"need K = {self.grid_size} patches (one per grid row), got {patches.shape[1]}"
         )
-        g = self.image_norm(self.image_proj(self.image_encoder(image)).mean(dim=(2, 3)))
+        g = self.image_norm(pointwise(self.image_proj, self.image_encoder(image)).mean(dim=(2, 3)))
         if not self.roi_tokens:
             return g
         tokens = torch.cat([g[:, :, None], self.patch_encoder(patches)], dim=2)  # (B, F, K+1)
@@ -140,7 +180,7 @@ class ConditionalModel(nn.Module):
         y = x_w[:, :, None, None] * y
         y = F.softplus(self.norm2(self.cc2(y, t)))
         y = F.softplus(self.norm3(self.cc3(y, t)))
-        return self.out(y)
+        return pointwise(self.out, y)
 
     def forward(self, image: torch.Tensor, patches: torch.Tensor, y_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.denoise(self.encode(image, patches), y_in, t)

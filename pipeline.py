@@ -78,15 +78,20 @@ class DDIMScheduler(nn.Module):
         return a.sqrt() * y0 + (1 - a).sqrt() * noise
 
     def step(self, eps_hat: torch.Tensor, t: int, y_t: torch.Tensor) -> torch.Tensor:
-        """One deterministic DDIM update Y_t -> Y_{t - r} given the predicted noise."""
+        """One deterministic DDIM update Y_t -> Y_{t - r} given the predicted noise. The arithmetic is float32 (or
+        the inputs' wider type) with autocast off: a denoiser run under bf16 autocast hands in a bf16 eps_hat,
+        which is cast up here, so only the network runs in bf16, never the scheduler."""
         t = int(t)
-        a_t = self.alphas_cumprod[t]
-        prev = t - self.step_ratio
-        a_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.ones_like(a_t)
-        x0_hat = (y_t - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
-        if self.clip_sample:
-            x0_hat = x0_hat.clamp(-1.0, 1.0)
-        return a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps_hat
+        with torch.autocast(y_t.device.type, enabled=False):
+            dtype = torch.promote_types(torch.promote_types(y_t.dtype, eps_hat.dtype), torch.float32)
+            y_t, eps_hat = y_t.to(dtype), eps_hat.to(dtype)
+            a_t = self.alphas_cumprod[t]
+            prev = t - self.step_ratio
+            a_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.ones_like(a_t)
+            x0_hat = (y_t - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+            if self.clip_sample:
+                x0_hat = x0_hat.clamp(-1.0, 1.0)
+            return a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps_hat
 
 
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

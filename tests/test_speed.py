@@ -1,0 +1,189 @@
+"""The fast path and its benchmark: Lightning's bf16-mixed autocasts every step on the CPU while the loss, the DDIM
+scheduler and the scores stay float32; the float32 path computes what it did before; the FLOP count of sampling
+with the encoders once is exactly the DCG and encoders once plus the body steps; benchmarks/speed.py runs."""
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+import model
+from benchmarks import speed
+from config import load_config
+from diffmic_v2 import DiffMICv2
+from pipeline import DDIMScheduler, diffusion_focal_loss, focal_weight, guided_prior_map, heterologous_noise, one_hot
+from pretraining.train_dcg import pretraining_precision
+
+# a denoiser small enough for unit tests, at the demo's 64 px
+TINY = [
+    "data.image_size=64",
+    "data.num_classes=3",
+    "data.class_names=null",
+    "dcg.num_rois=3",
+    "model.image_encoder=vit_t",
+    "model.feature_dim=16",
+    "diffusion.timesteps=200",
+]
+
+
+def tiny_system(*overrides: str) -> DiffMICv2:
+    torch.manual_seed(0)
+    return DiffMICv2(load_config(None, [*TINY, *overrides]))
+
+
+def tiny_batch(n: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.randn(n, 3, 64, 64, generator=g), "label": torch.arange(n) % 3, "index": torch.arange(n)}
+
+
+def test_lightning_bf16_mixed_autocasts_training_and_every_evaluation_step_on_the_cpu():
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    plugin = trainer.precision_plugin
+    for context in (plugin.train_step_context, plugin.val_step_context, plugin.test_step_context):
+        with context():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with plugin.predict_step_context():
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_scheduler_step_stays_float32_under_autocast():
+    scheduler = DDIMScheduler(200)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    y_t, eps_hat = torch.randn(2, 3, 3, 3, generator=g), torch.randn(2, 3, 3, 3, generator=g).bfloat16()
+    expected = scheduler.step(eps_hat.float(), 180, y_t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scheduler.step(eps_hat, 180, y_t)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_bf16_training_and_sampling_run_on_the_cpu_with_float32_loss_and_scores():
+    system = tiny_system()
+    batch = tiny_batch()
+    system.train()
+    with speed.precision_context("bf16-mixed", torch.device("cpu")):
+        loss = system.training_loss(batch)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in system.denoiser.parameters())
+    assert system.denoiser.cc2.conv.weight.grad.abs().sum() > 0  # through the bf16 matrix-product form
+    system.eval()
+    with torch.no_grad(), speed.precision_context("bf16-mixed", torch.device("cpu")):
+        out = system.evaluate_batch(batch)
+    assert out["scores"].dtype == torch.float32 and torch.isfinite(out["scores"]).all()
+    assert out["spread"].dtype == torch.float32 and torch.isfinite(out["spread"]).all()
+
+
+def test_pointwise_is_the_convolution_in_float32_and_its_matrix_product_under_autocast():
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(8, 5, 1), torch.randn(2, 8, 3, 3)
+    reference = conv(x)
+    assert torch.equal(model.pointwise(conv, x), reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.pointwise(conv, x)
+    assert low.dtype == torch.bfloat16 and low.shape == reference.shape
+    torch.testing.assert_close(low.float(), reference, rtol=0.03, atol=0.03)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), model.reuse_pointwise_weights():
+        first = model.pointwise(conv, x)
+        cached = model._pointwise_weights[conv]
+        assert cached.dtype == torch.bfloat16 and torch.equal(model.pointwise(conv, x), first)
+        assert model._pointwise_weights[conv] is cached  # cast once, reused by every later step
+    assert model._pointwise_weights is None  # dropped after the sampled batch
+
+
+def test_float32_training_loss_and_sampling_are_those_of_the_code_before_the_fast_path():
+    """The reference is the code before this change, written out: the loss inline in training_step, the prior map
+    from the DCG's outputs as they come, the DDIM step without casts, the authors' re-encoding loop."""
+    system = tiny_system("model.condition_init=default")
+    batch = tiny_batch()
+    system.train()
+    torch.manual_seed(5)
+    loss = system.training_loss(batch)
+    torch.manual_seed(5)
+    y0 = one_hot(batch["label"], 3)
+    with torch.no_grad():
+        guide = system.dcg(batch["image"])
+    prior = guided_prior_map(guide.y_global, guide.y_local, 3)
+    y_t, eps, t = heterologous_noise(system.scheduler, y0, 3)
+    eps_hat = system.denoiser(batch["image"], guide.patches, torch.cat([prior, y_t], dim=1), t)
+    reference = diffusion_focal_loss(eps_hat, eps, focal_weight(guide.y_fusion, y0, 10.0, 1.0))
+    torch.testing.assert_close(loss, reference, rtol=0, atol=0)
+
+    system.eval()
+    once = speed.sample_once(system, batch, "32-true")
+    with torch.no_grad():
+        guide = system.dcg(batch["image"])
+        prior = guided_prior_map(guide.y_global, guide.y_local, 3)
+        noise = speed.start_noise(system.cfg["seed"], batch["index"], (2, 1, 3))
+        y = guided_prior_map(noise[:, 0, 0], noise[:, 1, 0], 3)
+        scheduler = system.scheduler
+        scheduler.set_timesteps(10)
+        for step in scheduler.timesteps.tolist():
+            cells = torch.full((4, 3, 3), step, dtype=torch.long)
+            e = system.denoiser(batch["image"], guide.patches, torch.cat([prior, y], dim=1), cells)
+            a_t = scheduler.alphas_cumprod[step]
+            a_prev = scheduler.alphas_cumprod[step - 20] if step >= 20 else torch.tensor(1.0)
+            x0 = ((y - (1 - a_t).sqrt() * e) / a_t.sqrt()).clamp(-1, 1)
+            y = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+    torch.testing.assert_close(once, y, rtol=0, atol=1e-6)
+    assert torch.equal(once, speed.sample_reencoding(system, batch, "32-true"))  # what the benchmark times
+
+
+def test_sampling_flops_are_the_dcg_and_encoders_once_plus_the_body_steps():
+    system = tiny_system("diffusion.eval_samples=2")
+    flops = speed.flop_report(system, tiny_batch(2), steps=4)
+    assert flops["identity_holds"]
+    for s in (1, 2):
+        once, again = flops[f"sample_once_steps4_S{s}"], flops[f"sample_reencode_steps4_S{s}"]
+        assert once == flops["dcg"] + flops["encoders"] + 4 * s * flops["body_step"]
+        assert again == 4 * s * (flops["dcg"] + flops["encoders"] + flops["body_step"])
+    assert flops["train_step"] == flops["train_parts_sum"]
+    assert system.cfg["diffusion"]["eval_samples"] == 2 and system.cfg["diffusion"]["sampling_steps"] == 10
+
+
+def test_compile_is_opt_in_and_keeps_the_parameter_names():
+    plain, compiled = tiny_system(), tiny_system("trainer.compile=true")
+    assert compiled.dcg._compiled_call_impl is not None and plain.dcg._compiled_call_impl is None
+    assert list(plain.state_dict()) == list(compiled.state_dict())
+
+
+def test_speed_benchmark_smoke_run_writes_its_report(tmp_path):
+    overrides = [
+        "data.synthetic.num_train=32",
+        "data.synthetic.num_val=8",
+        "data.synthetic.num_test=8",
+        "model.feature_dim=16",
+        "diffusion.eval_samples=2",
+    ]
+    args = ["--config", "configs/demo.yml", "--batch-size", "4", "--repeats", "1", "--steps", "2"]
+    assert speed.main([*args, "--matmul-size", "64", "--profile", "--out", str(tmp_path), *overrides]) == 0
+    report = json.loads((tmp_path / "speed_cpu.json").read_text())
+    demo = report["configs"]["demo"]
+    assert demo["flops_per_image"]["identity_holds"] and demo["samplers_identical"]
+    assert {"reencoding_over_encoders_once_time_32-true", "bf16-mixed_speedup_train_model"} <= set(demo["ratios"])
+    assert demo["end_to_end"]["bf16-mixed"]["images_per_s"] > 0
+    assert demo["profile"]["bf16-mixed"]["train_step"]["operators"]
+    md = (tmp_path / "speed_cpu.md").read_text()
+    assert "re-run per step" in md and report["machine"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_speed_refuses_a_precision_it_does_not_measure(precision):
+    with pytest.raises(speed.ConfigError, match="--precision"):
+        speed.precision_context(precision, torch.device("cpu"))
+
+
+def test_the_dcg_pretrains_in_float32_when_the_denoiser_trains_mixed():
+    for legacy in ("16", "bf16"):
+        assert pretraining_precision(load_config(None, [f"trainer.precision={legacy}"]))["trainer"]["precision"] == (
+            "32-true"
+        )
+    cfg = load_config(None, ["trainer.precision=bf16-mixed"])
+    assert pretraining_precision(cfg)["trainer"]["precision"] == "32-true"
+    assert cfg["trainer"]["precision"] == "bf16-mixed"  # the run's own config is left as it is
+    plain = load_config(None, ["trainer.precision=64-true"])
+    assert pretraining_precision(plain) is plain
