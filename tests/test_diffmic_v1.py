@@ -271,3 +271,13 @@ def test_a_v1_checkpoint_refuses_a_v2_config(v1_run, tmp_path):
         METHODS["diffmic_v2"].load_from_checkpoint(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt")
     system = DiffMICv1.load_from_checkpoint(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt")
     assert not system.training
+
+
+def test_a_v1_run_resumes_from_last(v1_run):
+    """--ckpt last: the fine-tuned DCG comes back from the checkpoint, the run continues in its version folder."""
+    logs, args = v1_run
+    ok(cli("fit", "--ckpt", "last", *args, "trainer.max_epochs=3"))
+    checkpoint = torch.load(
+        logs / "demo" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert checkpoint["epoch"] == 2
