@@ -19,22 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.speed import count_flops, machine, sample_once, sample_reencoding, timed
 from card import card_sample
 from config import PROJECT_ROOT, load_config
 from diffmic_v1 import DiffMICv1
 from diffmic_v2 import DiffMICv2
-from pipeline import ddim_sample, guided_prior_map
 from seeding import start_noise
 from utils import setup_logging
 
@@ -42,36 +39,11 @@ logger = logging.getLogger("benchmarks.method_cost")
 
 
 class _EveryStep:
-    """A denoiser whose `denoise` re-runs what the authors' samplers run at every step: for v2 the DCG and both
-    encoders, for v1 the image encoder (its DCG prior is computed once, before the loop)."""
+    """A v1 denoiser whose `denoise` runs the whole model, image encoder included, as the authors' v1 sampler does
+    at every step (its DCG prior is computed once, before the loop)."""
 
     def __init__(self, step: Callable[..., torch.Tensor]) -> None:
         self.denoise = step
-
-
-def v2_sampler(system: DiffMICv2, image: torch.Tensor, every_step: bool) -> torch.Tensor:
-    """One DDIM sample per image (diffusion.eval_samples = 1, the paper) from the same start as `sample`."""
-    if not every_step:
-        return system.sample(image, torch.arange(image.shape[0]))
-    d, grid, classes = system.cfg["diffusion"], system.denoiser.grid_size, system.cfg["data"]["num_classes"]
-    start = start_noise(system.cfg["seed"], torch.arange(image.shape[0]), (2, 1, classes)).permute(1, 2, 0, 3)
-    guide = system.dcg(image)
-    prior = system.prior(guide)
-    y_start = guided_prior_map(start[0].flatten(0, 1), start[1].flatten(0, 1), grid)
-
-    def step(condition, y_in, t):
-        again = system.dcg(image)  # the authors' loop: guidance and encoders inside the step
-        return system.denoiser(image, again.patches, torch.cat([system.prior(again), y_in[:, classes:]], 1), t)
-
-    grids = ddim_sample(
-        _EveryStep(step),
-        system.scheduler,
-        image.new_zeros(image.shape[0], 1),
-        prior,
-        y_start.view(1, *y_start.shape),
-        d["sampling_steps"],
-    )
-    return grids.mean(dim=0)
 
 
 def v1_sampler(system: DiffMICv1, image: torch.Tensor, every_step: bool) -> torch.Tensor:
@@ -89,20 +61,8 @@ def v1_sampler(system: DiffMICv1, image: torch.Tensor, every_step: bool) -> torc
     ).softmax(-1)
 
 
-def flops_per_image(run: Callable[[], torch.Tensor], batch: int) -> float:
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return counter.get_total_flops() / batch
-
-
-def machine(device: torch.device) -> str:
-    """The CPU model (from /proc/cpuinfo where there is one) or the GPU, the threads and the versions."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    cpu = names[0] if names else platform.processor() or platform.machine()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    return f"{name}, {torch.get_num_threads()} threads, Python {platform.python_version()}, torch {torch.__version__}"
+def machine_text(m: dict) -> str:
+    return f"{m['device']}, {m['cpu_threads']} threads, Python {m['python']}, torch {m['torch']}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     v2 = DiffMICv2(load_config(args.v2_config, args.overrides)).to(device).eval()
     size = v2.cfg["data"]["image_size"]
+    index = torch.arange(args.batch_size)  # speed.py's samplers, float32: the same starts as DiffMICv2.sample
     variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "v2, 10 DDIM steps, encoders once": lambda x: v2_sampler(v2, x, False),
-        "v2, 10 DDIM steps, DCG and encoders every step (authors' code)": lambda x: v2_sampler(v2, x, True),
+        "v2, 10 DDIM steps, encoders once": lambda x: sample_once(v2, {"image": x, "index": index}, "32-true"),
+        "v2, 10 DDIM steps, DCG and encoders every step (authors' code)": lambda x: sample_reencoding(
+            v2, {"image": x, "index": index}, "32-true"
+        ),
     }
     systems = {}
     for steps in args.v1_steps:
@@ -138,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with torch.no_grad():
         for name, run in variants.items():
-            results[name] = {"gflop_per_image": flops_per_image(lambda r=run: r(image), args.batch_size) / 1e9}
+            results[name] = {"gflop_per_image": count_flops(lambda r=run: r(image)) / args.batch_size / 1e9}
             logger.info("%s: %.1f GFLOP per image", name, results[name]["gflop_per_image"])
         names = list(variants)  # pairs: encoders once, then every step
         same = {
@@ -148,13 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {name: [] for name in variants}
         for repeat in range(args.repeats):
             for name, run in variants.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                run(image)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append((time.perf_counter() - start) / args.batch_size)
+                times[name].append(timed(lambda r=run: r(image), device) / args.batch_size)
             logger.info("repeat %d of %d done", repeat + 1, args.repeats)
     for name in variants:
         results[name]["s_per_image"] = statistics.median(times[name])
@@ -165,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["time_ratio_to_v2"] = entry["s_per_image"] / reference["s_per_image"]
     report = {
         "command": "python -m benchmarks.method_cost " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "machine": machine(device),
+        "machine": machine_text(machine(device)),
         "device": device.type,
         "precision": "float32",
         "batch_size": args.batch_size,
