@@ -118,7 +118,7 @@ class EvaluatedSystem(pl.LightningModule):
         if multilabel:  # per-finding AUROC and their mean; F1 at 0.5
             self.last_metrics = multilabel_metrics(labels, scores, self.cfg["data"]["class_names"])
         else:
-            self.last_metrics = classification_metrics(labels, scores)
+            self.last_metrics = classification_metrics(labels, scores, self.cfg["data"]["class_names"])
         self.log_dict({f"{stage}/{k}": float(v) for k, v in self.last_metrics.items()}, sync_dist=False)
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero and not multilabel:
             matrix = confusion_matrix(labels, scores.argmax(1), scores.shape[1])

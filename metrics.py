@@ -55,11 +55,13 @@ def _mean_defined(per_class: np.ndarray, names: list[str], kind: str) -> float:
     return float(np.nanmean(per_class))
 
 
-def classification_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+def classification_metrics(y_true: np.ndarray, scores: np.ndarray, names: list[str] | None = None) -> dict[str, float]:
     """Single-label multi-class metrics from integer labels (N,) and raw scores (N, C).
 
     Returns acc, balanced_acc, macro precision/recall/f1, macro one-vs-rest auc on the
-    raw scores and quadratic-weighted Cohen kappa.
+    raw scores, quadratic-weighted Cohen kappa and one `recall/<name>` per class (the
+    fraction of its images predicted as it; NaN for a class absent from y_true). Names
+    default to the class indices.
     """
     scores = np.asarray(scores, dtype=np.float64)
     _require(
@@ -67,6 +69,8 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, 
     )
     _require(np.all(np.isfinite(scores)), "scores contain NaN or inf")
     n, c = scores.shape
+    names = [str(k) for k in range(c)] if names is None else [str(k) for k in names]
+    _require(len(names) == c, f"got {len(names)} class names for {c} classes")
     y = _check_labels(y_true, c, "y_true")
     _require(y.shape[0] == n, f"y_true has {y.shape[0]} samples but scores has {n}")
     pred = scores.argmax(axis=1)
@@ -88,7 +92,13 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, 
         "f1": float(f1),
         "auc": auc,
         "kappa": kappa,
+        **{f"recall/{name}": _class_recall(y, pred, k) for k, name in enumerate(names)},
     }
+
+
+def _class_recall(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    positives = y == k
+    return float(np.mean(pred[positives] == k)) if positives.any() else float("nan")
 
 
 def multilabel_metrics(

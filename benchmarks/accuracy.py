@@ -208,6 +208,13 @@ def summarise(runs: list[dict]) -> dict:
         for key in METRICS:
             values = np.array([r["test"][key] for r in rows])
             entry[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        # per class, where every run has it (reports written before it existed have none); NaN where absent
+        for key in (k for k in rows[0]["test"] if k.startswith("recall/") and all(k in r["test"] for r in rows)):
+            values = np.array([r["test"][key] for r in rows])
+            entry[key] = {
+                "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
+                "std": float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else 0.0,
+            }
         for key in ("train_s", "images_per_s"):
             entry[key] = float(np.median([r[key] for r in rows]))
         entry["seeds"] = [r["seed"] for r in rows]
@@ -234,6 +241,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     ref = MEDMNIST_V2_RESNET18_28.get(report["dataset"])
     if ref:
         lines.append(f"| MedMNIST v2 ResNet-18 (28), published | {ref['acc']:.3f} | | {ref['auc']:.3f} | | | |")
+    lines += per_class_recall_table(report["summary"])
     lines += [
         "",
         "Per seed:",
@@ -253,6 +261,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         "",
         f"Command: `{report['command']}`",
         "",
+        *[f"Resumed with: `{command}`\n" for command in report.get("resumed_with", [])],
         f"Machine: {report['machine']}",
         "",
         "Config (resolved):",
@@ -264,6 +273,58 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     ]
     (out_dir / f"{name}.md").write_text("\n".join(lines))
     logger.info("wrote %s and %s", out_dir / f"{name}.md", out_dir / f"{name}.json")
+
+
+def per_class_recall_table(summary: dict) -> list[str]:
+    """Markdown lines: test recall of each class (mean ± std over seeds), a row per method."""
+    names = [k.removeprefix("recall/") for k in next(iter(summary.values()), {}) if k.startswith("recall/")]
+    if not names:
+        return []
+    lines = ["", "Test recall per class (mean ± standard deviation over seeds):", ""]
+    lines += ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for method, e in summary.items():
+        cells = [
+            f"{e[f'recall/{n}']['mean']:.3f} ± {e[f'recall/{n}']['std']:.3f}" if f"recall/{n}" in e else "–"
+            for n in names
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def resumed_report(path: Path, fresh: dict) -> dict:
+    """The report at `path` to be continued by the run described by `fresh`: its runs are kept, so the config must be
+    the same (a run of another config would be mixed into one table)."""
+    if not path.is_file():
+        raise ConfigError(f"no report {path} to resume: run without --resume first")
+    report = json.loads(path.read_text())
+    old, new = report["config"], json.loads(json.dumps(fresh["config"]))
+    if old != new:
+        raise ConfigError(f"{path} was written with another config (differs in {', '.join(config_changes(old, new))})")
+    logger.info("resuming %s: %d run(s) kept", path, len(report["runs"]))
+    report["seeds"] = list(dict.fromkeys([*report["seeds"], *fresh["seeds"]]))
+    report["methods"] = list(dict.fromkeys([*report["methods"], *fresh["methods"]]))
+    report.setdefault("resumed_with", []).append(fresh["command"])
+    return report
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def recorded_dcg_seconds(run: dict | None) -> float | None:
+    """The training time of a seed's DCG kept from an earlier report, if its file is still there to guide the
+    DiffMIC runs (else None: `fit` pre-trains the DCG again and times it)."""
+    if run is None or not Path(run.get("dcg_ckpt", "")).is_file():
+        return None
+    return run["train_s"]
 
 
 def machine() -> str:
@@ -301,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", help="result file name (default: data.flag or the config's name)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs of the report <out-dir>/<name>.json (same config) and run only the missing ones",
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_intermixed_args(argv)
     setup_logging()
@@ -317,20 +383,34 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("config error: %s", err)
         return 2
     name = args.name or base["data"]["flag"] or base["name"]
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     report = {
         "dataset": name,
         "seeds": args.seeds,
         "methods": args.methods,
         "runs": [],
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "command": command,
         "machine": machine(),
         "config": base,
     }
+    if args.resume:
+        try:
+            report = resumed_report(Path(args.out_dir) / f"{name}.json", report)
+        except ConfigError as err:
+            logger.error("cannot resume: %s", err)
+            return 2
+    done = {(r["method"], r["seed"]): r for r in report["runs"]}
     num_train = len(datasets["train"])
     for seed in args.seeds:
         cfg = seed_config(base, seed)
-        dcg_seconds = None  # set once this seed's DCG is trained
+        # the split `fit` builds for this seed: a validation set carved from the training list depends on the seed,
+        # and every method of the seed (the DCG that guides DiffMIC above all) must train on the same images
+        datasets = build_datasets(cfg) if seed != base["seed"] else datasets
+        dcg_seconds = recorded_dcg_seconds(done.get(("dcg", seed)))  # set once this seed's DCG is trained
         for method in args.methods:
+            if (method, seed) in done:
+                logger.info("=== %s, seed %d: %s, kept from the report ===", name, seed, method)
+                continue
             logger.info("=== %s, seed %d: %s ===", name, seed, method)
             if method == "resnet18":
                 result = run_resnet18(cfg, datasets)
@@ -359,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             checkpoint = json.loads(fitted.read_text())["checkpoint"]
             for label, changes in reevaluations(args):
+                if (label, seed) in done:
+                    continue
                 result = reevaluate(cfg, checkpoint, label, changes)
                 result.update(
                     method=label,

@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(args.config, args.overrides)
         if base["data"]["task"] != "multiclass":
             raise ConfigError("benchmarks/prior_fit.py reads single-label data sets (data.task: multiclass)")
-        datasets = build_datasets(base)
         missing = [
             path for path in (seed_config(base, seed)["dcg"]["ckpt"] for seed in args.seeds) if not Path(path).is_file()
         ]
@@ -86,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         logger.error("config error: %s", err)
         return 2
-    train_images = copy.copy(datasets["train"])
-    train_images.transform = build_transform(base, train=False)  # the images as they are, not augmented
-    splits = {"train": train_images, "val": datasets["val"]}
     rows = []
     for seed in args.seeds:
         cfg = seed_config(base, seed)
+        datasets = build_datasets(cfg)  # the seed's split, as its DCG was trained on (a carved validation set varies)
+        train_images = copy.copy(datasets["train"])
+        train_images.transform = build_transform(base, train=False)  # the images as they are, not augmented
+        splits = {"train": train_images, "val": datasets["val"]}
         for split, dataset in splits.items():
             rows.append({"seed": seed, "split": split, **prior_fit(cfg, dataset)})
             logger.info(

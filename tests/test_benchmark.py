@@ -61,6 +61,10 @@ def test_accuracy_benchmark_smoke(tmp_path, capfd):
         assert entry["acc"]["mean"] == run["test"]["acc"] and entry["acc"]["std"] == 0.0
         assert run["test"]["acc"] * 156 == pytest.approx(round(run["test"]["acc"] * 156), abs=1e-9)
         assert entry["train_s"] > 0 if method in trained else math.isnan(entry["train_s"])
+        # recall of each named class (both occur in the test split): their mean is the macro recall
+        per_class = {k: v for k, v in run["test"].items() if k.startswith("recall/")}
+        assert len(per_class) == 2 and all(entry[k]["mean"] == v for k, v in per_class.items())
+        assert sum(per_class.values()) / 2 == pytest.approx(run["test"]["recall"])
     # the ablations are guided by the seed's DCG, trained once by the dcg method
     assert sorted(p.name for p in (tmp_path / "logs").rglob("*.pt")) == ["dcg.pt"]
     text = (tmp_path / "smoke.md").read_text()
@@ -68,9 +72,28 @@ def test_accuracy_benchmark_smoke(tmp_path, capfd):
         "| diffmic |" in text
         and "| diffmic-no_roi_branch |" in text
         and "| diffmic-samples_4 |" in text
+        and "Test recall per class" in text
         and "Command:" in text
         and "Machine:" in text
     )
+
+    # --resume keeps the recorded runs and runs only the missing ones, guided by the seed's recorded DCG
+    dcg_file = next((tmp_path / "logs").rglob("dcg.pt"))
+    dcg_written = dcg_file.stat().st_mtime_ns
+    tail = argv[argv.index("--out-dir") :]
+    resume = ["--config", argv[1], "--seeds", "0", "--methods", "dcg", "diffmic-no_focal_weight", "--resume", *tail]
+    assert accuracy.main([*resume, "--ddim-steps", "2"]) == 0
+    resumed = json.loads((tmp_path / "smoke.json").read_text())
+    assert json.dumps(resumed["runs"][: len(report["runs"])]) == json.dumps(report["runs"])  # NaN-safe
+    assert [r["method"] for r in resumed["runs"][len(report["runs"]) :]] == ["diffmic-no_focal_weight"]
+    added, dcg = resumed["runs"][-1], report["runs"][1]
+    assert dcg_file.stat().st_mtime_ns == dcg_written  # not pre-trained again: its recorded time is counted
+    assert added["train_s"] == pytest.approx(added["denoiser_s"] + dcg["train_s"])
+    assert len(resumed["resumed_with"]) == 1 and "Resumed with:" in (tmp_path / "smoke.md").read_text()
+    # a report of another config is not continued
+    capfd.readouterr()
+    assert accuracy.main([*resume, "optim.lr=1e-4"]) == 2
+    assert "written with another config (differs in optim.lr)" in capfd.readouterr().err
 
     # a later call re-evaluates the trained diffmic checkpoint of each seed without training anything
     again = [a if a != "smoke" else "again" for a in argv[argv.index("--out-dir") :]]
@@ -127,3 +150,43 @@ def test_method_cost_benchmark_smoke(tmp_path):
     assert len(variants) == 4 and (tmp_path / "method_cost_cpu.md").is_file()
     for once, every in ((variants[0], variants[1]), (variants[2], variants[3])):
         assert every["gflop_per_image"] > once["gflop_per_image"] > 0
+
+
+def test_accuracy_benchmark_with_a_carved_validation_split(tmp_path):
+    """Without data.val_list the validation set is carved per seed (as `fit` carves it): each seed's DCG must train on
+    its seed's split, or its DiffMIC run refuses the DCG file as trained on other images (as it did for seed 1)."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for k in range(48):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / f"case_{k}.png")
+    rows = pd.DataFrame({"image_id": [f"case_{k}" for k in range(48)], "label": [k % 2 for k in range(48)]})
+    rows[:36].to_csv(tmp_path / "train.csv", index=False)
+    rows[36:].to_csv(tmp_path / "test.csv", index=False)
+    (tmp_path / "bench.yml").write_text(
+        f"name: carved\ndata:\n  dataset: list\n  root: {tmp_path / 'images'}\n  train_list: {tmp_path / 'train.csv'}\n"
+        f"  test_list: {tmp_path / 'test.csv'}\n  val_fraction: 0.25\n  num_classes: 2\n  image_size: 64\n"
+        "  batch_size: 8\n  num_workers: 0\n"
+        "dcg: {num_rois: 3, epochs: 1, batch_size: 8}\nmodel: {image_encoder: vit_t, feature_dim: 16}\n"
+        "diffusion: {timesteps: 20}\ntrainer: {max_epochs: 1, val_every: 1}\n"
+    )
+    common = ["--out-dir", str(tmp_path), "--name", "carved", f"trainer.log_dir={tmp_path / 'logs'}"]
+    argv = ["--config", str(tmp_path / "bench.yml"), "--seeds", "0", "1", "--methods", "dcg", "diffmic", *common]
+    assert accuracy.main(argv) == 0
+    report = json.loads((tmp_path / "carved.json").read_text())
+    assert [(r["method"], r["seed"]) for r in report["runs"]] == [
+        ("dcg", 0),
+        ("diffmic", 0),
+        ("dcg", 1),
+        ("diffmic", 1),
+    ]
+    # the DCG of each seed evaluated on its own seed's validation images
+    overrides = common[4:]
+    assert prior_fit.main(["--config", argv[1], "--seeds", "0", "1", "--out-dir", str(tmp_path), *overrides]) == 0
+    rows = json.loads((tmp_path / "carved_prior_fit.json").read_text())["rows"]
+    assert [(r["seed"], r["split"], r["images"]) for r in rows] == [
+        (s, p, n) for s in (0, 1) for p, n in (("train", 27), ("val", 9))
+    ]

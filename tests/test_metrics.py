@@ -31,10 +31,12 @@ def test_hand_example_three_classes(caplog):
     with caplog.at_level(logging.WARNING, logger="metrics"):
         m = classification_metrics(Y3, S3)
     assert metric_warnings(caplog) == []  # every class has positives and negatives: no AUC is undefined
-    assert set(m) == {"acc", "balanced_acc", "precision", "recall", "f1", "auc", "kappa"}
+    per_class = {"recall/0", "recall/1", "recall/2"}
+    assert set(m) == {"acc", "balanced_acc", "precision", "recall", "f1", "auc", "kappa"} | per_class
     # confusion (rows true): [[2,1,0],[0,2,0],[1,1,1]]; 5 correct of 8
     assert m["acc"] == pytest.approx(5 / 8)
     # recall per class 2/3, 2/2, 1/3 -> mean 2/3
+    assert [m[k] for k in sorted(per_class)] == pytest.approx([2 / 3, 1.0, 1 / 3])
     assert m["recall"] == pytest.approx(2 / 3)
     assert m["balanced_acc"] == pytest.approx(2 / 3)
     # precision per predicted column: 2/3, 2/4, 1/1 -> (2/3 + 1/2 + 1)/3 = 13/18
@@ -51,6 +53,18 @@ def test_hand_example_three_classes(caplog):
     # E = outer(rows [3,2,3], cols [3,4,1]) / 8; sum(w*E) = (12+12+6+2+36+12)/8 = 10
     # kappa = 1 - 6/10
     assert m["kappa"] == pytest.approx(0.4)
+
+
+def test_per_class_recall_named_and_nan_for_an_absent_class():
+    # y = [0,0,1,1], predictions [0,1,1,1]: class 0 1/2, class 1 2/2, class 2 never occurs
+    y = np.array([0, 0, 1, 1])
+    s = np.array([[2, 0, -1], [0, 1, -1], [0, 1, 0], [-1, 3, 0]], dtype=float)
+    m = classification_metrics(y, s, ["MEL", "NV", "BCC"])
+    assert m["recall/MEL"] == pytest.approx(0.5) and m["recall/NV"] == pytest.approx(1.0)
+    assert np.isnan(m["recall/BCC"])  # undefined, not 0: no image of it to recall
+    assert "recall/0" not in m
+    with pytest.raises(ValueError, match="got 2 class names for 3 classes"):
+        classification_metrics(y, s, ["MEL", "NV"])
 
 
 def test_perfect_prediction_all_ones():
