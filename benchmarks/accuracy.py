@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({base['trainer']['max_epochs']}) must agree: every method trains the same epochs"
             )
         check_paths(base, need_dcg=False)
-        datasets = build_datasets(base)
+        base_datasets = build_datasets(base)
     except ConfigError as err:
         logger.error("config error: %s", err)
         return 2
@@ -400,12 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("cannot resume: %s", err)
             return 2
     done = {(r["method"], r["seed"]): r for r in report["runs"]}
-    num_train = len(datasets["train"])
+    num_train = len(base_datasets["train"])
     for seed in args.seeds:
         cfg = seed_config(base, seed)
         # the split `fit` builds for this seed: a validation set carved from the training list depends on the seed,
         # and every method of the seed (the DCG that guides DiffMIC above all) must train on the same images
-        datasets = build_datasets(cfg) if seed != base["seed"] else datasets
+        datasets = build_datasets(cfg) if seed != base["seed"] else base_datasets
         dcg_seconds = recorded_dcg_seconds(done.get(("dcg", seed)))  # set once this seed's DCG is trained
         for method in args.methods:
             if (method, seed) in done:
