@@ -36,3 +36,20 @@ def cli(
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def write_image_lists(folder: Path, count: int, num_classes: int, num_train: int, size: tuple[int, int]) -> None:
+    """`folder`/images/case_<k>.png (random RGB of `size` = (height, width)) and the lists train.csv (the first
+    `num_train`) and test.csv (the rest), labels k % num_classes: the README's own-data layout."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir()
+    for k in range(count):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / "images" / f"case_{k}.png")
+    ids = [f"case_{k}" for k in range(count)]
+    rows = pd.DataFrame({"image_id": ids, "label": [k % num_classes for k in range(count)]})
+    rows[:num_train].to_csv(folder / "train.csv", index=False)
+    rows[num_train:].to_csv(folder / "test.csv", index=False)

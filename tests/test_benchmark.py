@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import write_image_lists
 
 from benchmarks import accuracy, prior_fit
 
@@ -155,17 +156,7 @@ def test_method_cost_benchmark_smoke(tmp_path):
 def test_accuracy_benchmark_with_a_carved_validation_split(tmp_path):
     """Without data.val_list the validation set is carved per seed (as `fit` carves it): each seed's DCG must train on
     its seed's split, or its DiffMIC run refuses the DCG file as trained on other images (as it did for seed 1)."""
-    import numpy as np
-    import pandas as pd
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (tmp_path / "images").mkdir()
-    for k in range(48):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / f"case_{k}.png")
-    rows = pd.DataFrame({"image_id": [f"case_{k}" for k in range(48)], "label": [k % 2 for k in range(48)]})
-    rows[:36].to_csv(tmp_path / "train.csv", index=False)
-    rows[36:].to_csv(tmp_path / "test.csv", index=False)
+    write_image_lists(tmp_path, count=48, num_classes=2, num_train=36, size=(40, 40))
     (tmp_path / "bench.yml").write_text(
         f"name: carved\ndata:\n  dataset: list\n  root: {tmp_path / 'images'}\n  train_list: {tmp_path / 'train.csv'}\n"
         f"  test_list: {tmp_path / 'test.csv'}\n  val_fraction: 0.25\n  num_classes: 2\n  image_size: 64\n"

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import TINY, cli, ok
+from helpers import TINY, cli, ok, write_image_lists
 
 
 @pytest.fixture(scope="module")
@@ -159,17 +159,7 @@ def test_train_dcg_script_alone(tmp_path):
 
 def test_fit_and_test_on_own_csv_lists(tmp_path):
     """The README's own-data recipe: an image folder, CSV lists, a config of a few keys."""
-    import numpy as np
-    import pandas as pd
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (tmp_path / "images").mkdir()
-    for k in range(30):
-        Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(tmp_path / "images" / f"case_{k}.png")
-    rows = pd.DataFrame({"image_id": [f"case_{k}" for k in range(30)], "label": [k % 3 for k in range(30)]})
-    rows[:24].to_csv(tmp_path / "train.csv", index=False)
-    rows[24:].to_csv(tmp_path / "test.csv", index=False)
+    write_image_lists(tmp_path, count=30, num_classes=3, num_train=24, size=(48, 80))
     (tmp_path / "mine.yml").write_text(
         "name: mine\ndata:\n  dataset: list\n  num_classes: 3\n  image_size: 64\n  batch_size: 8\n  num_workers: 0\n"
         "dcg: {num_rois: 3, epochs: 1, batch_size: 8}\nmodel: {image_encoder: vit_t, feature_dim: 16}\n"
