@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -34,6 +33,7 @@ import torchvision
 import yaml
 
 import diffuser_trainer
+from benchmarks.speed import cpu_name
 from config import PROJECT_ROOT, ConfigError, check_paths, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from evaluation import EvaluatedSystem
@@ -330,7 +330,7 @@ def recorded_dcg_seconds(run: dict | None) -> float | None:
 def machine() -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
+        f"{cpu_name()}, {os.cpu_count()} CPU cores visible, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), {device}"
     )
 

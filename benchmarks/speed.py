@@ -56,6 +56,7 @@ SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 HAM_ZIP = SHARED_DATA / "ham10000_200x150" / "images.zip"
 HAM_TRAIN = SHARED_DATA / "diffmic_splits" / "isic2018_train.csv"
 TIMED = ("train_model", "sample_once", "sample_reencode")
+LOADER_BATCHES = 32  # batches the data loader alone is timed over (for list data sets made from HAM10000)
 
 
 # ---------------------------------------------------------------------------------------------- the measured work
@@ -288,17 +289,16 @@ def end_to_end(
     cfg: dict, precisions: list[str], batch_size: int, batches: int, device: torch.device, datasets: dict
 ) -> dict[str, dict]:
     """Lightning's fit on the real DataModule: images per second from the median batch-to-batch time after the
-    first batch (workers starting, first-call costs); and the data loader alone."""
+    first batch (workers starting, first-call costs); and the data loader alone, over every batch of the data
+    from the loader's start: batch-to-batch gaps would time the queue of batches the workers prefetched, not
+    their decoding and augmentation."""
     out: dict[str, dict] = {}
     data = DiffMICDataModule(cfg, batch_size=batch_size, datasets=datasets)
-    loader = data.train_dataloader()
-    ends, start = [], time.perf_counter()
-    for i, _ in enumerate(loader):
-        ends.append(time.perf_counter())
-        if i + 1 >= batches:
-            break
-    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)] or [ends[0] - start]
-    out["loader"] = {"images_per_s": batch_size / statistics.median(gaps), "workers": cfg["data"]["num_workers"]}
+    images, start = 0, time.perf_counter()
+    for batch in data.train_dataloader():
+        images += batch["image"].shape[0]
+    seconds = time.perf_counter() - start
+    out["loader"] = {"images_per_s": images / seconds, "images": images, "workers": cfg["data"]["num_workers"]}
     for p in precisions:
         system, clock = build_system(cfg, device), BatchClock()
         trainer = pl.Trainer(
@@ -448,7 +448,8 @@ def benchmark_config(args: argparse.Namespace, path: str, device: torch.device) 
     result["model"] = model_timings(system, batch, args.precision, args.repeats, device)
     if not args.no_end_to_end:
         with tempfile.TemporaryDirectory(prefix="speed_") as folder:
-            real = real_data_config(cfg, batch_size * (args.repeats + 3), Path(folder))
+            # enough batches that the loader's rate is not its workers' first prefetched ones
+            real = real_data_config(cfg, batch_size * max(args.repeats + 3, LOADER_BATCHES), Path(folder))
             datasets = build_datasets(real)
             result["end_to_end"] = end_to_end(real, args.precision, batch_size, args.repeats + 2, device, datasets)
     if args.profile:
@@ -508,15 +509,19 @@ def ratios(result: dict, precisions: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it (platform.processor() is empty there), else the architecture."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    cpu = cpu_name()
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "cpu": cpu,
@@ -536,22 +541,24 @@ def write_report(out_dir: Path, device: torch.device, report: dict) -> tuple[Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"speed_{device.type}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    m = report["machine"]
     lines = [
-        f"# Speed benchmark on {device.type}: {m['device']}",
+        f"# Speed benchmark on {device.type}",
         "",
-        f"Machine: {m['cpu']}, {m['cpu_threads']} torch threads; Python {m['python']}, torch {m['torch']}, "
-        f"torchvision {m['torchvision']}, Lightning {m['lightning']}. Precisions: {', '.join(report['precisions'])}. "
-        "Random weights; times are medians over the repeats, every mode and precision run side by side in each.",
+        "One section a measurement (config, batch, machine), the newest last. Random weights; times are medians over "
+        "the repeats, every mode and precision run side by side in each; ratios are taken within one measurement.",
         "",
     ]
     for name, r in report["configs"].items():
-        s, f = r["settings"], r["flops_per_image"]
+        s, f, m = r["settings"], r["flops_per_image"], r["machine"]
         steps = s["sampling_steps"]
         lines += [
             f"## {name} ({r['config']})",
             "",
-            f"Command: `{r.get('command', report['command'])}`",
+            f"Command: `{r['command']}`",
+            "",
+            f"Machine: {m['device']}, CPU {m['cpu']}, {m['cpu_threads']} torch threads; Python {m['python']}, "
+            f"torch {m['torch']}, torchvision {m['torchvision']}, Lightning {m['lightning']}. "
+            f"Precisions: {', '.join(r['model'])}.",
             "",
             f"{s['image_size']} px, {s['image_encoder']}, F = {s['feature_dim']}, K = {s['K']}, {steps} DDIM steps, "
             f"S = {s['eval_samples']}; measured at batch {s['batch_size']} (config: {s['config_batch_size']}).",
@@ -599,7 +606,11 @@ def write_report(out_dir: Path, device: torch.device, report: dict) -> tuple[Pat
             )
         if "end_to_end" in r:
             loader = r["end_to_end"]["loader"]
-            lines += ["", f"Data loader alone: {loader['images_per_s']:.1f} images/s ({loader['workers']} workers)."]
+            lines += [
+                "",
+                f"Data loader alone: {loader['images_per_s']:.1f} images/s ({loader['workers']} workers"
+                + (f", {loader['images']} images from its start)." if "images" in loader else ")."),
+            ]
         lines += ["", "Ratios:", ""] + [f"- `{k}`: {v:.2f}" for k, v in r["ratios"].items()]
         lines += ["", "Fraction of the measured dense-matmul rate reached:", ""]
         for p, v in r["peak_fraction"].items():
@@ -622,8 +633,28 @@ def write_report(out_dir: Path, device: torch.device, report: dict) -> tuple[Pat
     return stem.with_suffix(".md"), stem.with_suffix(".json")
 
 
-def _stem(path: str) -> str:
-    return Path(path).stem
+def entry_label(stem: str, batch_size: int, machine: dict) -> str:
+    """A measurement's key in the report: the config, the batch and the machine (CPU and threads, or the GPU)."""
+    where = (
+        machine["device"]
+        if machine["device"] != machine["cpu"]
+        else f"{machine['cpu']}, {machine['cpu_threads']} threads"
+    )
+    return f"{stem}, batch {batch_size}, {where}"
+
+
+def earlier_entries(path: Path) -> dict[str, dict]:
+    """The measurements of an earlier report on this device, each under its label with its own machine: a new run
+    replaces only the measurement of the same config, batch and machine (reports written before entries carried
+    their machine take the report's)."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    entries = {}
+    for entry in earlier.get("configs", {}).values():
+        entry = {"machine": earlier["machine"], **entry}
+        entries[entry_label(Path(entry["config"]).stem, entry["settings"]["batch_size"], entry["machine"])] = entry
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -651,18 +682,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report = {"command": command, "machine": machine(device), "precisions": args.precision, "repeats": args.repeats}
-    # the configs an earlier run measured on this device stay in the report (each with its own command)
-    earlier = Path(args.out) / f"speed_{device.type}.json"
-    configs = json.loads(earlier.read_text()).get("configs", {}) if earlier.is_file() else {}
-    report["configs"] = {k: v for k, v in configs.items() if Path(v["config"]).stem not in map(_stem, args.config)}
+    # what earlier runs measured on this device stays in the report, each with its own command and machine
+    report["configs"] = earlier_entries(Path(args.out) / f"speed_{device.type}.json")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|in eval mode).*")
         for path in args.config:
             try:
-                report["configs"][Path(path).stem] = {**benchmark_config(args, path, device), "command": command}
+                entry = {**benchmark_config(args, path, device), "command": command, "machine": report["machine"]}
             except ConfigError as err:
                 logger.error("config error: %s", err)
                 return 2
+            label = entry_label(Path(path).stem, entry["settings"]["batch_size"], entry["machine"])
+            report["configs"].pop(label, None)  # the newest measurement last
+            report["configs"][label] = entry
             write_report(Path(args.out), device, report)
     return 0
 

@@ -162,13 +162,32 @@ def test_speed_benchmark_smoke_run_writes_its_report(tmp_path):
     args = ["--config", "configs/demo.yml", "--batch-size", "4", "--repeats", "1", "--steps", "2"]
     assert speed.main([*args, "--matmul-size", "64", "--profile", "--out", str(tmp_path), *overrides]) == 0
     report = json.loads((tmp_path / "speed_cpu.json").read_text())
-    demo = report["configs"]["demo"]
+    (label,) = report["configs"]
+    assert label == speed.entry_label("demo", 4, report["machine"]) and label.startswith("demo, batch 4, ")
+    demo = report["configs"][label]
+    assert demo["machine"] == report["machine"]
     assert demo["flops_per_image"]["identity_holds"] and demo["samplers_identical"]
     assert {"reencoding_over_encoders_once_time_32-true", "bf16-mixed_speedup_train_model"} <= set(demo["ratios"])
     assert demo["end_to_end"]["bf16-mixed"]["images_per_s"] > 0
     assert demo["profile"]["bf16-mixed"]["train_step"]["operators"]
     md = (tmp_path / "speed_cpu.md").read_text()
     assert "re-run per step" in md and report["machine"]["torch"] == torch.__version__
+
+
+def test_speed_report_keeps_earlier_measurements_each_with_its_machine(tmp_path):
+    other = {"device": "Other CPU", "cpu": "Other CPU", "cpu_threads": 1, "python": "3.11", "torch": "x"}
+    other |= {"torchvision": "y", "lightning": "z"}
+    entry = {"config": "configs/isic.yml", "settings": {"batch_size": 4}, "command": "python -m benchmarks.speed"}
+    # a report written before entries carried their machine: they take the report's
+    (tmp_path / "speed_cpu.json").write_text(json.dumps({"machine": other, "configs": {"isic": entry}}))
+    kept = speed.earlier_entries(tmp_path / "speed_cpu.json")
+    assert (
+        list(kept) == ["isic, batch 4, Other CPU, 1 threads"]
+        and kept["isic, batch 4, Other CPU, 1 threads"]["machine"] == other
+    )
+    gpu = {**other, "device": "NVIDIA H100", "cpu": "Other CPU"}
+    assert speed.entry_label("isic", 64, gpu) == "isic, batch 64, NVIDIA H100"
+    assert speed.earlier_entries(tmp_path / "missing.json") == {}
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
