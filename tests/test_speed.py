@@ -188,6 +188,10 @@ def test_speed_report_keeps_earlier_measurements_each_with_its_machine(tmp_path)
     gpu = {**other, "device": "NVIDIA H100", "cpu": "Other CPU"}
     assert speed.entry_label("isic", 64, gpu) == "isic, batch 64, NVIDIA H100"
     assert speed.earlier_entries(tmp_path / "missing.json") == {}
+    # a loader rate of an older report, timed between prefetched batches, is marked as such
+    assert "overestimate" in speed.loader_text({"images_per_s": 1.0, "workers": 4})
+    assert "overestimate" not in speed.loader_text({"images_per_s": 1.0, "workers": 0})
+    assert "128 images from its start" in speed.loader_text({"images_per_s": 1.0, "workers": 4, "images": 128})
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
