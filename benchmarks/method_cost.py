@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     index = torch.arange(args.batch_size)  # speed.py's samplers, float32: the same starts as DiffMICv2.sample
     variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "v2, 10 DDIM steps, encoders once": lambda x: sample_once(v2, {"image": x, "index": index}, "32-true"),
-        "v2, 10 DDIM steps, DCG and encoders every step (authors' code)": lambda x: sample_reencoding(
+        "v2, 10 DDIM steps, DCG once, encoders every step (authors' code)": lambda x: sample_reencoding(
             v2, {"image": x, "index": index}, "32-true"
         ),
     }

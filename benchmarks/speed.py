@@ -4,7 +4,8 @@ For each config (by default the paper's settings, configs/isic.yml, the BreastMN
 random weights:
   FLOPs per image (torch.utils.flop_counter, device- and precision-independent): a training step (forward and
   backward) and its parts (DCG, encoders, body); a sampled image with the DCG and encoders once (this project) and
-  re-run at every DDIM step (the authors' code), for the config's steps and for S = diffusion.eval_samples;
+  with the encoders re-run at every DDIM step (the authors' code: their DCG runs once per batch), for the config's
+  steps and for S = diffusion.eval_samples;
   images per second, medians over repeats measured side by side in one run, per precision: training model-only
   (tensors on the device: forward, backward, Adam) and end to end (Lightning's fit on the real DataModule, real
   images, loader included), the data loader alone, sampling with the encoders once and re-run; peak memory;
@@ -107,21 +108,22 @@ def sample_once(system: DiffMICv2, batch: dict, precision: str) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_reencoding(system: DiffMICv2, batch: dict, precision: str) -> torch.Tensor:
-    """The authors' sampler: the DCG, the prior map and both encoders run again at every DDIM step, and the S
-    samples one after another; the same starts as `DiffMICv2.sample`, so the same grids. (B, C, K, K)."""
+    """The authors' sampler (their validation_step and SR3Sampler.sample_high_res): the DCG and the prior map once
+    per batch, both encoders again at every DDIM step (their denoiser's forward encodes the image and the ROI
+    patches), and the S samples one after another; the same starts as `DiffMICv2.sample`, so the same grids.
+    (B, C, K, K)."""
     image, d = batch["image"], system.cfg["diffusion"]
     grid, classes = system.denoiser.grid_size, system.cfg["data"]["num_classes"]
     noise = start_noise(system.cfg["seed"], batch["index"], (2, d["eval_samples"], classes)).to(image.device)
     scheduler = system.scheduler
     grids = []
     with precision_context(precision, image.device), reuse_pointwise_weights():  # as DiffMICv2.sample
+        guide = system.dcg(image)
+        prior = system.prior(guide)
         for s in range(d["eval_samples"]):
-            y_t = guided_prior_map(noise[:, 0, s], noise[:, 1, s], grid)
+            y_t = guided_prior_map(noise[:, 0, s], noise[:, 1, s], grid).to(prior)
             scheduler.set_timesteps(d["sampling_steps"])
             for t in scheduler.timesteps.tolist():
-                guide = system.dcg(image)
-                prior = system.prior(guide)
-                y_t = y_t.to(prior)
                 t_cells = torch.full((image.shape[0], grid, grid), t, device=image.device, dtype=torch.long)
                 eps_hat = system.denoiser(image, guide.patches, torch.cat([prior, y_t], dim=1), t_cells)
                 y_t = scheduler.step(eps_hat, t, y_t)
