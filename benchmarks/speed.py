@@ -547,11 +547,7 @@ def loader_text(loader: dict) -> str:
     if "images" in loader:
         return text + f", {loader['images']} images from its start)."
     if loader["workers"]:
-        return (
-            text
-            + "; the median gap between its first 5 batches: the batches its workers had prefetched, "
-            + ("an overestimate superseded by the timing from the loader's start).")
-        )
+        return text + "; timed between prefetched batches: an overestimate, superseded by timing from its start)."
     return text + ")."
 
 

@@ -170,6 +170,7 @@ def test_speed_benchmark_smoke_run_writes_its_report(tmp_path):
     assert demo["flops_per_image"]["identity_holds"] and demo["samplers_identical"]
     assert {"reencoding_over_encoders_once_time_32-true", "bf16-mixed_speedup_train_model"} <= set(demo["ratios"])
     assert demo["end_to_end"]["bf16-mixed"]["images_per_s"] > 0
+    assert demo["end_to_end"]["loader"]["images"] == 32  # the loader alone is timed over a whole epoch
     assert demo["profile"]["bf16-mixed"]["train_step"]["operators"]
     md = (tmp_path / "speed_cpu.md").read_text()
     assert "re-run per step" in md and report["machine"]["torch"] == torch.__version__
