@@ -3,10 +3,12 @@ strict validation. Every number the code uses comes from here; `ConfigError` nam
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,6 +159,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The parser's options and, as `args.overrides`, the `key.sub=value` words in any order among them. The
+    overrides are taken out first: an option that takes several values (`--seeds 0 1 2`) would otherwise read the
+    overrides that follow it as its own values and fail."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    is_override = ["=" in w and not w.startswith("-") for w in words]
+    args = parser.parse_args([w for w, o in zip(words, is_override, strict=True) if not o])
+    args.overrides = [*getattr(args, "overrides", []), *(w for w, o in zip(words, is_override, strict=True) if o)]
+    return args
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:

@@ -34,7 +34,7 @@ import yaml
 
 import diffuser_trainer
 from benchmarks.speed import cpu_name
-from config import PROJECT_ROOT, ConfigError, check_paths, load_config
+from config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from evaluation import EvaluatedSystem
 from pretraining.dcg_file import load_dcg
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the runs of the report <out-dir>/<name>.json (same config) and run only the missing ones",
     )
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     setup_logging()
     try:
         base = load_config(args.config, args.overrides)

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.speed import count_flops, machine, sample_once, sample_reencoding, timed
 from card import card_sample
-from config import PROJECT_ROOT, load_config
+from config import PROJECT_ROOT, load_config, parse_args_with_overrides
 from diffmic_v1 import DiffMICv1
 from diffmic_v2 import DiffMICv2
 from seeding import start_noise
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--v1-config", default=str(PROJECT_ROOT / "configs" / "isic_v1.yml"))
     parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
     parser.add_argument("overrides", nargs="*", help="key.sub=value for both configs (smoke tests)")
-    args = parser.parse_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     setup_logging()
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.accuracy import seed_config
-from config import PROJECT_ROOT, ConfigError, load_config
+from config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from dataloader.datamodule import build_datasets
 from dataloader.transforms import build_transform
 from metrics import classification_metrics
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
     parser.add_argument("overrides", nargs="*", help="key.sub=value, as given to benchmarks/accuracy.py")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     setup_logging()
     try:
         base = load_config(args.config, args.overrides)

@@ -43,7 +43,7 @@ import torchvision
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import PROJECT_ROOT, ConfigError, load_config
+from config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from diffmic_v2 import DiffMICv2
 from model import reuse_pointwise_weights
@@ -682,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="profile one training step and one sampled batch")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "benchmarks" / "results"))
     parser.add_argument("overrides", nargs="*", help="key.sub=value for every config")
-    args = parser.parse_intermixed_args(argv)
+    args = parse_args_with_overrides(parser, argv)
     setup_logging()
     device = torch.device(args.device)
     if args.threads:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 import yaml
 
-from config import PATH_KEYS, PROJECT_ROOT, ConfigError, check_paths, dcg_ckpt_path, load_config
+from config import (
+    PATH_KEYS,
+    PROJECT_ROOT,
+    ConfigError,
+    check_paths,
+    dcg_ckpt_path,
+    load_config,
+    parse_args_with_overrides,
+)
 
 
 def write(tmp_path: Path, content: dict) -> Path:
@@ -166,3 +175,23 @@ def test_task_configs_load_with_the_papers_settings(name, num_classes):
     assert (cfg["dcg"]["num_rois"], cfg["dcg"]["roi_size"]) == ((4, 112) if chest else (6, 32))
     assert cfg["trainer"]["max_epochs"] == (100 if chest else 1000) and cfg["dcg"]["epochs"] == (20 if chest else 100)
     assert cfg["data"]["vertical_flip"] == (name in ("aptos", "retinamnist"))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "c.yml", "--seeds", "3", "4", "trainer.log_dir=/tmp/x", "seed=5"],  # the usage line's order
+        ["trainer.log_dir=/tmp/x", "--config", "c.yml", "seed=5", "--seeds", "3", "4"],
+        ["--seeds", "3", "4", "trainer.log_dir=/tmp/x", "--config", "c.yml", "seed=5"],
+    ],
+)
+def test_overrides_may_follow_an_option_that_takes_several_values(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("overrides", nargs="*")
+    args = parse_args_with_overrides(parser, argv)
+    assert args.config == "c.yml" and args.seeds == [3, 4]
+    assert args.overrides == ["trainer.log_dir=/tmp/x", "seed=5"]
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):  # a stray word still fails, by name
+        load_config(None, parse_args_with_overrides(parser, ["--config", "c.yml", "stray"]).overrides)
