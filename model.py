@@ -43,12 +43,16 @@ def reuse_pointwise_weights() -> Iterator[None]:
         _pointwise_weights = outer
 
 
-def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def pointwise(conv: nn.Conv2d, x: torch.Tensor, low_precision: bool = True) -> torch.Tensor:
     """A 1x1 convolution. Float32: the convolution itself (the numbers of the paper path). Under autocast (bf16-mixed)
     the same map as a matrix product over the cells, (B K K, in) x (in, out): on the K x K grid oneDNN's bf16
-    convolution reaches a sixth of the bf16 matmul rate, the product most of it (README, Speed)."""
+    convolution reaches a sixth of the bf16 matmul rate, the product most of it (README, Speed).
+    low_precision=False keeps the convolution in float32 under autocast too (the label-space layers)."""
     if not torch.is_autocast_enabled(x.device.type):
         return conv(x)
+    if not low_precision:
+        with torch.autocast(x.device.type, enabled=False):
+            return conv(x.float())
     dtype = torch.get_autocast_dtype(x.device.type)
     cache = None if torch.is_grad_enabled() else _pointwise_weights
     weight = None if cache is None else cache.get(conv)
@@ -66,15 +70,16 @@ def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 class ConditionalConv2d(nn.Module):
     """1x1 convolution scaled per cell by a learnt embedding of that cell's timestep."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_timesteps: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, num_timesteps: int, low_precision: bool = True) -> None:
         super().__init__()
+        self.low_precision = low_precision  # False: float32 under autocast too (see ConditionalModel.denoise)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
         self.embed = nn.Embedding(num_timesteps + 1, out_channels)
         nn.init.uniform_(self.embed.weight, 0.0, 1.0)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         gamma = self.embed(t).permute(0, 3, 1, 2)  # (B, K, K, out) -> (B, out, K, K)
-        return pointwise(self.conv, x) * gamma
+        return pointwise(self.conv, x, self.low_precision) * gamma
 
 
 class PatchEncoder(nn.Module):
@@ -117,7 +122,7 @@ class ConditionalModel(nn.Module):
         self.image_norm = nn.BatchNorm1d(feature_dim)
         self.patch_encoder = PatchEncoder(patch_encoder, feature_dim)
         self.token_logits = nn.Parameter(torch.randn(1, feature_dim, grid_size + 1))  # theta
-        self.cc1 = ConditionalConv2d(2 * num_classes, feature_dim, num_timesteps)
+        self.cc1 = ConditionalConv2d(2 * num_classes, feature_dim, num_timesteps, low_precision=False)
         self.norm1 = nn.BatchNorm2d(feature_dim)
         self.cc2 = ConditionalConv2d(feature_dim, feature_dim, num_timesteps)
         self.norm2 = nn.BatchNorm2d(feature_dim)
@@ -176,11 +181,15 @@ class ConditionalModel(nn.Module):
         assert t.shape == (y_in.shape[0], self.grid_size, self.grid_size), (
             f"t must be (B, K, K) = {(y_in.shape[0], self.grid_size, self.grid_size)}, got {tuple(t.shape)}"
         )
+        # Under bf16 autocast the label-space layers, cc1 (reads P and Y_t) and out (writes eps_hat), stay float32:
+        # bf16 keeps 8 significant bits of Y_t (an error up to 2^-9 of its size), and at small t, where the noise is
+        # scaled by sqrt(1 - alpha_bar_t) ~ 0.01, that hides much of the noise the loss asks the network to predict.
+        # Their products are 2C x F and F x C per cell, a negligible share of the body's F x F ones.
         y = F.softplus(self.norm1(self.cc1(y_in, t)))
         y = x_w[:, :, None, None] * y
         y = F.softplus(self.norm2(self.cc2(y, t)))
         y = F.softplus(self.norm3(self.cc3(y, t)))
-        return pointwise(self.out, y)
+        return pointwise(self.out, y, low_precision=False)
 
     def forward(self, image: torch.Tensor, patches: torch.Tensor, y_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.denoise(self.encode(image, patches), y_in, t)

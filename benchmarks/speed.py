@@ -118,7 +118,7 @@ def sample_reencoding(system: DiffMICv2, batch: dict, precision: str) -> torch.T
     scheduler = system.scheduler
     grids = []
     with precision_context(precision, image.device), reuse_pointwise_weights():  # as DiffMICv2.sample
-        guide = system.dcg(image)
+        guide = system.guide(image)
         prior = system.prior(guide)
         for s in range(d["eval_samples"]):
             y_t = guided_prior_map(noise[:, 0, s], noise[:, 1, s], grid).to(prior)
@@ -152,9 +152,8 @@ def flop_report(system: DiffMICv2, batch: dict, steps: int) -> dict:
 
     system.train()
     out["train_step"] = count_flops(lambda: system.training_loss(batch).backward())
-    with torch.no_grad():
-        guide = system.dcg(image)
-    out["train_dcg"] = count_flops(lambda: torch.no_grad()(system.dcg)(image))
+    guide = system.guide(image)
+    out["train_dcg"] = count_flops(lambda: system.guide(image))
     out["train_encoders"] = count_flops(lambda: system.denoiser.encode(image, guide.patches).sum().backward())
     x_w = system.denoiser.encode(image, guide.patches).detach().requires_grad_(True)
     y_in = torch.cat([system.prior(guide), torch.randn_like(system.prior(guide))], dim=1)
@@ -164,7 +163,7 @@ def flop_report(system: DiffMICv2, batch: dict, steps: int) -> dict:
 
     system.eval()
     with torch.no_grad():
-        out["dcg"] = count_flops(lambda: system.dcg(image))
+        out["dcg"] = count_flops(lambda: system.guide(image))
         out["encoders"] = count_flops(lambda: system.denoiser.encode(image, guide.patches))
         out["body_step"] = count_flops(lambda: system.denoiser.denoise(x_w, y_in, t_cells))
     samples = sorted({1, keep[1]})

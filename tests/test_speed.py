@@ -95,6 +95,52 @@ def test_pointwise_is_the_convolution_in_float32_and_its_matrix_product_under_au
     assert model._pointwise_weights is None  # dropped after the sampled batch
 
 
+def test_the_label_space_layers_stay_float32_under_autocast_and_the_feature_layers_run_in_bf16():
+    """cc1 reads P and Y_t, out writes eps_hat: under bf16 autocast both compute what they compute in float32, so a
+    change of Y_t far below bf16's resolution still reaches the network; cc2 (F x F) is rounded to bf16."""
+    denoiser = tiny_system().denoiser.eval()
+    g = torch.Generator().manual_seed(2)
+    x_w, y_in = torch.randn(2, 16, generator=g), torch.rand(2, 6, 3, 3, generator=g) + 0.5
+    t, h = torch.randint(0, 200, (2, 3, 3), generator=g), torch.randn(2, 16, 3, 3, generator=g)
+    nudged = y_in.clone()
+    nudged[:, 3:] += 2**-14  # Y_t in [0.5, 1.5): bf16's spacing there is 2^-8 or 2^-7
+    with torch.no_grad():
+        reference = (denoiser.cc1(y_in, t), denoiser.cc2(h, t), denoiser.out(h), denoiser.denoise(x_w, y_in, t))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cc1, cc1_nudged, cc2 = denoiser.cc1(y_in, t), denoiser.cc1(nudged, t), denoiser.cc2(h, t)
+            out, eps_hat = model.pointwise(denoiser.out, h, low_precision=False), denoiser.denoise(x_w, y_in, t)
+    assert torch.equal(cc1, reference[0]) and not torch.equal(cc1_nudged, cc1)
+    assert torch.equal(out, reference[2]) and eps_hat.dtype == torch.float32
+    assert not torch.equal(cc2, reference[1])  # the F x F product ran in bf16
+    torch.testing.assert_close(cc2, reference[1], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(eps_hat, reference[3], rtol=0.05, atol=0.05)
+
+
+def test_the_dcg_guides_in_float32_under_bf16_autocast_in_training_and_sampling():
+    """Under bf16-mixed the frozen DCG still runs in float32: the training loss is the one computed from the float32
+    DCG's outputs, with only the denoiser under autocast, and `guide` returns the float32 DCG's outputs exactly."""
+    system = tiny_system()
+    batch = tiny_batch()
+    system.train()
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        reference = system.dcg(batch["image"])
+    torch.manual_seed(5)
+    with speed.precision_context("bf16-mixed", cpu):
+        loss = system.training_loss(batch)
+        guide = system.guide(batch["image"])
+    for ours, theirs in zip(guide, reference, strict=True):
+        assert ours is None or (ours.dtype == theirs.dtype and torch.equal(ours, theirs))
+    torch.manual_seed(5)
+    y0 = one_hot(batch["label"], 3)
+    prior = guided_prior_map(reference.y_global, reference.y_local, 3)
+    y_t, eps, t = heterologous_noise(system.scheduler, y0, 3)
+    with speed.precision_context("bf16-mixed", cpu):
+        eps_hat = system.denoiser(batch["image"], reference.patches, torch.cat([prior, y_t], dim=1), t)
+    expected = diffusion_focal_loss(eps_hat.float(), eps, focal_weight(reference.y_fusion, y0, 10.0, 1.0))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
 def test_float32_training_loss_and_sampling_are_those_of_the_code_before_the_fast_path():
     """The reference is the code before this change, written out: the loss inline in training_step, the prior map
     from the DCG's outputs as they come, the DDIM step without casts, the authors' re-encoding loop."""
