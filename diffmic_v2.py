@@ -63,8 +63,9 @@ class DiffMICv2(GuidedSystem):
     @torch.no_grad()
     def guide(self, image: torch.Tensor) -> DCGOutput:
         """The frozen DCG's outputs for an image batch, in float32 under bf16 autocast too, as it was pre-trained.
-        [ours] A DCG run in bf16 while the denoiser trained lowered the test AUC on BreastMNIST on every seed
-        (README, Speed); in float32 it costs 4.1 of the 49.8 GFLOP of a training image at the paper's settings."""
+        [ours] So bf16 changes only the denoiser's arithmetic: the prior map, the forward process and the focal
+        weight are float32's. It costs 4.1 of the 49.8 GFLOP of a training image at the paper's settings; its effect
+        on the AUC was within 5-seed noise (benchmarks/README.md, "Precision")."""
         with torch.autocast(image.device.type, enabled=False):
             return self.dcg(image.float())
 
