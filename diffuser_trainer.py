@@ -149,6 +149,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
         )
         run_dir = save_config(cfg, trainer)
         trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
+        history = list(system.val_history)  # the validation metrics of each validated epoch: the learning curve
         best_path = best.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
         trainer.validate(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
         result = {
@@ -161,6 +162,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
         }
         trainer.test(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
         result["test"] = dict(system.last_metrics)
+        result["val_history"] = history
         if trainer.is_global_zero:
             write_json(Path(out) if out else run_dir / "metrics.json", result)
         return

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 
 from figures import confusion_matrix_image
 from metrics import classification_metrics, confusion_matrix, multilabel_metrics
@@ -39,6 +40,9 @@ class EvaluatedSystem(pl.LightningModule):
         self.predictions: dict[str, Any] = {}
         self._collected: list[dict] = []
         self._resumed_rng: dict[str, Any] | None = None
+        # the validation metrics of every epoch of a fit, {"epoch": e, **metrics}: the learning curve, kept in
+        # last.ckpt so that a resumed fit continues it
+        self.val_history: list[dict[str, float]] = []
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -60,8 +64,11 @@ class EvaluatedSystem(pl.LightningModule):
             states = [None] * self.trainer.world_size
             dist.all_gather_object(states, rng_state())
         checkpoint["rng_states"] = states
+        checkpoint["val_history"] = self.val_history
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "val_history" in checkpoint:  # a full checkpoint: the curve up to its epoch
+            self.val_history = list(checkpoint["val_history"])
         states = checkpoint.get("rng_states")
         if states is None:
             return
@@ -120,6 +127,8 @@ class EvaluatedSystem(pl.LightningModule):
         else:
             self.last_metrics = classification_metrics(labels, scores, self.cfg["data"]["class_names"])
         self.log_dict({f"{stage}/{k}": float(v) for k, v in self.last_metrics.items()}, sync_dist=False)
+        if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING:
+            self.val_history.append({"epoch": self.current_epoch, **self.last_metrics})
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero and not multilabel:
             matrix = confusion_matrix(labels, scores.argmax(1), scores.shape[1])
             image = confusion_matrix_image(matrix, self.cfg["data"]["class_names"])

@@ -1,36 +1,46 @@
-"""The confusion matrix as an RGB heat map for TensorBoard, drawn with OpenCV (no matplotlib)."""
+"""Figures for people to look at, drawn with matplotlib's non-GUI backend (files and TensorBoard images, no
+display): the confusion matrix. Every figure function returns a matplotlib Figure; `to_image` turns one into an
+RGB array for TensorBoard and `save` writes a PNG."""
 
 from __future__ import annotations
 
-import cv2
-import numpy as np
+from pathlib import Path
 
-_WHITE = np.array([255.0, 255.0, 255.0])
-_BLUE = np.array([8.0, 48.0, 107.0])  # dark end of the white -> blue colour map (RGB)
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
+import matplotlib
 
+matplotlib.use("Agg")  # no display: files and arrays only
+import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402  (the backend is chosen first)
+from matplotlib.figure import Figure  # noqa: E402
 
-def _text_patch(text: str, scale: float) -> np.ndarray:
-    """Black text on a white RGB patch, tightly sized."""
-    (w, h), base = cv2.getTextSize(text, _FONT, scale, 1)
-    patch = np.full((h + base + 4, w + 4, 3), 255, np.uint8)
-    cv2.putText(patch, text, (2, h + 2), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
-    return patch
+DPI = 100
 
 
-def _paste(img: np.ndarray, patch: np.ndarray, y: int, x: int) -> None:
-    h = min(patch.shape[0], img.shape[0] - y)
-    w = min(patch.shape[1], img.shape[1] - x)
-    img[y : y + h, x : x + w] = patch[:h, :w]
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of width x height inches at DPI dots per inch, not registered with pyplot (nothing to close, no
+    global state shared between threads or processes)."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself: draw() and buffer_rgba() render with Agg
+    return fig
 
 
-def confusion_matrix_image(cm: np.ndarray, class_names: list[str] | None = None, cell: int = 48) -> np.ndarray:
-    """Render `cm` as an RGB uint8 heat map (row-normalised, white -> blue) with counts.
+def to_image(fig: Figure) -> np.ndarray:
+    """The rendered figure as an RGB uint8 array (H, W, 3), what TensorBoard's add_image takes as HWC."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
-    The C*cell x C*cell grid sits flush in the bottom-right corner of the image; the
-    left margin holds the axis title "true" and row labels, the top margin "pred" and
-    (vertical) column labels.
-    """
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write the figure as a PNG (its folder created if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def confusion_matrix_figure(cm: np.ndarray, class_names: list[str] | None = None, title: str = "") -> Figure:
+    """The confusion matrix as a heat map of each row's fractions (rows: true class, columns: predicted), each cell
+    labelled with its count, the axes with the class names (cut to 20 characters) and a colour bar."""
     cm = np.asarray(cm)
     if not (cm.ndim == 2 and cm.shape[0] == cm.shape[1] and cm.shape[0] >= 1):
         raise ValueError(f"cm must be square (C, C), got {cm.shape}")
@@ -39,34 +49,22 @@ def confusion_matrix_image(cm: np.ndarray, class_names: list[str] | None = None,
     if len(names) != c:
         raise ValueError(f"got {len(names)} class names for {c} classes")
     rows = cm.sum(axis=1, keepdims=True).astype(np.float64)
-    norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
-    scale = 0.45 * cell / 48.0
-    row_patches = [_text_patch(n, scale) for n in names]
-    col_patches = [np.rot90(_text_patch(n, scale)) for n in names]
-    true_title = np.rot90(_text_patch("true", scale))
-    pred_title = _text_patch("pred", scale)
-    left = true_title.shape[1] + max(p.shape[1] for p in row_patches) + 4
-    top = pred_title.shape[0] + max(p.shape[0] for p in col_patches) + 4
-    g = c * cell
-    img = np.full((top + g, left + g, 3), 255, np.uint8)
-    _paste(img, pred_title, 0, left + max(0, (g - pred_title.shape[1]) // 2))
-    _paste(img, true_title, top + max(0, (g - true_title.shape[0]) // 2), 0)
-    for k in range(c):
-        rp, cp = row_patches[k], col_patches[k]
-        _paste(img, rp, top + k * cell + max(0, (cell - rp.shape[0]) // 2), left - rp.shape[1] - 2)
-        _paste(img, cp, top - cp.shape[0] - 2, left + k * cell + max(0, (cell - cp.shape[1]) // 2))
+    fraction = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    side = 2.2 + 0.55 * c
+    fig = new_figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    shown = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(c):
         for j in range(c):
-            v = float(norm[i, j])
-            colour = tuple(int(round(x)) for x in _WHITE + v * (_BLUE - _WHITE))
-            y0, x0 = top + i * cell, left + j * cell
-            cv2.rectangle(img, (x0, y0), (x0 + cell - 1, y0 + cell - 1), colour, -1)
-            cv2.rectangle(img, (x0, y0), (x0 + cell - 1, y0 + cell - 1), (200, 200, 200), 1)
-            text = str(int(cm[i, j]))
-            s = scale
-            while s > 0.2 and cv2.getTextSize(text, _FONT, s, 1)[0][0] > cell - 6:
-                s *= 0.85
-            (tw, th), _ = cv2.getTextSize(text, _FONT, s, 1)
-            fg = (255, 255, 255) if v > 0.5 else (0, 0, 0)
-            cv2.putText(img, text, (x0 + (cell - tw) // 2, y0 + (cell + th) // 2), _FONT, s, fg, 1, cv2.LINE_AA)
-    return img
+            colour = "white" if fraction[i, j] > 0.5 else "black"
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color=colour, fontsize=9)
+    ax.set_xticks(range(c), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(c), names, fontsize=8)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title or "confusion matrix (colour: share of row)")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    return fig
+
+
+def confusion_matrix_image(cm: np.ndarray, class_names: list[str] | None = None, title: str = "") -> np.ndarray:
+    """confusion_matrix_figure rendered as an RGB uint8 array (H, W, 3)."""
+    return to_image(confusion_matrix_figure(cm, class_names, title))

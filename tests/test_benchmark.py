@@ -181,3 +181,63 @@ def test_accuracy_benchmark_with_a_carved_validation_split(tmp_path):
     assert [(r["seed"], r["split"], r["images"]) for r in rows] == [
         (s, p, n) for s in (0, 1) for p, n in (("train", 27), ("val", 9))
     ]
+
+
+@pytest.mark.skipif(not (SHARED / "medmnist" / "breastmnist.npz").is_file(), reason=f"{SHARED} is absent")
+def test_learning_curves_smoke(tmp_path, capfd):
+    from PIL import Image
+
+    from benchmarks import learning_curves
+
+    argv = [
+        "--config",
+        str(ROOT / "configs" / "bench_breastmnist.yml"),
+        "--epochs",
+        "3",
+        "--seeds",
+        "0",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "smoke_long",
+        f"data.root={SHARED / 'medmnist'}",
+        f"trainer.log_dir={tmp_path / 'logs'}",
+        "dcg.epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "model.feature_dim=16",
+    ]
+    assert learning_curves.main(argv) == 0
+    report = json.loads((tmp_path / "smoke_long.json").read_text())
+    assert [r["method"] for r in report["runs"]] == ["dcg", "diffmic", "resnet18"]
+    for run in report["runs"][1:]:
+        # validated every epoch of the longer training; tested at the epoch best.ckpt kept (highest val F1, later
+        # on a tie), whose validation metrics are the ones re-measured from that checkpoint
+        assert [h["epoch"] for h in run["val_history"]] == [0, 1, 2]
+        f1 = [h["f1"] for h in run["val_history"]]
+        assert run["best_epoch"] == max(e for e, v in enumerate(f1) if v == max(f1))
+        assert run["val"]["f1"] == pytest.approx(max(f1), abs=1e-6)
+    # the DCG is trained dcg.epochs (1), the others --epochs; the curve of the fixed DCG is its own value each epoch
+    dcg = report["summary"]["dcg"]["curves"]["f1"]["mean"]
+    assert dcg == [report["runs"][0]["val"]["f1"]] * 3
+    assert report["summary"]["diffmic"]["curves"]["acc"]["mean"] == [h["acc"] for h in report["runs"][1]["val_history"]]
+    with Image.open(tmp_path / "smoke_long.png") as image:
+        assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 300
+    text = (tmp_path / "smoke_long.md").read_text()
+    assert "![learning curves](smoke_long.png)" in text and "| 3 |" in text and "passes its DCG" in text
+    # another seed added with --resume: the first seed's runs are kept, its DCG file untouched
+    dcg_file = tmp_path / "logs" / "bench_breastmnist" / "seed_0" / "dcg.pt"
+    stamp = dcg_file.stat().st_mtime_ns
+    assert learning_curves.main([*argv[:5], "0", "1", *argv[6:], "--resume", "--methods", "dcg"]) == 0
+    report = json.loads((tmp_path / "smoke_long.json").read_text())
+    assert [(r["method"], r["seed"]) for r in report["runs"]] == [
+        ("dcg", 0),
+        ("diffmic", 0),
+        ("resnet18", 0),
+        ("dcg", 1),
+    ]
+    assert dcg_file.stat().st_mtime_ns == stamp
+    # a DCG file left by the accuracy benchmark for the same training is reused, not trained again
+    capfd.readouterr()
+    assert learning_curves.main([*argv[:9], "other", *argv[10:], "--methods", "dcg"]) == 0
+    assert "reusing the DCG file" in capfd.readouterr().err and dcg_file.stat().st_mtime_ns == stamp

@@ -30,6 +30,11 @@ def test_fit_writes_run_directory(tiny_run):
     assert set(metrics) >= {"checkpoint", "val", "test", "selection"}
     per_class = {f"recall/{name}" for name in ("h_stripes", "v_stripes", "checker", "ring")}  # demo.yml's names
     assert set(metrics["test"]) == {"acc", "balanced_acc", "precision", "recall", "f1", "auc", "kappa"} | per_class
+    # the learning curve: one validation per epoch (val_every 1, max_epochs 2), the best of them the selected one
+    history = metrics["val_history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert set(history[0]) == {"epoch"} | set(metrics["val"])
+    assert metrics["selection"]["best_score"] == pytest.approx(max(h["f1"] for h in history), abs=1e-6)
 
 
 def test_tensorboard_has_metrics_and_confusion_matrix(tiny_run):
@@ -90,6 +95,10 @@ def test_resume_from_last_continues_the_same_version(tiny_run):
     last = torch.load(logs / "demo" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 2, "resuming from epoch 2 with max_epochs 3 must train exactly one more epoch"
     assert not (logs / "demo" / "version_1" / "checkpoints").exists()
+    # the learning curve continues from the checkpoint's: the two epochs before the resume, then the third
+    metrics = json.loads((logs / "demo" / "version_0" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["val_history"]] == [0, 1, 2]
+    assert [h["epoch"] for h in last["val_history"]] == [0, 1, 2]
 
 
 CONFIG_ERRORS = [

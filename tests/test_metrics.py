@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from figures import confusion_matrix_image
+from figures import confusion_matrix_figure, confusion_matrix_image
 from metrics import classification_metrics, confusion_matrix, multilabel_metrics
 
 
@@ -160,48 +160,30 @@ def test_confusion_matrix_counts():
 
 
 @pytest.mark.parametrize("c", [2, 7, 15])
-def test_confusion_matrix_image_shape_and_colour(c):
-    cell = 48
+def test_confusion_matrix_image_shape(c):
     cm = np.diag(np.arange(1, c + 1) * 10)
-    img = confusion_matrix_image(cm, cell=cell)
-    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
-    assert img.shape[0] > c * cell and img.shape[1] > c * cell
-    grid = img[-c * cell :, -c * cell :].astype(int)  # grid is flush bottom-right
-    diag, off = grid[3, 3], grid[3, cell + 3]  # corners of cells (0,0) and (0,1), away from text
-    assert diag.sum() < off.sum()  # darker
-    assert diag[2] > diag[0]  # blue dominates red
-    assert tuple(off) == (255, 255, 255)
-    # row-normalised: every diagonal cell holds its whole row, so all share one colour whatever the count
-    for k in range(1, c):
-        assert tuple(grid[k * cell + 3, k * cell + 3]) == tuple(diag), k
+    img = confusion_matrix_image(cm)
+    fig = confusion_matrix_figure(cm)
+    width, height = (fig.get_size_inches() * fig.dpi).round().astype(int)
+    assert img.dtype == np.uint8 and img.shape == (height, width, 3)
+    assert img.min() < 64 and img.max() == 255  # dark cells and text on a white ground
 
 
-def test_confusion_matrix_image_shade_follows_row_fraction():
-    cell = 48
-    img = confusion_matrix_image(np.array([[1, 3], [2, 2]]), cell=cell)
-    grid = img[-2 * cell :, -2 * cell :].astype(int)
-    shade = {(i, j): grid[i * cell + 3, j * cell + 3].sum() for i in range(2) for j in range(2)}
-    # fractions of each row: (0,0) 1/4, (0,1) 3/4, (1,0) = (1,1) = 1/2; darker means a larger fraction
-    assert shade[0, 1] < shade[1, 0] == shade[1, 1] < shade[0, 0] < 3 * 255
-
-
-def test_confusion_matrix_image_with_names():
-    cell = 48
-    cm = np.array([[3, 1], [0, 4]])
-    img = confusion_matrix_image(cm, class_names=["benign", "malignant"], cell=cell)
-    plain = confusion_matrix_image(cm, cell=cell)  # default names "0", "1"
-    assert img.shape[2] == 3 and img.dtype == np.uint8
-    # the names are drawn in the margins: longer names widen the left margin (row labels) and deepen the
-    # top margin (vertical column labels); the grid itself is the same
-    assert img.shape[0] > plain.shape[0] and img.shape[1] > plain.shape[1]
-    np.testing.assert_array_equal(img[-2 * cell :, -2 * cell :], plain[-2 * cell :, -2 * cell :])
-    # row label "malignant" (right-aligned against the grid, left of the axis title's column): beside row 1
-    # there is dark text where the plain image's narrower margin would already end
-    left, plain_left = img.shape[1] - 2 * cell, plain.shape[1] - 2 * cell
-    assert img[-cell:, plain_left:left].min() < 128
-    # names are cut to 20 characters
-    long = confusion_matrix_image(cm, class_names=["b" * 20 + "TAIL", "m"], cell=cell)
-    np.testing.assert_array_equal(long, confusion_matrix_image(cm, class_names=["b" * 20, "m"], cell=cell))
+def test_confusion_matrix_figure_shows_row_fractions_counts_and_names():
+    cm = np.array([[1, 3], [2, 2]])
+    fig = confusion_matrix_figure(cm, class_names=["benign", "malignant"])
+    ax = fig.axes[0]
+    # the colour is each row's fraction, on a fixed 0..1 scale; the text of each cell is its count
+    np.testing.assert_allclose(ax.images[0].get_array(), [[0.25, 0.75], [0.5, 0.5]])
+    assert ax.images[0].get_clim() == (0.0, 1.0)
+    assert sorted(t.get_text() for t in ax.texts) == ["1", "2", "2", "3"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["benign", "malignant"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["benign", "malignant"]
+    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
+    # names are cut to 20 characters; an empty row is drawn as zeros, not NaN
+    long = confusion_matrix_figure(np.array([[0, 0], [1, 1]]), class_names=["b" * 20 + "TAIL", "m"])
+    assert long.axes[0].get_yticklabels()[0].get_text() == "b" * 20
+    np.testing.assert_array_equal(long.axes[0].images[0].get_array(), [[0.0, 0.0], [0.5, 0.5]])
 
 
 @pytest.mark.parametrize(
