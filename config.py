@@ -60,6 +60,7 @@ CHOICES = {
     "model.patch_encoder": ("resnet18", "resnet50", "densenet121", "densenet169"),
     "model.condition_init": ("default", "identity"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
+    "evaluation.temperature": ("none", "fit"),
 }
 
 
@@ -445,8 +446,9 @@ def check_paths(cfg: dict, need_dcg: bool, need_data: bool = True) -> None:
     is an input only when `need_dcg` (fit pre-trains it when missing); the data set's lists only when
     `need_data` (predict --input classifies other images). Files are not opened or loaded."""
     data_keys = ["data.root", "data.train_list", "data.val_list", "data.test_list"]
+    fit_temperature = cfg["evaluation"]["temperature"] == "fit"  # needs the validation split, predict --input too
     keys = [
-        *(data_keys if need_data else []),
+        *(data_keys if need_data or fit_temperature else []),
         "dcg.backbone_weights",
         "model.efficientsam_weights",
         "model.patch_encoder_weights",
@@ -464,17 +466,18 @@ def check_paths(cfg: dict, need_dcg: bool, need_data: bool = True) -> None:
                 continue  # the download creates it; offline, the loader's error says what to fetch
             raise ConfigError(f"config key {key}: path does not exist: {value}")
         _check_readable(key, path)
-    required = (
-        {
-            "list": ("data.root", "data.train_list", "data.test_list"),
-            "medmnist": ("data.root",),
-            "synthetic": (),
-        }[cfg["data"]["dataset"]]
-        if need_data
-        else ()
-    )
-    for key in required:
+    required = {
+        "list": ("data.root", "data.train_list", "data.test_list"),
+        "medmnist": ("data.root",),
+        "synthetic": (),
+    }[cfg["data"]["dataset"]]
+    for key in required if need_data or fit_temperature else ():
         if _get(cfg, key) is None:
+            if not need_data:  # predict --input: the lists are read only for the validation split
+                raise ConfigError(
+                    f"config key evaluation.temperature: fit needs the data set's validation split, so {key} is "
+                    "required; set evaluation.temperature=none to predict without it"
+                )
             raise ConfigError(f"config key {key} is required when data.dataset is {cfg['data']['dataset']}")
 
 

@@ -26,6 +26,7 @@ from guided import GuidedSystem
 from model_v1 import build_denoiser_v1
 from pipeline import one_hot
 from seeding import start_noise
+from uncertainty import sample_statistics
 from utils import adam
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,15 @@ class DiffMICv1(GuidedSystem):
         predicted = scores.argmax(dim=1)
         chosen = probabilities[:, torch.arange(scores.shape[0], device=scores.device), predicted]  # (S, B)
         spread = chosen.std(dim=0) if chosen.shape[0] > 1 else torch.zeros_like(chosen[0])
-        return {"scores": scores, "spread": spread}
+        # the scores are already probabilities (the mean of S softmax vectors); agreement and sample_spread as v2's
+        votes = F.one_hot(probabilities.argmax(dim=2), scores.shape[1]).float().mean(dim=0)
+        return {
+            "scores": scores,
+            "probs": scores,
+            "votes": votes,
+            "spread": spread,
+            **sample_statistics(probabilities, predicted),
+        }
 
     def _start(self) -> None:
         super()._start()

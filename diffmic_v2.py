@@ -27,6 +27,7 @@ from pipeline import (
 )
 from pretraining.dcg import DCGOutput
 from seeding import start_noise
+from uncertainty import multilabel_sample_statistics, sample_statistics, simplex_probabilities
 from utils import build_optimizer
 
 
@@ -104,7 +105,11 @@ class DiffMICv2(GuidedSystem):
         return diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
 
     def sample(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """DDIM label grids for an image batch, the mean over diffusion.eval_samples starts: (B, C, K, K).
+        """DDIM label grids for an image batch, the mean over diffusion.eval_samples starts: (B, C, K, K)."""
+        return self.sample_grids(image, index).mean(dim=0)
+
+    def sample_grids(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The final DDIM label grid of each of the diffusion.eval_samples starts: (S, B, C, K, K).
 
         Y_T is the guided map of two uniform [0, 1) vectors that stand in for y_global and y_local (the
         authors' code), drawn for each image from `seed` and its dataset `index` (seeding.start_noise), so an image
@@ -118,7 +123,7 @@ class DiffMICv2(GuidedSystem):
         y_start = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid)
         condition = self.denoiser.encode(image, guide.patches)
         with reuse_pointwise_weights():  # bf16: the body's weights cast once for all DDIM steps
-            grids = ddim_sample(
+            return ddim_sample(
                 self.denoiser,
                 self.scheduler,
                 condition,
@@ -126,17 +131,39 @@ class DiffMICv2(GuidedSystem):
                 y_start.view(d["eval_samples"], batch, classes, grid, grid),
                 d["sampling_steps"],
             )
-        return grids.mean(dim=0)
 
     @torch.no_grad()
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        grid = self.sample(batch["image"], batch["index"])
+        """Scores (the mean grid over samples and cells, SPEC 6), probabilities and per-image uncertainty.
+
+        probs: the mean grid mapped to the simplex (uncertainty.simplex_probabilities; multi-label: each finding's
+        mean clipped to [0, 1]). spread: the standard deviation of the predicted class over the K x K cells of the
+        mean grid (multi-label: over cells, averaged over findings). agreement and sample_spread: over the S samples
+        (uncertainty.sample_statistics), NaN when S = 1."""
+        grids = self.sample_grids(batch["image"], batch["index"])
+        grid = grids.mean(dim=0)
         scores = grid.mean(dim=(2, 3))
+        per_sample = grids.mean(dim=(3, 4))  # (S, B, C)
         if self.cfg["data"]["task"] == "multilabel":  # disagreement of the cells, averaged over findings
-            return {"scores": scores, "spread": grid.flatten(2).std(dim=2).mean(dim=1)}
+            probs = scores.clamp(0.0, 1.0)
+            return {
+                "scores": scores,
+                "probs": probs,
+                "spread": grid.flatten(2).std(dim=2).mean(dim=1),
+                **multilabel_sample_statistics(per_sample, probs),
+            }
         predicted = scores.argmax(dim=1)
         cells = grid.flatten(2)[torch.arange(grid.shape[0], device=grid.device), predicted]  # (B, K*K)
-        return {"scores": scores, "spread": cells.std(dim=1)}
+        # the share of the S x K x K cells whose argmax is each class: the alternative probability the uncertainty
+        # benchmark measures against `probs`
+        votes = torch.nn.functional.one_hot(grids.argmax(dim=2), scores.shape[1]).float().mean(dim=(0, 2, 3))
+        return {
+            "scores": scores,
+            "probs": simplex_probabilities(scores),
+            "votes": votes,
+            "spread": cells.std(dim=1),
+            **sample_statistics(per_sample, predicted),
+        }
 
     def configure_optimizers(self):
         optimizer, schedule = build_optimizer(

@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import yaml
 
@@ -24,8 +25,11 @@ from config import ConfigError, check_paths, dcg_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
+from evaluation import uncertainty_figures
+from figures import save
 from methods import build_system
 from pretraining.train_dcg import pretrain_dcg
+from uncertainty import SAMPLE_SCORES, apply_temperature, entropy
 from utils import build_trainer, selection_metric, setup_logging
 
 logger = logging.getLogger("diffuser_trainer")
@@ -59,27 +63,43 @@ def write_json(path: Path, content: dict) -> None:
     logger.info("wrote %s", path)
 
 
-def write_predictions(path: Path, predictions: dict, dataset, class_names: list[str], multilabel: bool) -> None:
+def write_predictions(
+    path: Path, predictions: dict, dataset, class_names: list[str], multilabel: bool, temperature: float = 1.0
+) -> None:
     """One row per image, in index order: its id, its label (when the images have labels), one score per class
-    (finding), the prediction and the spread of the grid cells. Multi-label: the label and the prediction are the
-    findings at or above 0.5, joined by '|'. Unlabelled images (predict --input) get a `status` column instead of a
-    label: `ok`, or `unreadable: <why>` with the scores left empty. `predictions`: EvaluatedSystem.predictions."""
+    (finding), the prediction, the spread of the grid cells, then the probabilities (after `temperature`) and the
+    per-image uncertainty: max_prob (single-label), entropy, and the diffusion models' agreement and sample_spread
+    over their S samples (`nan` when S = 1: undefined, said in the log). Multi-label: the label and the prediction
+    are the findings at or above 0.5, joined by '|'. Unlabelled images (predict --input) get a `status` column instead
+    of a label: `ok`, or `unreadable: <why>` with the scores left empty. `predictions`: EvaluatedSystem.predictions."""
     labelled = dataset.labels is not None
+    sample_scores = [k for k in SAMPLE_SCORES if k in predictions]
     head = ["image"] + (["label"] if labelled else []) + [f"score_{n}" for n in class_names] + ["pred"]
-    head += ([] if multilabel else ["pred_name"]) + ["spread"] + ([] if labelled else ["status"])
+    head += ([] if multilabel else ["pred_name"]) + ["spread"]
+    head += [f"prob_{n}" for n in class_names] + ([] if multilabel else ["max_prob"]) + ["entropy", *sample_scores]
+    head += [] if labelled else ["status"]
     errors = predictions.get("error", [""] * len(predictions["index"]))
+    probs = apply_temperature(predictions["probs"], temperature, multilabel)
+    uncertainty = {"entropy": entropy(probs, multilabel), **{k: predictions[k] for k in sample_scores}}
+    undefined = [k for k in sample_scores if not np.isfinite(predictions[k]).any()]
+    if undefined:
+        logger.info(
+            "%s: %s undefined (nan): one sample per image (diffusion.eval_samples 1)", path, ", ".join(undefined)
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     unreadable = 0
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(head)
-        for i, scores, spread, label, error in zip(
-            predictions["index"],
-            predictions["scores"],
-            predictions["spread"],
-            predictions["label"],
-            errors,
-            strict=True,
+        for row_index, (i, scores, spread, label, error) in enumerate(
+            zip(
+                predictions["index"],
+                predictions["scores"],
+                predictions["spread"],
+                predictions["label"],
+                errors,
+                strict=True,
+            )
         ):
             row = [dataset.ids[int(i)]]
             if labelled:
@@ -100,10 +120,31 @@ def write_predictions(path: Path, predictions: dict, dataset, class_names: list[
                 pred = int(scores.argmax())
                 row += [pred, class_names[pred]]
             row.append(f"{float(spread):.6f}")
+            p = probs[row_index]
+            row += [f"{v:.6f}" for v in p.tolist()] + ([] if multilabel else [f"{float(p.max()):.6f}"])
+            row += [f"{float(uncertainty[k][row_index]):.6f}" for k in ("entropy", *sample_scores)]
             writer.writerow(row + ([] if labelled else ["ok"]))
     if unreadable:
         logger.warning("%d image(s) could not be read: their rows in %s say why", unreadable, path)
     logger.info("wrote %s", path)
+
+
+def write_uncertainty_figures(folder: Path, split: str, system) -> None:
+    """The reliability diagram and the risk-coverage curve of the split just evaluated, as PNGs beside its metrics:
+    reliability_<split>.png, risk_coverage_<split>.png (single-label)."""
+    if "probs" not in system.last_outputs:
+        return
+    for name, fig in uncertainty_figures(system.last_outputs, system.temperature).items():
+        logger.info("wrote %s", save(fig, folder / f"{name}_{split}.png"))
+
+
+def calibrate(trainer, system, cfg: dict) -> None:
+    """evaluation.temperature fit: a validation pass before test or predict, which fits the temperature on the
+    validation split (EvaluatedSystem._uncertainty) that the next pass applies."""
+    if cfg["evaluation"]["temperature"] != "fit":
+        return
+    logger.info("evaluation.temperature fit: fitting the temperature on the validation split first")
+    trainer.validate(system, datamodule=DiffMICDataModule(cfg), verbose=False)
 
 
 def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source: str | None = None) -> None:
@@ -160,28 +201,36 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
                 "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
             },
         }
+        result["temperature"] = system.temperature  # fitted on that validation pass, or 1
         trainer.test(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
         result["test"] = dict(system.last_metrics)
         result["val_history"] = history
         if trainer.is_global_zero:
-            write_json(Path(out) if out else run_dir / "metrics.json", result)
+            path = Path(out) if out else run_dir / "metrics.json"
+            write_json(path, result)
+            write_uncertainty_figures(path.parent, "test", system)
         return
     trainer, _ = build_trainer(cfg, cfg["name"], 1, 1)
     run_dir = save_config(cfg, trainer)
     if command in ("validate", "test"):
+        if command == "test":
+            calibrate(trainer, system, cfg)
         getattr(trainer, command)(system, datamodule=data, verbose=False)
         split = "val" if command == "validate" else "test"
         if trainer.is_global_zero:
+            path = Path(out) if out else run_dir / "metrics.json"
             write_json(
-                Path(out) if out else run_dir / "metrics.json",
-                {"checkpoint": str(ckpt), split: dict(system.last_metrics)},
+                path, {"checkpoint": str(ckpt), split: dict(system.last_metrics), "temperature": system.temperature}
             )
+            write_uncertainty_figures(path.parent, split, system)
     else:
+        calibrate(trainer, system, cfg)
         trainer.predict(system, datamodule=data, return_predictions=False)  # gathered into system.predictions
         dataset = data.datasets["predict" if source is not None else "test"]
         if trainer.is_global_zero:
             path = Path(out) if out else run_dir / "predictions.csv"
-            write_predictions(path, system.predictions, dataset, names, cfg["data"]["task"] == "multilabel")
+            multilabel = cfg["data"]["task"] == "multilabel"
+            write_predictions(path, system.predictions, dataset, names, multilabel, system.temperature)
 
 
 def save_config(cfg: dict, trainer) -> Path:

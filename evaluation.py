@@ -14,9 +14,19 @@ import torch.distributed as dist
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
-from figures import confusion_matrix_image
+from figures import confusion_matrix_image, reliability_figure, risk_coverage_figure, to_image
 from metrics import classification_metrics, confusion_matrix, multilabel_metrics
 from seeding import rank_seed, reseed, rng_state, set_rng_state
+from uncertainty import (
+    SAMPLE_SCORES,
+    apply_temperature,
+    aurc,
+    confidences,
+    fit_temperature,
+    optimal_aurc,
+    risk_coverage,
+    uncertainty_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,10 @@ class EvaluatedSystem(pl.LightningModule):
         # the validation metrics of every epoch of a fit, {"epoch": e, **metrics}: the learning curve, kept in
         # last.ckpt so that a resumed fit continues it
         self.val_history: list[dict[str, float]] = []
+        # the temperature of the probabilities (uncertainty.py); fitted by a validation pass when evaluation.temperature
+        # is fit, else 1
+        self.temperature = 1.0
+        self.last_outputs: dict[str, Any] = {}  # the last split's gathered outputs (labels, scores, probs, ...)
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -126,17 +140,41 @@ class EvaluatedSystem(pl.LightningModule):
             self.last_metrics = multilabel_metrics(labels, scores, self.cfg["data"]["class_names"])
         else:
             self.last_metrics = classification_metrics(labels, scores, self.cfg["data"]["class_names"])
+        if "probs" in gathered:
+            self.last_metrics.update(self._uncertainty(stage, gathered))
+        self.last_outputs = gathered
         self.log_dict({f"{stage}/{k}": float(v) for k, v in self.last_metrics.items()}, sync_dist=False)
         if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING:
             self.val_history.append({"epoch": self.current_epoch, **self.last_metrics})
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero and not multilabel:
-            matrix = confusion_matrix(labels, scores.argmax(1), scores.shape[1])
-            image = confusion_matrix_image(matrix, self.cfg["data"]["class_names"])
-            self.logger.experiment.add_image(f"{stage}/confusion_matrix", image, self.current_epoch, dataformats="HWC")
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            images = {}
+            if not multilabel:
+                matrix = confusion_matrix(labels, scores.argmax(1), scores.shape[1])
+                images["confusion_matrix"] = confusion_matrix_image(matrix, self.cfg["data"]["class_names"])
+            if "probs" in gathered:
+                images.update(uncertainty_images(gathered, self.temperature))
+            for name, image in images.items():
+                self.logger.experiment.add_image(f"{stage}/{name}", image, self.current_epoch, dataformats="HWC")
         if self.trainer.is_global_zero:  # every process holds the same gathered metrics: say them once
             summary = ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if "/" not in k)
             logger.info("%s (epoch %d, %d images): %s", stage, self.current_epoch, len(labels), summary)
         self._collected = []
+
+    def _uncertainty(self, stage: str, gathered: dict[str, Any]) -> dict[str, float]:
+        """Calibration and selective-prediction metrics of the split (uncertainty.py). With evaluation.temperature
+        `fit`, a validation pass first fits the temperature on its own outputs, and every later split (test, predict)
+        is scaled by it; the test split never fits anything."""
+        labels, probs = gathered["label"], gathered["probs"]
+        sample_scores = {k: gathered[k] for k in SAMPLE_SCORES if k in gathered}
+        if stage == "val" and self.cfg.get("evaluation", {}).get("temperature", "none") == "fit":
+            self.temperature = fit_temperature(labels, probs, multilabel=labels.ndim == 2)
+            if self.trainer.is_global_zero:
+                logger.info("temperature %.4f fitted on the validation split (%d images)", self.temperature, len(probs))
+        metrics = uncertainty_metrics(labels, probs, sample_scores, self.temperature, self.cfg["data"]["class_names"])
+        if self.temperature != 1.0:  # the calibration the temperature changed, as it was before
+            raw = uncertainty_metrics(labels, probs, sample_scores, 1.0, self.cfg["data"]["class_names"])
+            metrics.update({f"{k}_before_temperature": raw[k] for k in ("calib/ece", "calib/brier", "calib/nll")})
+        return metrics
 
     def on_validation_epoch_start(self) -> None:
         self._start()
@@ -166,3 +204,31 @@ class EvaluatedSystem(pl.LightningModule):
         """Every image's outputs, gathered from all processes in index order: what predictions.csv is written from."""
         self.predictions = self._gathered()
         self._collected = []
+
+
+def uncertainty_images(outputs: dict[str, Any], temperature: float) -> dict[str, np.ndarray]:
+    """The reliability diagram (before and after the temperature, when it is not 1) and, single-label, the
+    risk-coverage curve of every confidence score, as RGB arrays; see uncertainty_figures."""
+    return {name: to_image(fig) for name, fig in uncertainty_figures(outputs, temperature).items()}
+
+
+def uncertainty_figures(outputs: dict[str, Any], temperature: float) -> dict:
+    """name -> matplotlib Figure: `reliability` and (single-label) `risk_coverage`, from one split's outputs."""
+    labels, raw = outputs["label"], outputs["probs"]
+    multilabel = labels.ndim == 2
+    probs = apply_temperature(raw, temperature, multilabel)
+    sets = {"probabilities": raw}
+    if temperature != 1.0:
+        sets = {"before temperature": raw, f"T = {temperature:.3g}": probs}
+    figures = {"reliability": reliability_figure(labels, sets)}
+    if not multilabel:
+        correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+        scores = confidences(probs, {k: outputs[k] for k in SAMPLE_SCORES if k in outputs})
+        curves = {
+            f"{name} (AURC {aurc(correct, c):.3f})": risk_coverage(correct, c)
+            for name, c in scores.items()
+            if np.isfinite(c).all()
+        }
+        curves[f"oracle (AURC {optimal_aurc(correct):.3f})"] = risk_coverage(correct, correct)
+        figures["risk_coverage"] = risk_coverage_figure(curves)
+    return figures

@@ -1,6 +1,6 @@
 """Figures for people to look at, drawn with matplotlib's non-GUI backend (files and TensorBoard images, no
-display): the confusion matrix. Every figure function returns a matplotlib Figure; `to_image` turns one into an
-RGB array for TensorBoard and `save` writes a PNG."""
+display): the confusion matrix, the reliability diagram and the risk-coverage curve. Every figure function returns a
+matplotlib Figure; `to_image` turns one into an RGB array for TensorBoard and `save` writes a PNG."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # no display: files and arrays only
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402  (the backend is chosen first)
 from matplotlib.figure import Figure  # noqa: E402
+
+from uncertainty import reliability_bins  # noqa: E402
 
 DPI = 100
 
@@ -68,3 +70,49 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: list[str] | None = None
 def confusion_matrix_image(cm: np.ndarray, class_names: list[str] | None = None, title: str = "") -> np.ndarray:
     """confusion_matrix_figure rendered as an RGB uint8 array (H, W, 3)."""
     return to_image(confusion_matrix_figure(cm, class_names, title))
+
+
+def reliability_figure(labels: np.ndarray, probs: dict[str, np.ndarray], title: str = "reliability diagram") -> Figure:
+    """Accuracy against confidence in the ECE's bins (uncertainty.reliability_bins), one line per probability set
+    (e.g. before and after temperature scaling) with its ECE, the diagonal of perfect calibration and, below, how
+    many images each bin holds. Multi-label (labels (N, C)): every (image, finding) pair, the share of positives
+    against the finding's probability."""
+    fig = new_figure(5.0, 5.4)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for label, p in probs.items():
+        bins = reliability_bins(labels, p)
+        filled = bins["count"] > 0
+        top.plot(
+            bins["confidence"][filled],
+            bins["accuracy"][filled],
+            marker="o",
+            markersize=4,
+            label=f"{label} (ECE {bins['ece']:.3f})",
+        )
+        bottom.bar(bins["left"], bins["count"], width=bins["width"], align="edge", alpha=0.45, label=label)
+    multilabel = np.asarray(labels).ndim == 2
+    top.set(
+        ylabel="share positive" if multilabel else "accuracy in the bin", xlim=(0, 1.02), ylim=(0, 1.02), title=title
+    )
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.set(xlabel="probability of the finding" if multilabel else "confidence (top probability)", ylabel="images")
+    bottom.grid(alpha=0.3)
+    return fig
+
+
+def risk_coverage_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "risk-coverage") -> Figure:
+    """Error rate of the kept images against the share kept, most confident first, one line per confidence score
+    (name -> (coverage, risk), uncertainty.risk_coverage), the oracle ranking included when given."""
+    fig = new_figure(5.2, 4.2)
+    ax = fig.add_subplot()
+    for name, (coverage, risk) in curves.items():
+        style = {"color": "black", "linestyle": ":"} if name.startswith("oracle") else {}
+        ax.plot(coverage, risk, label=name, **style)
+    ax.set(xlabel="coverage (share of images kept)", ylabel="risk (error rate of the kept images)", title=title)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig

@@ -37,6 +37,7 @@ from benchmarks.speed import cpu_name
 from config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from evaluation import EvaluatedSystem
+from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg
 from pretraining.train_dcg import DCGSystem, dcg_optimizer, pretrain_dcg
 from utils import build_trainer, setup_logging
@@ -73,7 +74,8 @@ class ResNetBaseline(EvaluatedSystem):
         return loss
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"scores": self.net(batch["image"])}
+        logits = self.net(batch["image"])
+        return {"scores": logits, "probs": torch.softmax(logits.float(), dim=1)}
 
     def configure_optimizers(self):
         return dcg_optimizer(
@@ -102,6 +104,7 @@ def run_resnet18(cfg: dict, datasets: dict) -> dict:
         "train_s": seconds,
         "epochs": cfg["trainer"]["max_epochs"],
         "val_history": history,
+        "checkpoint": best.best_model_path,
     }
 
 
@@ -115,6 +118,23 @@ def run_dcg(cfg: dict, datasets: dict) -> dict:
         "epochs": cfg["dcg"]["epochs"],
         "dcg_ckpt": str(path),
     }
+
+
+def reuse_or_train_dcg(cfg: dict, datasets: dict) -> dict:
+    """This seed's DCG: the file an earlier benchmark wrote, if it was trained from this split with these settings
+    (checked as `fit` checks it), else pre-trained now. Its validation and test metrics either way."""
+    path = Path(cfg["dcg"]["ckpt"])
+    if path.is_file():
+        try:
+            load_dcg(build_dcg(cfg), cfg, path, datasets["train"])
+        except ConfigError as err:
+            logger.info("not reusing %s (%s): pre-training the DCG again", path, err)
+            path.unlink()
+        else:
+            logger.info("reusing the DCG file %s", path)
+            reused = {"train_s": float("nan"), "epochs": cfg["dcg"]["epochs"], "dcg_ckpt": str(path)}
+            return {**evaluate_dcg(cfg, datasets, path), **reused}
+    return run_dcg(cfg, datasets)
 
 
 def evaluate_dcg(cfg: dict, datasets: dict, path: Path) -> dict:

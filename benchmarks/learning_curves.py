@@ -25,10 +25,9 @@ import yaml
 
 from benchmarks.accuracy import (
     METRICS,
-    evaluate_dcg,
     machine,
     resumed_report,
-    run_dcg,
+    reuse_or_train_dcg,
     run_diffmic,
     run_resnet18,
     seed_config,
@@ -36,8 +35,6 @@ from benchmarks.accuracy import (
 from benchmarks.plots import learning_curves_figure
 from config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
 from dataloader.datamodule import build_datasets
-from pretraining.dcg import build_dcg
-from pretraining.dcg_file import load_dcg
 from utils import setup_logging
 
 logger = logging.getLogger("benchmarks.learning_curves")
@@ -53,22 +50,6 @@ def long_config(cfg: dict, method: str, epochs: int) -> dict:
     cfg["name"] = f"{cfg['name']}/long_{epochs}" + ("" if method == "resnet18" else f"/{method}")
     cfg["trainer"].update(max_epochs=epochs, val_every=1)
     return cfg
-
-
-def seed_dcg(cfg: dict, datasets: dict) -> dict:
-    """This seed's DCG: the file an earlier benchmark wrote, if it was trained from this split with these settings
-    (checked as `fit` checks it), else pre-trained now. Its validation and test metrics either way."""
-    path = Path(cfg["dcg"]["ckpt"])
-    if path.is_file():
-        try:
-            load_dcg(build_dcg(cfg), cfg, path, datasets["train"])
-        except ConfigError as err:
-            logger.info("not reusing %s (%s): pre-training the DCG again", path, err)
-            path.unlink()
-        else:
-            logger.info("reusing the DCG file %s", path)
-            return {**evaluate_dcg(cfg, datasets, path), "train_s": float("nan"), "epochs": cfg["dcg"]["epochs"]}
-    return run_dcg(cfg, datasets)
 
 
 def best_epoch(history: list[dict]) -> int:
@@ -260,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("=== %s, seed %d: %s ===", name, seed, method)
             start = time.perf_counter()
             if method == "dcg":
-                result = seed_dcg(cfg, datasets)
+                result = reuse_or_train_dcg(cfg, datasets)
             elif method == "diffmic":
                 if not Path(cfg["dcg"]["ckpt"]).is_file():
                     logger.info("seed %d has no DCG file yet: pre-training it with the dcg method first", seed)
-                    report["runs"].append({**seed_dcg(cfg, datasets), "method": "dcg", "seed": seed})
+                    report["runs"].append({**reuse_or_train_dcg(cfg, datasets), "method": "dcg", "seed": seed})
                 result = run_diffmic(long_config(cfg, method, args.epochs), 0.0)
                 result["train_s"] = time.perf_counter() - start
             else:

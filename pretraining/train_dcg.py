@@ -58,8 +58,12 @@ class DCGSystem(EvaluatedSystem):
         return loss
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Scores y_fusion (multi-label: its sigmoid); probabilities its softmax (sigmoid)."""
         y_fusion = self.dcg(batch["image"]).y_fusion
-        return {"scores": torch.sigmoid(y_fusion) if self.multilabel else y_fusion}
+        if self.multilabel:
+            probs = torch.sigmoid(y_fusion)
+            return {"scores": probs, "probs": probs}
+        return {"scores": y_fusion, "probs": torch.softmax(y_fusion.float(), dim=1)}
 
     def configure_optimizers(self):
         return dcg_optimizer(self.dcg.parameters(), self.cfg)

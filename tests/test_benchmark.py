@@ -241,3 +241,61 @@ def test_learning_curves_smoke(tmp_path, capfd):
     capfd.readouterr()
     assert learning_curves.main([*argv[:9], "other", *argv[10:], "--methods", "dcg"]) == 0
     assert "reusing the DCG file" in capfd.readouterr().err and dcg_file.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(not (SHARED / "medmnist" / "breastmnist.npz").is_file(), reason=f"{SHARED} is absent")
+def test_uncertainty_benchmark_smoke(tmp_path):
+    from PIL import Image
+
+    from benchmarks import plots, uncertainty
+
+    argv = [
+        "--config",
+        str(ROOT / "configs" / "bench_breastmnist.yml"),
+        "--seeds",
+        "0",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "uncertainty_smoke",
+        f"data.root={SHARED / 'medmnist'}",
+        f"trainer.log_dir={tmp_path / 'logs'}",
+        "dcg.epochs=1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "model.feature_dim=16",
+        "diffusion.sampling_steps=2",
+    ]
+    assert uncertainty.main(argv) == 0
+    report = json.loads((tmp_path / "uncertainty_smoke.json").read_text())
+    assert [r["label"] for r in report["runs"]] == ["resnet18", "dcg", "diffmic_s1", "diffmic_s16"]
+    for run in report["runs"]:
+        # the temperature is fitted on validation and reported with the test metrics it scaled
+        assert run["test_scaled"]["calib/temperature"] == run["temperature"] and run["test"]["calib/temperature"] == 1
+        assert 0 <= run["test"]["calib/ece"] <= 1 and run["test"]["calib/nll"] > 0
+        assert run["test"]["calib/ece"] == pytest.approx(run["reliability"]["raw"]["ece"], abs=1e-6)
+        aurc = run["test_scaled"]["selective/aurc/max_prob"]
+        assert aurc >= run["test_scaled"]["selective/aurc_optimal"] - 1e-12
+        assert run["test_scaled"]["selective/eaurc/max_prob"] == pytest.approx(
+            aurc - run["test_scaled"]["selective/aurc_optimal"]
+        )
+    s1, s16 = report["runs"][2], report["runs"][3]
+    # one sample cannot disagree with itself: undefined, not zero; 16 can
+    assert math.isnan(s1["test"]["selective/aurc/agreement"]) and math.isfinite(s16["test"]["selective/aurc/agreement"])
+    assert "val_votes" in s16 and "val_votes" not in report["runs"][0]
+    text = (tmp_path / "uncertainty_smoke.md").read_text()
+    assert "| diffmic_s16 | agreement |" in text and "share of cell votes" in text and "Command:" in text
+    for kind in ("reliability", "risk_coverage"):
+        with Image.open(tmp_path / f"uncertainty_smoke_{kind}.png") as image:
+            assert image.format == "PNG" and image.size[0] > 1000
+    # the plots are drawn again from the report alone
+    (tmp_path / "uncertainty_smoke_reliability.png").unlink()
+    assert plots.regenerate(tmp_path) == [tmp_path / "uncertainty_smoke.json"]
+    assert (tmp_path / "uncertainty_smoke_reliability.png").is_file()
+    # a second benchmark on the same run folders evaluates the trained models again without training any
+    before = sorted(p for p in (tmp_path / "logs").rglob("*.ckpt"))
+    assert uncertainty.main([*argv[:7], "again", *argv[8:]]) == 0
+    assert sorted(p for p in (tmp_path / "logs").rglob("*.ckpt")) == before
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [r["test"] for r in again["runs"]] == pytest.approx([r["test"] for r in report["runs"]], nan_ok=True)

@@ -214,12 +214,18 @@ def test_predict_on_a_folder_of_unlabelled_images(run, tmp_path):
         "pred",
         "pred_name",
         "spread",
+        *[f"prob_{n}" for n in names],
+        "max_prob",
+        "entropy",
+        "agreement",
+        "sample_spread",
         "status",
     ]
     for name in ("a.png", "b.jpg", "ward_b/c.png"):
         scores = [float(rows[name][f"score_{n}"]) for n in names]
         assert rows[name]["status"] == "ok" and int(rows[name]["pred"]) == scores.index(max(scores))
     assert rows["broken.png"]["status"].startswith("unreadable: cannot read image") and rows["broken.png"]["pred"] == ""
+    assert rows["broken.png"]["prob_ring"] == rows["broken.png"]["entropy"] == ""
     assert "1 image(s) could not be read" in result.stderr
     # a list with only a path column (relative to its own folder here): every listed image a row, a missing one too
     (images / "cases.csv").write_text("path\na.png\nward_b/c.png\nmissing.png\n")
@@ -230,3 +236,32 @@ def test_predict_on_a_folder_of_unlabelled_images(run, tmp_path):
     assert list(listed_rows) == ["a.png", "ward_b/c.png", "missing.png"]
     assert {k: listed_rows["a.png"][k] for k in names_of(rows)} == {k: rows["a.png"][k] for k in names_of(rows)}
     assert listed_rows["missing.png"]["status"].startswith("unreadable: cannot read image")
+
+
+def test_predict_with_a_fitted_temperature_and_several_samples(run, tmp_path):
+    """evaluation.temperature fit: the temperature comes from a validation pass (the test split fits nothing) and
+    scales the probabilities, not the scores; with 3 samples the sample columns are defined."""
+    logs, args = run
+    common = ["predict", "--ckpt", "best", *args, "diffusion.eval_samples=3"]
+    ok_plain = cli(*common, "--out", str(tmp_path / "plain.csv"))
+    assert ok_plain.returncode == 0, ok_plain.stderr[-2000:]
+    fitted = cli(*common, "evaluation.temperature=fit", "--out", str(tmp_path / "fitted.csv"))
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
+    assert "fitted on the validation split (32 images)" in fitted.stderr
+    plain = list(csv.DictReader((tmp_path / "plain.csv").open()))
+    scaled = list(csv.DictReader((tmp_path / "fitted.csv").open()))
+    names = ["h_stripes", "v_stripes", "checker", "ring"]
+    assert [r[f"score_{n}"] for r in plain for n in names] == [r[f"score_{n}"] for r in scaled for n in names]
+    assert [r["prob_ring"] for r in plain] != [r["prob_ring"] for r in scaled]
+    for row in scaled:
+        assert sum(float(row[f"prob_{n}"]) for n in names) == pytest.approx(1.0, abs=1e-5)
+        assert round(float(row["agreement"]) * 3, 4) in (0.0, 1.0, 2.0, 3.0) and float(row["sample_spread"]) >= 0
+    # without the data set's lists there is no validation split to fit on: exit 2 before any work
+    images = tmp_path / "new"
+    images.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(images / "a.png")
+    refused = cli(
+        *common, "--input", str(images), "data.dataset=list", "evaluation.temperature=fit", "--out", str(tmp_path / "x")
+    )
+    assert refused.returncode == 2 and "evaluation.temperature" in refused.stderr
+    assert not (tmp_path / "x").exists()

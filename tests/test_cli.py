@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
 from helpers import TINY, cli, ok, write_image_lists
+from PIL import Image
+
+SCORES = ("max_prob", "entropy", "agreement", "sample_spread")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,18 @@ def test_fit_writes_run_directory(tiny_run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) >= {"checkpoint", "val", "test", "selection"}
     per_class = {f"recall/{name}" for name in ("h_stripes", "v_stripes", "checker", "ring")}  # demo.yml's names
-    assert set(metrics["test"]) == {"acc", "balanced_acc", "precision", "recall", "f1", "auc", "kappa"} | per_class
+    accuracy_type = {"acc", "balanced_acc", "precision", "recall", "f1", "auc", "kappa"} | per_class
+    assert {k for k in metrics["test"] if not k.startswith(("calib/", "selective/"))} == accuracy_type
+    # calibration, and selective prediction by every confidence score (the sample scores NaN: eval_samples 1)
+    selective = {f"selective/{m}/{s}" for m in ("aurc", "eaurc", "acc@0.9", "acc@0.8", "acc@0.7") for s in SCORES}
+    calibration = {"calib/temperature", "calib/ece", "calib/brier", "calib/nll", "selective/aurc_optimal"}
+    assert set(metrics["test"]) - accuracy_type == calibration | selective
+    assert metrics["temperature"] == 1.0 and metrics["test"]["calib/temperature"] == 1.0
+    assert all(math.isnan(metrics["test"][f"selective/aurc/{s}"]) for s in ("agreement", "sample_spread"))
+    assert 0 <= metrics["test"]["calib/ece"] <= 1 and 0 <= metrics["test"]["calib/brier"] <= 2
+    for name in ("reliability_test.png", "risk_coverage_test.png"):
+        with Image.open(run / name) as image:
+            assert image.format == "PNG" and image.size[0] >= 400
     # the learning curve: one validation per epoch (val_every 1, max_epochs 2), the best of them the selected one
     history = metrics["val_history"]
     assert [h["epoch"] for h in history] == [0, 1]
@@ -46,7 +61,10 @@ def test_tensorboard_has_metrics_and_confusion_matrix(tiny_run):
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss_epoch", "val/f1", "val/auc", "val/kappa", "test/acc"} <= scalars
     assert any(tag.startswith("lr") for tag in scalars)
-    assert "val/confusion_matrix" in events.Tags()["images"]
+    assert {"val/confusion_matrix", "val/reliability", "val/risk_coverage", "test/reliability"} <= set(
+        events.Tags()["images"]
+    )
+    assert {"val/calib/ece", "test/calib/nll", "test/selective/aurc/max_prob"} <= scalars
 
 
 def test_validate_and_test_reproduce_fit_metrics(tiny_run, tmp_path):
@@ -65,8 +83,8 @@ def test_validate_and_test_reproduce_fit_metrics(tiny_run, tmp_path):
     )
     val = json.loads((tmp_path / "val.json").read_text())["val"]
     test = json.loads((tmp_path / "test.json").read_text())["test"]
-    assert val == pytest.approx(fit["val"], abs=1e-9)
-    assert test == pytest.approx(fit["test"], abs=1e-9)
+    assert val == pytest.approx(fit["val"], abs=1e-9, nan_ok=True)
+    assert test == pytest.approx(fit["test"], abs=1e-9, nan_ok=True)
     assert val["f1"] == pytest.approx(fit["selection"]["best_score"], abs=1e-6)
 
 
@@ -76,10 +94,19 @@ def test_predict_writes_one_row_per_image(tiny_run, tmp_path):
     rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
     assert len(rows) == 24
     names = ["h_stripes", "v_stripes", "checker", "ring"]
-    assert list(rows[0]) == ["image", "label"] + [f"score_{n}" for n in names] + ["pred", "pred_name", "spread"]
+    head = ["image", "label"] + [f"score_{n}" for n in names] + ["pred", "pred_name", "spread"]
+    head += [f"prob_{n}" for n in names] + ["max_prob", "entropy", "agreement", "sample_spread"]
+    assert list(rows[0]) == head
     for row in rows:
         scores = [float(row[f"score_{n}"]) for n in names]
         assert int(row["pred"]) == scores.index(max(scores)) and row["pred_name"] == names[int(row["pred"])]
+        probs = [float(row[f"prob_{n}"]) for n in names]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5) and min(probs) >= 0
+        assert probs.index(max(probs)) == int(row["pred"]) and float(row["max_prob"]) == max(probs)
+        entropy = -sum(p * math.log(p) for p in probs if p > 0)
+        assert float(row["entropy"]) == pytest.approx(entropy, abs=1e-5)
+        # one sample per image (the demo's eval_samples 1): undefined, written as nan, never 0
+        assert row["agreement"] == "nan" and row["sample_spread"] == "nan"
         # every DDIM step clips x0 to [-1, 1], so the cells, their mean and their standard deviation stay within it
         assert all(-1.0 <= s <= 1.0 for s in scores) and 0.0 <= float(row["spread"]) <= 1.0
     # the spread is each image's own (computed exactly in tests/test_diffmic_v2.py), not a constant column

@@ -16,7 +16,7 @@ from pretraining.dcg import (
     roi_window,
     top_t_pool,
 )
-from pretraining.train_dcg import dcg_optimizer
+from pretraining.train_dcg import DCGSystem, dcg_optimizer
 
 
 def greedy_reference(cam: torch.Tensor, num_rois: int, window: int) -> list[list[tuple[int, int]]]:
@@ -321,3 +321,11 @@ def test_dcg_optimizer_anneals_to_min_lr_ratio(ratio, last_lr):
     assert lrs[0] == pytest.approx(1e-3)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_dcg_system_probabilities_are_the_softmax_of_y_fusion():
+    torch.manual_seed(0)
+    system = DCGSystem(load_config(None, ["data.num_classes=3", "data.class_names=null"])).eval()
+    with torch.no_grad():
+        out = system.evaluate_batch({"image": torch.randn(2, 3, 64, 64)})
+    torch.testing.assert_close(out["probs"], torch.softmax(out["scores"], dim=1))

@@ -281,3 +281,17 @@ def test_a_v1_run_resumes_from_last(v1_run):
         logs / "demo" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     assert checkpoint["epoch"] == 2
+
+
+def test_v1_probabilities_and_sample_uncertainty():
+    """v1's scores are already probabilities (the mean of S softmax vectors); agreement and sample_spread over S."""
+    system = small_v1("v1.sampling_steps=3", "diffusion.eval_samples=4").eval()
+    system._start()
+    batch = {"image": torch.randn(2, 3, 64, 64), "index": torch.tensor([0, 1])}
+    out = system.evaluate_batch(batch)
+    torch.testing.assert_close(out["probs"].sum(dim=1), torch.ones(2))
+    with torch.no_grad():
+        samples = system.sample(batch["image"], batch["index"])  # (S, B, C)
+    predicted = out["scores"].argmax(dim=1)
+    torch.testing.assert_close(out["agreement"], (samples.argmax(dim=2) == predicted).float().mean(dim=0))
+    torch.testing.assert_close(out["sample_spread"], out["spread"])  # v1's spread was over the samples already

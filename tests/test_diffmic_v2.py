@@ -124,3 +124,35 @@ def test_the_dcg_stays_frozen_in_eval_mode_through_fit(tmp_path):
     assert modes == [False] * 4, "the DCG ran in training mode (BatchNorm on batch statistics)"
     after = system.dcg.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the DCG's weights or BatchNorm statistics moved"
+
+
+def test_evaluate_batch_probabilities_and_sample_uncertainty():
+    """probs: the mean grid on the simplex (rows sum to 1, same argmax as the scores); agreement and sample_spread
+    over the S samples of sample_grids; votes: the share of the S x K x K cells of each class."""
+    system = small_system("diffusion.eval_samples=3", "diffusion.sampling_steps=2").eval()
+    batch = {"image": torch.randn(4, 3, 64, 64), "label": torch.tensor([0, 1, 2, 0]), "index": torch.arange(4)}
+    out = system.evaluate_batch(batch)
+    with torch.no_grad():
+        grids = system.sample_grids(batch["image"], batch["index"])  # (S, B, C, K, K)
+    torch.testing.assert_close(out["scores"], grids.mean(dim=0).mean(dim=(2, 3)))
+    torch.testing.assert_close(out["probs"].sum(dim=1), torch.ones(4))
+    assert (out["probs"] >= 0).all() and torch.equal(out["probs"].argmax(1), out["scores"].argmax(1))
+    per_sample = grids.mean(dim=(3, 4))
+    predicted = out["scores"].argmax(dim=1)
+    for b in range(4):
+        votes = (per_sample[:, b].argmax(dim=1) == predicted[b]).float().mean()
+        assert out["agreement"][b] == votes
+        torch.testing.assert_close(out["sample_spread"][b], per_sample[:, b, predicted[b]].std())
+        cells = grids[:, b].argmax(dim=1).flatten()  # the class of each of the S x K x K cells
+        torch.testing.assert_close(out["votes"][b], torch.bincount(cells, minlength=3).float() / cells.numel())
+    # one sample: the sample scores are undefined
+    single = small_system("diffusion.sampling_steps=2").eval().evaluate_batch(batch)
+    assert torch.isnan(single["agreement"]).all() and torch.isnan(single["sample_spread"]).all()
+
+
+def test_multilabel_probabilities_are_per_finding():
+    system = small_system("data.task=multilabel", "diffusion.eval_samples=2", "diffusion.sampling_steps=2").eval()
+    labels = torch.tensor([[1, 0, 1], [0, 0, 0]])
+    out = system.evaluate_batch({"image": torch.randn(2, 3, 64, 64), "label": labels, "index": torch.arange(2)})
+    torch.testing.assert_close(out["probs"], out["scores"].clamp(0, 1))
+    assert out["agreement"].shape == (2,) and ((out["agreement"] >= 0) & (out["agreement"] <= 1)).all()

@@ -49,15 +49,33 @@ def test_two_processes_fit_once_and_write_each_file_once(ddp_run):
     assert counts == {"33", "25"}, counts
 
 
-@pytest.mark.parametrize("command, split", [("validate", "val"), ("test", "test")])
-def test_one_and_two_processes_give_identical_metrics(ddp_run, tmp_path, command, split):
+@pytest.mark.parametrize(
+    "command, split, extra",
+    [
+        ("validate", "val", []),
+        ("test", "test", []),
+        # the uncertainty of several samples, and a temperature fitted on the gathered validation split first
+        ("test", "test", ["diffusion.eval_samples=2", "evaluation.temperature=fit"]),
+    ],
+)
+def test_one_and_two_processes_give_identical_metrics(ddp_run, tmp_path, command, split, extra):
     logs, _ = ddp_run
     best = str(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt")
-    common = [command, "--ckpt", best, f"trainer.log_dir={tmp_path / 'logs'}", *TINY]
-    ok(cli(*common, "trainer.devices=1", "--out", str(tmp_path / "one.json")))
-    ok(cli(*common, *TWO, "--out", str(tmp_path / "two.json")))
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text())[split] for n in ("one", "two"))
-    assert json.dumps(one) == json.dumps(two)  # to the last digit (NaN-safe: an absent class's recall)
+    common = [command, "--ckpt", best, f"trainer.log_dir={tmp_path / 'logs'}", *TINY, *extra]
+    ok(cli(*common, "trainer.devices=1", "--out", str(tmp_path / "one" / "m.json")))
+    ok(cli(*common, *TWO, "--out", str(tmp_path / "two" / "m.json")))
+    one, two = (json.loads((tmp_path / n / "m.json").read_text()) for n in ("one", "two"))
+    assert json.dumps(one[split]) == json.dumps(two[split])  # to the last digit (NaN-safe: an absent class's recall)
+    assert one["temperature"] == two["temperature"] and (extra or one["temperature"] == 1.0)
+    assert {"calib/ece", "calib/brier", "calib/nll", "selective/aurc/max_prob"} <= set(one[split])
+    if extra:
+        assert all(v == v for k, v in one[split].items() if k.endswith("/agreement")), "defined with 2 samples"
+    # the figures are drawn once, beside the metrics
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "m.json",
+        f"reliability_{split}.png",
+        f"risk_coverage_{split}.png",
+    ]
 
 
 def test_predict_on_two_processes_writes_every_row_once(ddp_run, tmp_path):
