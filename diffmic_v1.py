@@ -14,7 +14,6 @@ y_hat + N(0, I); the scores are softmax(y_0), averaged over diffusion.eval_sampl
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -28,8 +27,6 @@ from pipeline import one_hot
 from seeding import start_noise
 from uncertainty import sample_statistics
 from utils import adam
-
-logger = logging.getLogger(__name__)
 
 
 class DiffMICv1(GuidedSystem):
@@ -47,7 +44,6 @@ class DiffMICv1(GuidedSystem):
         self.denoiser = build_denoiser_v1(cfg)
         self.ema = EMA(self.denoiser, v1["ema_decay"])
         self.scheduler = CARDScheduler(d["timesteps"], d["beta_start"], d["beta_end"])
-        self._diverged = 0
         if cfg["trainer"].get("compile", False):  # in place, as DiffMIC-v2: checkpoint names stay the same
             for module in (self.dcg, self.denoiser.trunk):
                 module.compile()
@@ -106,13 +102,9 @@ class DiffMICv1(GuidedSystem):
 
     @torch.no_grad()
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        probabilities = self.sample(batch["image"], batch["index"])
         # v1's chain has no clipping: an undertrained denoiser (eval-mode BatchNorm statistics far from the batch
-        # statistics it trained with) can make y_t grow without bound. Such a sample says nothing: it scores
-        # 1 / C for every class, and the split's count of them is logged (`diverged`).
-        finite = torch.isfinite(probabilities).all(dim=-1, keepdim=True)
-        probabilities = torch.where(finite, probabilities, torch.full_like(probabilities, 1 / probabilities.shape[-1]))
-        self._diverged += int((~finite).sum())
+        # statistics it trained with) can make y_t grow without bound (GuidedSystem.replace_diverged)
+        probabilities = self.replace_diverged(self.sample(batch["image"], batch["index"]))
         scores = probabilities.mean(dim=0)
         predicted = scores.argmax(dim=1)
         chosen = probabilities[:, torch.arange(scores.shape[0], device=scores.device), predicted]  # (S, B)
@@ -126,23 +118,6 @@ class DiffMICv1(GuidedSystem):
             "spread": spread,
             **sample_statistics(probabilities, predicted),
         }
-
-    def _start(self) -> None:
-        super()._start()
-        self._diverged = 0
-
-    def _finish(self, stage: str) -> None:
-        diverged = self._diverged
-        if self._distributed():
-            diverged = int(self.all_gather(torch.tensor(diverged, device=self.device)).sum())
-        if diverged and self.trainer.is_global_zero:
-            logger.warning(
-                "%s: %d DiffMIC v1 sample(s) diverged (non-finite y_0) and scored 1 / C for every class; an "
-                "undertrained denoiser does this, see benchmarks/README.md",
-                stage,
-                diverged,
-            )
-        super()._finish(stage)
 
     def configure_optimizers(self):
         """Adam for the denoiser with the authors' per-step schedule: linear warm-up over v1.warmup_epochs, then a

@@ -139,8 +139,9 @@ class DiffMICv2(GuidedSystem):
         probs: the mean grid mapped to the simplex (uncertainty.simplex_probabilities; multi-label: each finding's
         mean clipped to [0, 1]). spread: the standard deviation of the predicted class over the K x K cells of the
         mean grid (multi-label: over cells, averaged over findings). agreement and sample_spread: over the S samples
-        (uncertainty.sample_statistics), NaN when S = 1."""
-        grids = self.sample_grids(batch["image"], batch["index"])
+        (uncertainty.sample_statistics), NaN when S = 1. A sample that is not finite scores 1 / C in every cell
+        (GuidedSystem.replace_diverged), as in DiffMIC v1."""
+        grids = self.replace_diverged(self.sample_grids(batch["image"], batch["index"]))
         grid = grids.mean(dim=0)
         scores = grid.mean(dim=(2, 3))
         per_sample = grids.mean(dim=(3, 4))  # (S, B, C)

@@ -3,7 +3,8 @@
     python diffuser_trainer.py [fit|validate|test|predict] [--config FILE] [--ckpt PATH|best|last]
                                [--out FILE] [--input DIR_OR_LIST] [key.sub=value ...]
 
-A config error ends the command with exit code 2 and one line that names the key or the file.
+A config error ends the command with exit code 2 and one line that names the key or the file; a diverged training
+with 3, Ctrl-C with 130 and SIGTERM with 143, each with one line that says what was kept (faults.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataloader.datamodule import DiffMICDataModule
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
 from evaluation import uncertainty_figures
+from faults import EXIT_CONFIG, RunInterrupted, TrainingDiverged, interruptible, report_fault, run_folder_lock
 from figures import save
 from methods import build_system
 from pretraining.train_dcg import pretrain_dcg
@@ -174,22 +176,26 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
         system.load_checkpoint_file(ckpt, checkpoint=checkpoint)
         logger.info("weights loaded from %s", ckpt)
     if command == "fit":
-        if ckpt is None:  # a new run: the DCG (pre-trained first if missing) and the encoders' initial weights
-            dcg_path = dcg_ckpt_path(cfg)
-            if not dcg_path.is_file():
-                logger.info(
-                    "DCG checkpoint %s does not exist: pre-training the DCG first (%d epochs)",
-                    dcg_path,
-                    cfg["dcg"]["epochs"],
-                )
-                pretrain_dcg(cfg, data.datasets)
-            system.load_dcg_file(dcg_path, data.datasets["train"])
-            system.load_initial_weights()
-        trainer, best = build_trainer(
-            cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
-        )
-        run_dir = save_config(cfg, trainer)
-        trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
+        # one writer at a time sets up a run folder: another fit of it waits here while this one pre-trains the DCG
+        # and takes its version folder (faults.exclusive), then finds the DCG file and takes the next version
+        with run_folder_lock(Path(cfg["trainer"]["log_dir"]) / cfg["name"], "setting up a fit in this run folder"):
+            if ckpt is None:  # a new run: the DCG (pre-trained first if missing) and the encoders' initial weights
+                dcg_path = dcg_ckpt_path(cfg)
+                if not dcg_path.is_file():
+                    logger.info(
+                        "DCG checkpoint %s does not exist: pre-training the DCG first (%d epochs)",
+                        dcg_path,
+                        cfg["dcg"]["epochs"],
+                    )
+                    pretrain_dcg(cfg, data.datasets)
+                system.load_dcg_file(dcg_path, data.datasets["train"])
+                system.load_initial_weights()
+            trainer, best = build_trainer(
+                cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
+            )
+            run_dir = save_config(cfg, trainer)
+        with interruptible(trainer, "the fit", resumable=True):
+            trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
         history = list(system.val_history)  # the validation metrics of each validated epoch: the learning curve
         best_path = best.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
         trainer.validate(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
@@ -255,6 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ckpt", help="checkpoint: a path, best or last (fit: resume from it)")
     parser.add_argument("--out", help="where validate/test/fit write metrics JSON, or predict its CSV")
     parser.add_argument("--input", help="predict: a folder of images or a CSV list of paths, without labels")
+    parser.add_argument("--debug", action="store_true", help="a diverged or interrupted run shows its traceback")
     args = parser.parse_intermixed_args(argv)
     args.command = args.words.pop(0) if args.words and args.words[0] in COMMANDS else "fit"
     bad = [w for w in args.words if "=" not in w]
@@ -271,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args.command, cfg, args.ckpt, args.out, args.input)
     except ConfigError as err:
         logger.error("config error: %s", err)
-        return 2
+        return EXIT_CONFIG
+    except (TrainingDiverged, RunInterrupted) as err:  # one line, and the exit code faults.py documents
+        return report_fault(err, args.debug)
     return 0
 
 

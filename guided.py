@@ -6,14 +6,19 @@ checkpoints then hold the fine-tuned DCG, and the DCG file only records where th
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from checkpoints import dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
 from config import ConfigError, dcg_ckpt_path
 from evaluation import EvaluatedSystem
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg
+
+logger = logging.getLogger(__name__)
 
 
 class GuidedSystem(EvaluatedSystem):
@@ -29,6 +34,7 @@ class GuidedSystem(EvaluatedSystem):
         self.dcg = build_dcg(cfg).requires_grad_(False).eval()  # frozen, in eval mode (SPEC 5)
         self.dcg_frozen = True
         self.dcg_file: dict[str, str] | None = None  # the DCG file loaded into self.dcg: path and SHA-256
+        self._diverged = 0  # samples of the split being evaluated that were not finite (replace_diverged)
 
     def train(self, mode: bool = True) -> GuidedSystem:
         super().train(mode)
@@ -39,6 +45,36 @@ class GuidedSystem(EvaluatedSystem):
         # Lightning does not call train() when fitting starts, and after each validation it restores the modes
         # of the submodules one by one; so the DCG's eval mode is set here too, not only in train().
         self.dcg.eval()
+
+    # ------------------------------------------------------------------ diverged samples
+
+    def replace_diverged(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples (S, B, C, ...) of which any value is not finite score 1 / C for every class (and cell), and the
+        split's count of them is logged once at its end, instead of failing inside the metrics. A diverged sample says
+        nothing of its image; an undertrained or diverged denoiser makes them (README, "Faults")."""
+        finite = torch.isfinite(samples.flatten(2)).all(dim=2)  # (S, B)
+        if bool(finite.all()):
+            return samples
+        self._diverged += int((~finite).sum())
+        mask = finite.view(*finite.shape, *([1] * (samples.dim() - 2)))
+        return torch.where(mask, samples, torch.full_like(samples, 1.0 / samples.shape[2]))
+
+    def _start(self) -> None:
+        super()._start()
+        self._diverged = 0
+
+    def _finish(self, stage: str) -> None:
+        diverged = self._diverged
+        if self._distributed():
+            diverged = int(self.all_gather(torch.tensor(diverged, device=self.device)).sum())
+        if diverged and self.trainer.is_global_zero:
+            logger.warning(
+                "%s: %d sample(s) were not finite (a diverged or undertrained denoiser) and scored 1 / C for every "
+                "class; the metrics count them as such",
+                stage,
+                diverged,
+            )
+        super()._finish(stage)
 
     def load_initial_weights(self) -> None:
         """A new run: load the pre-trained weights the config names into the denoiser."""

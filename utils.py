@@ -10,6 +10,8 @@ import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from faults import DivergenceGuard
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,7 +77,8 @@ def build_trainer(
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
     """A Trainer logging to <log_dir>/<run_name>/version_N with TensorBoard, a progress bar, the
     learning rate, `best.ckpt` (highest `selection_metric`, the later epoch on a tie; the weights only, what
-    evaluation needs) and, when `resumable`, `last.ckpt` (every epoch, with the optimiser state, for resuming)."""
+    evaluation needs) and, when `resumable`, `last.ckpt` (every epoch, with the optimiser state, for resuming). A
+    non-finite training loss stops the fit at its step (faults.DivergenceGuard)."""
     t = cfg["trainer"]
     best = BestCheckpoint(
         monitor=selection_metric(cfg),
@@ -98,7 +101,7 @@ def build_trainer(
         precision=t["precision"],
         log_every_n_steps=t["log_every_n_steps"],
         logger=TensorBoardLogger(t["log_dir"], name=run_name, version=version, default_hp_metric=False),
-        callbacks=[*checkpoints, LearningRateMonitor(logging_interval="epoch")],
+        callbacks=[*checkpoints, LearningRateMonitor(logging_interval="epoch"), DivergenceGuard()],
         limit_train_batches=t["limit_train_batches"],
         limit_val_batches=t["limit_val_batches"],
         num_sanity_val_steps=0,

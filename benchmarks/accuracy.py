@@ -64,6 +64,8 @@ class ResNetBaseline(EvaluatedSystem):
     same way): Adam at dcg.lr, annealed to dcg.min_lr_ratio * lr over its own trainer.max_epochs (in the accuracy
     benchmark dcg.epochs, the same number; in benchmarks/learning_curves.py longer than the DCG's)."""
 
+    lr_key = "dcg.lr"
+
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
         self.net = torchvision.models.resnet18(weights=None, num_classes=cfg["data"]["num_classes"])

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from config import ConfigError, check_paths, dcg_ckpt_path, errors_of, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from evaluation import EvaluatedSystem
+from faults import EXIT_CONFIG, RunInterrupted, TrainingDiverged, interruptible, report_fault, run_folder_lock
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import save_dcg
 from utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging
@@ -40,6 +41,8 @@ def dcg_optimizer(params, cfg: dict) -> dict:
 class DCGSystem(EvaluatedSystem):
     """Lightning wrapper of the DCG for pre-training; its prediction is y_fusion (multi-label:
     sigmoid(y_fusion), so that F1 is taken at probability 0.5)."""
+
+    lr_key = "dcg.lr"  # named when its training diverges (faults.DivergenceGuard)
 
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
@@ -95,7 +98,8 @@ def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None) -> Path:
     trainer, best = build_trainer(
         pretraining_precision(cfg), f"{cfg['name']}/dcg", cfg["dcg"]["epochs"], val_every=1, resumable=False
     )
-    trainer.fit(system, datamodule=data)
+    with interruptible(trainer, "the DCG pre-training", resumable=False):
+        trainer.fit(system, datamodule=data)
     best_path = best.best_model_path or None
     trainer.validate(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
     metric = selection_metric(cfg).split("/", 1)[1]
@@ -115,16 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Pre-train the DiffMIC-v2 DCG guidance model.")
     parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    parser.add_argument("--debug", action="store_true", help="a diverged or interrupted run shows its traceback")
     args = parser.parse_intermixed_args(argv)
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg, need_dcg=False)
         datasets = build_datasets(cfg)
-        pretrain_dcg(cfg, datasets)
+        with run_folder_lock(dcg_ckpt_path(cfg).parent, "pre-training the DCG"):
+            pretrain_dcg(cfg, datasets)
     except ConfigError as err:
         logger.error("config error: %s", err)
-        return 2
+        return EXIT_CONFIG
+    except (TrainingDiverged, RunInterrupted) as err:
+        return report_fault(err, args.debug)
     return 0
 
 

@@ -1,0 +1,177 @@
+"""Faults a user causes, each ended with one line and nothing lost: a training loss that is no longer finite, two runs
+writing one folder, and Ctrl-C (SIGINT) or a scheduler's SIGTERM during a fit.
+
+Exit codes of the command-line entry points (README, "Command line"):
+    2    a config or input error, before any work
+    3    training diverged (a non-finite loss): the run stopped at that step
+    130  interrupted by SIGINT (Ctrl-C)
+    143  interrupted by SIGTERM (a scheduler's pre-emption)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from filelock import FileLock, Timeout
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+logger = logging.getLogger(__name__)
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM = 2, 3, 130, 143
+
+
+class TrainingDiverged(Exception):
+    """The training loss was not finite at one step; the message says where, and what to try."""
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class RunInterrupted(Exception):
+    """A fit stopped by SIGINT or SIGTERM; the message says what was saved and how to resume."""
+
+    def __init__(self, message: str, signal_name: str, rank: int) -> None:
+        super().__init__(message)
+        self.exit_code = EXIT_SIGTERM if signal_name == "SIGTERM" else EXIT_SIGINT
+        self.rank = rank
+
+
+class DivergenceGuard(Callback):
+    """Stops a fit at the first step whose training loss is not finite, before its backward pass: no optimiser step
+    with it, and no checkpoint after it (last.ckpt keeps the last finished epoch). On several processes the decision
+    is taken together (one small all-reduce a step), so every process stops at the same step.
+
+    The LightningModule may name the config key of its learning rate in `lr_key` (default optim.lr)."""
+
+    def __init__(self) -> None:
+        self.last_finite: tuple[int, float] | None = None  # (step, loss)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        value = float(loss.detach().float())  # the progress bar reads the loss every step anyway
+        finite = math.isfinite(value)
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.last_finite = (trainer.global_step, value)
+            return
+        cfg = getattr(pl_module, "cfg", {})
+        key = getattr(pl_module, "lr_key", "optim.lr")
+        section, name = key.split(".")
+        lr = cfg.get(section, {}).get(name, "?")
+        precision = cfg.get("trainer", {}).get("precision", "?")
+        last = (
+            "no finite loss before it"
+            if self.last_finite is None
+            else (f"last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]}")
+        )
+        raise TrainingDiverged(
+            f"training diverged: the loss is not finite at step {trainer.global_step} (epoch {trainer.current_epoch}; "
+            f"{last}); the checkpoints written before are kept as they were. Try a smaller {key} (now {lr})"
+            + ("" if str(precision) == "32-true" else f" or trainer.precision=32-true (now {precision})"),
+            trainer.global_rank,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line of this process with `--ckpt last` in place of any --ckpt it had."""
+    argv = list(sys.argv if argv is None else argv)
+    words, skip = [], False
+    for word in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if word == "--ckpt":
+            skip = True
+            continue
+        if word.startswith("--ckpt="):
+            continue
+        words.append(word)
+    if not words or words[0] != "fit":
+        words.insert(0, "fit")
+    return " ".join(shlex.quote(w) for w in ["python", argv[0], *words, "--ckpt", "last"])
+
+
+@contextmanager
+def interruptible(trainer: pl.Trainer, what: str, resumable: bool) -> Iterator[None]:
+    """Turn Lightning's ends of a fit stopped by SIGINT (its graceful shutdown, then SystemExit(1)) or SIGTERM
+    (SIGTERMException at the next batch) into a RunInterrupted that says what was saved and how to go on.
+    `resumable`: the fit writes last.ckpt every epoch (the diffusion model's); else it is started again."""
+    try:
+        yield
+    except SystemExit as stop:
+        if not trainer.interrupted and not isinstance(stop, SIGTERMException):
+            raise
+        signal_name = "SIGTERM" if isinstance(stop, SIGTERMException) else "SIGINT"
+        finished = trainer.current_epoch  # epochs completed (last.ckpt is written at each epoch's end)
+        last = Path(trainer.log_dir or ".") / "checkpoints" / "last.ckpt"
+        if resumable and last.is_file():
+            saved = f"{last} holds the {finished} finished epoch(s); resume with: {resume_command()}"
+        elif resumable:
+            saved = "no epoch finished, so nothing to resume: run the same command again"
+        else:
+            saved = "nothing of it was kept: run the same command again"
+        message = f"{what} interrupted by {signal_name}: {saved}"
+        raise RunInterrupted(message, signal_name, trainer.global_rank) from None
+
+
+# ---------------------------------------------------------------------------------------------- one writer
+
+
+@contextmanager
+def exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold the file-system lock `path` (filelock: fcntl on POSIX) while doing `what`; another process that holds
+    it is waited for, and the log names it (its pid, host and what it does, from `<path>.owner`). A process that
+    dies releases its lock with it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock, owner = FileLock(str(path)), path.with_name(path.name + ".owner")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = owner.read_text().strip() if owner.is_file() else "another process"
+        logger.info("waiting for %s, which holds %s", holder, path)
+        lock.acquire()
+        logger.info("%s released: going on", path)
+    try:
+        owner.write_text(f"pid {os.getpid()} on {socket.gethostname()} ({what}, since {time.strftime('%H:%M:%S')})")
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is the first of its run, by the variables a launcher sets (Lightning's own launcher,
+    torchrun, SLURM): only it takes the run folder's lock, so that the processes of one run never wait on each
+    other for it."""
+    env = os.environ
+    return all(env.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
+
+
+def run_folder_lock(run_folder: Path, what: str):
+    """`exclusive` on <run_folder>/.run.lock for the first process of a run; nothing for the others."""
+    return exclusive(run_folder / ".run.lock", what) if launched_as_rank_zero() else nullcontext()
+
+
+def report_fault(err: TrainingDiverged | RunInterrupted, debug: bool) -> int:
+    """The one line of a diverged or interrupted run (said by its first process), and its exit code; `debug` shows
+    the traceback instead."""
+    if debug:
+        raise err
+    if err.rank == 0:
+        logger.error("%s", err)
+    return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else err.exit_code

@@ -1,0 +1,165 @@
+"""Faults a user causes end with one line and nothing lost (faults.py): a diverged training, two fits of one run
+folder at once, SIGINT and SIGTERM during a fit; and diverged samples at evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import ROOT, TINY, cli, ok
+
+from checkpoints import read_checkpoint
+from config import load_config
+from diffmic_v2 import DiffMICv2
+from faults import EXIT_DIVERGED, TrainingDiverged, resume_command
+from utils import build_trainer
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " ERROR " in line]
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+
+
+def test_a_diverging_demo_stops_at_the_step_with_one_line(tmp_path):
+    """The README's case: a learning rate of 1e8. The fit ends in its first epoch, exit 3, one line, no traceback."""
+    result = cli("fit", *TINY, "optim.lr=1e8", "trainer.max_epochs=5", f"trainer.log_dir={tmp_path}")
+    assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "training diverged: the loss is not finite at step" in lines[0], lines
+    assert "(epoch 0;" in lines[0] and "optim.lr (now 100000000.0)" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert "val (epoch" not in result.stderr.split("DCG saved to")[-1], "stopped before the first validation"
+    # with --debug, the traceback
+    debug = cli("fit", *TINY, "optim.lr=1e8", f"trainer.log_dir={tmp_path / 'debug'}", "--debug")
+    assert debug.returncode == 1 and "TrainingDiverged" in debug.stderr and "Traceback" in debug.stderr
+
+
+class _Diverging(pl.LightningModule):
+    """A linear model whose loss turns NaN at a chosen global step."""
+
+    def __init__(self, at_step: int) -> None:
+        super().__init__()
+        self.cfg = {"optim": {"lr": 0.1}, "trainer": {"precision": "32-true"}, "data": {"task": "multiclass"}}
+        self.net = torch.nn.Linear(4, 2)
+        self.at_step = at_step
+
+    def training_step(self, batch, batch_idx):
+        loss = self.net(batch[0]).pow(2).mean()
+        return loss * float("nan") if self.global_step == self.at_step else loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/f1", 1.0 - self.net(batch[0]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_guard_keeps_the_checkpoints_of_the_finished_epochs(tmp_path):
+    cfg = load_config(None, [f"trainer.log_dir={tmp_path}", "trainer.log_every_n_steps=1"])
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+    trainer, _ = build_trainer(cfg, "guard", max_epochs=4, val_every=1)
+    model = _Diverging(at_step=6)  # 4 steps an epoch: the second epoch's third step
+    with pytest.raises(TrainingDiverged, match=r"step 6 \(epoch 1; last finite loss .* at step 5\)"):
+        trainer.fit(model, train_dataloaders=data, val_dataloaders=data)
+    last = tmp_path / "guard" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = read_checkpoint(last)  # loadable, weights only
+    assert saved["epoch"] == 0 and saved["global_step"] == 4, "the diverged epoch wrote no checkpoint"
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+    # the optimiser took no step with the non-finite loss: the weights in memory are still finite
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_diverged_samples_score_uniform_in_both_methods():
+    system = DiffMICv2(load_config(None, ["model.feature_dim=16", "data.num_classes=3", "data.class_names=null"]))
+    system.eval()
+    system._start()
+    system.denoiser.out.bias.data.fill_(float("nan"))
+    batch = {"image": torch.randn(2, 3, 64, 64), "index": torch.tensor([0, 1])}
+    out = system.evaluate_batch(batch)
+    torch.testing.assert_close(out["scores"], torch.full((2, 3), 1 / 3))
+    torch.testing.assert_close(out["probs"], torch.full((2, 3), 1 / 3))
+    assert system._diverged == 2  # counted, and said once at the end of the split (GuidedSystem._finish)
+
+
+# ------------------------------------------------------------------------------------------------ one run folder
+
+
+def test_two_fits_of_one_run_folder_both_finish_with_one_whole_dcg_file(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, str(ROOT / "diffuser_trainer.py"), "fit", f"trainer.log_dir={tmp_path}", *TINY]
+    logs = [tmp_path / f"{k}.log" for k in range(2)]
+    processes = []
+    for log in logs:
+        with log.open("w") as handle:
+            processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=handle, env=env))
+        time.sleep(1.0)
+    assert [p.wait(timeout=900) for p in processes] == [0, 0], [log.read_text()[-2000:] for log in logs]
+    texts = [log.read_text() for log in logs]
+    assert sum(t.count("DCG saved to") for t in texts) == 1, "the DCG is pre-trained once"
+    waited = [t for t in texts if "waiting for pid" in t]
+    assert len(waited) == 1 and "setting up a fit in this run folder" in waited[0] and ".run.lock" in waited[0]
+    run = tmp_path / "demo"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        "dcg",
+        "dcg.pt",
+        "version_0",
+        "version_1",
+    ]
+    # the DCG file is whole and is the one both runs trained with
+    digest = hashlib.sha256((run / "dcg.pt").read_bytes()).hexdigest()
+    for version in ("version_0", "version_1"):
+        best = read_checkpoint(run / version / "checkpoints" / "best.ckpt")
+        assert best["dcg_file"]["sha256"] == digest
+    assert "state_dict" in read_checkpoint(run / "dcg.pt")
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_fit_says_what_was_saved_and_how_to_resume(tmp_path, signum, code):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    args = ["fit", f"trainer.log_dir={tmp_path}", *TINY, "trainer.max_epochs=50"]
+    log = tmp_path / "fit.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "diffuser_trainer.py"), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            env=env,
+        )
+    last = tmp_path / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, log.read_text()[-2000:]
+    os.kill(process.pid, signum)
+    assert process.wait(timeout=300) == code, log.read_text()[-3000:]
+    text = log.read_text()
+    lines = error_lines(text)
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+    assert f"the fit interrupted by {name}: {last} holds the" in lines[0] and "--ckpt last" in lines[0]
+    # the command it names resumes the run in its own version folder
+    resume = lines[0].split("resume with: ", 1)[1].split()
+    assert resume[:2] == ["python", str(ROOT / "diffuser_trainer.py")] and resume[-2:] == ["--ckpt", "last"]
+    epochs = read_checkpoint(last)["epoch"] + 2
+    ok(cli(*resume[2:], f"trainer.max_epochs={epochs}"))
+    assert read_checkpoint(last)["epoch"] == epochs - 1
+    assert not (tmp_path / "demo" / "version_1" / "checkpoints").exists()
+
+
+def test_resume_command_replaces_any_ckpt():
+    argv = ["diffuser_trainer.py", "fit", "--ckpt", "best", "optim.lr=1e-3", "--config=x"]
+    assert resume_command(argv) == "python diffuser_trainer.py fit optim.lr=1e-3 --config=x --ckpt last"
+    assert resume_command(["diffuser_trainer.py"]) == "python diffuser_trainer.py fit --ckpt last"
+    assert resume_command(["t.py", "--ckpt=last", "a b=1"]) == "python t.py fit 'a b=1' --ckpt last"
