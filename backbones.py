@@ -27,10 +27,11 @@ def _features(model: nn.Module, name: str) -> nn.Sequential:
     return nn.Sequential(model.features, nn.ReLU(inplace=False))
 
 
-def _imagenet_state(name: str, key: str) -> dict | None:
-    """torchvision's ImageNet weights, or None (random init, warned) when they cannot be fetched."""
+def _imagenet_state(name: str, key: str, tag: str = "DEFAULT") -> dict | None:
+    """torchvision's ImageNet weights `tag` (DEFAULT, IMAGENET1K_V1, ...), or None (random init, warned) when they
+    cannot be fetched."""
     try:
-        return torchvision.models.get_model(name, weights="DEFAULT").state_dict()
+        return torchvision.models.get_model(name, weights=tag).state_dict()
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         logger.warning(
@@ -57,15 +58,15 @@ class Trunk(nn.Module):
         self.name, self.width = name, TRUNK_WIDTH[name]
         self.features = _features(torchvision.models.get_model(name, weights=None), name)
 
-    def load_weights(self, weights: str | None, key: str) -> None:
-        """Keep random init (None), load ImageNet ("imagenet"), or load a local state-dict file of the
-        full torchvision model; `key` is the config key named in the logs. A file that does not fit raises
-        ValueError."""
+    def load_weights(self, weights: str | None, key: str, imagenet: str = "DEFAULT") -> None:
+        """Keep random init (None), load ImageNet ("imagenet": torchvision's weights `imagenet`), or load a local
+        state-dict file of the full torchvision model; `key` is the config key named in the logs. A file that does
+        not fit raises ValueError."""
         if weights is None:
             logger.info("%s (%s): random init", self.name, key)
             return
         if weights == "imagenet":
-            state, source = _imagenet_state(self.name, key), "ImageNet weights from torchvision"
+            state, source = _imagenet_state(self.name, key, imagenet), f"ImageNet weights ({imagenet}) from torchvision"
             if state is None:
                 return
         else:

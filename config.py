@@ -55,6 +55,7 @@ CHOICES = {
     "data.verify_images": ("fast", "full", "off"),
     "data.medmnist_size": (28, 64, 128, 224),
     "model.method": ("diffmic_v2", "diffmic_v1"),
+    "dcg.backbone": ("resnet18", "resnet50"),
     "model.image_encoder": ("vit_s", "vit_t"),
     "v1.encoder": ("resnet18", "resnet50", "densenet121"),
     "model.patch_encoder": ("resnet18", "resnet50", "densenet121", "densenet169"),
@@ -279,11 +280,14 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError(
             f"config key data.class_names: need a list of data.num_classes = {data['num_classes']} names, got {names!r}"
         )
-    if cfg["model"]["patch_encoder_weights"] == "dcg" and cfg["model"]["patch_encoder"] != "resnet18":
-        raise ConfigError(
-            "config key model.patch_encoder_weights: dcg copies the DCG's local ResNet-18, "
-            f"so model.patch_encoder must be resnet18, not {cfg['model']['patch_encoder']}"
-        )
+    model = cfg["model"]
+    # v1 has no patch encoder: its model.patch_encoder keys are not read
+    if model["method"] == "diffmic_v2" and model["patch_encoder_weights"] == "dcg":
+        if model["patch_encoder"] != dcg["backbone"]:
+            raise ConfigError(
+                f"config key model.patch_encoder_weights: dcg copies the DCG's local trunk (dcg.backbone "
+                f"{dcg['backbone']}), so model.patch_encoder must be {dcg['backbone']}, not {model['patch_encoder']}"
+            )
     steps, timesteps = diffusion["sampling_steps"], diffusion["timesteps"]
     if not 1 <= steps <= timesteps:
         raise ConfigError(f"config key diffusion.sampling_steps: must be in 1..diffusion.timesteps ({timesteps})")

@@ -15,7 +15,7 @@ import torch
 from checkpoints import dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
 from config import ConfigError, dcg_ckpt_path
 from evaluation import EvaluatedSystem
-from pretraining.dcg import build_dcg
+from pretraining.dcg import build_dcg, dcg_backbone
 from pretraining.dcg_file import load_dcg
 
 logger = logging.getLogger(__name__)
@@ -119,11 +119,18 @@ class GuidedSystem(EvaluatedSystem):
         checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
         if "state_dict" not in checkpoint:
             raise ConfigError(f"checkpoint {path} holds no state_dict: not a checkpoint written by this project")
-        stored = checkpoint.get("hyper_parameters", {}).get("cfg", {}).get("model", {}).get("method", "diffmic_v2")
+        stored_cfg = checkpoint.get("hyper_parameters", {}).get("cfg", {})
+        stored = stored_cfg.get("model", {}).get("method", "diffmic_v2")
         if stored != self.method:
             raise ConfigError(
                 f"checkpoint {path} is a {stored} model, the config's model.method is {self.method}: "
                 f"set model.method={stored}"
+            )
+        trunk = dcg_backbone({"dcg": stored_cfg.get("dcg", {})})
+        if trunk != dcg_backbone(self.cfg):  # said here, not as a state dict of other widths (or by its DCG file)
+            raise ConfigError(
+                f"config key dcg.backbone: checkpoint {path} was trained with a {trunk} DCG, the config asks for "
+                f"{dcg_backbone(self.cfg)}: set dcg.backbone={trunk}"
             )
         if "dcg_file" in checkpoint and not _holds_dcg(checkpoint):
             self.load_dcg_file(find_dcg_file(checkpoint["dcg_file"], path, dcg_path or dcg_ckpt_path(self.cfg)))

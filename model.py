@@ -154,11 +154,12 @@ class ConditionalModel(nn.Module):
 
     def load_patch_encoder(self, patch_encoder_weights: str | None, dcg_local_trunk: nn.Module | None = None) -> None:
         """The patch CNN of a new run: None (random init), "imagenet", a state-dict file, or "dcg": a copy
-        of the pre-trained DCG's local ResNet-18, which was trained on the same ROI patches [ours]."""
+        of the pre-trained DCG's local trunk (the same network: dcg.backbone), trained on the same ROI patches
+        [ours]."""
         if patch_encoder_weights == "dcg":
             assert dcg_local_trunk is not None, "patch_encoder_weights 'dcg' needs the DCG's local trunk"
             self.patch_encoder.trunk.load_state_dict(dcg_local_trunk.state_dict())
-            logger.info("patch encoder initialised from the DCG's local ResNet-18 (model.patch_encoder_weights: dcg)")
+            logger.info("patch encoder initialised from the DCG's local trunk (model.patch_encoder_weights: dcg)")
         else:
             self.patch_encoder.trunk.load_weights(patch_encoder_weights, key="model.patch_encoder_weights")
 

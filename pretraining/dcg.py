@@ -1,11 +1,18 @@
 """DCG: the dual-granularity guidance model (SPEC section 2), adapted from GMIC.
 
-Notation: B batch, C classes, K ROIs, (h, w) CAM grid = image / 32, r ROI side in pixels.
-    saliency S      (B, C, h, w)   1x1 conv over the global ResNet-18 feature map
+Notation: B batch, C classes, K ROIs, (h, w) CAM grid = image / 32, r ROI side in pixels, D trunk width.
+    saliency S      (B, C, h, w)   1x1 conv over the global trunk's feature map (B, D, h, w)
     y_global        (B, C)         mean of the top percent_t positions of S
     y_local         (B, C)         gated-attention MIL over the K ROI features
     y_fusion        (B, C)         (y_global + y_local) / 2
     patches         (B, K, r, r)   ROIs cropped from the first channel of the normalised image
+
+The trunks (dcg.backbone): resnet18, D = 512, is DiffMIC-v2's DCG (SPEC 2). resnet50, D = 2048, is the authors'
+v1 DCG (scott-yjyang/DiffMIC, pretraining/modules.py): its `DownsampleNetworkResNet18V1`, despite its name, is
+torchvision's ResNet-50 without avgpool and fc, used for both the global and the local branch, so the saliency
+conv and the MIL's U, V and classifier read 2048 features; the MIL's hidden width stays 128, and everything else
+(top-t pooling, greedy ROIs, crops, fusion) does not depend on the trunk. Its ImageNet weights are torchvision's
+IMAGENET1K_V1, which `pretrained=True` gives there (for ResNet-18 these are also torchvision's default).
 """
 
 from __future__ import annotations
@@ -110,25 +117,44 @@ class GatedAttentionMIL(nn.Module):
         return z, a, self.classifier(z)
 
 
-class DCG(nn.Module):
-    """Global saliency + greedy ROIs + local MIL; forward(image) -> DCGOutput."""
+# the trunks a DCG is built from (config key dcg.backbone), both branches alike
+BACKBONES = ("resnet18", "resnet50")
+# the ImageNet weights of the trunks: those of the authors' `resnet50(pretrained=True)` / `resnet18(pretrained=True)`
+# (torchvision's default for ResNet-50 is the later IMAGENET1K_V2)
+IMAGENET_WEIGHTS = "IMAGENET1K_V1"
 
-    def __init__(self, num_classes: int, image_size: int, num_rois: int, roi_size: int, percent_t: float = 1.0) -> None:
+
+class DCG(nn.Module):
+    """Global saliency + greedy ROIs + local MIL; forward(image) -> DCGOutput. `backbone` is the trunk of both
+    branches: resnet18 (DiffMIC-v2) or resnet50 (the authors' v1 DCG)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_size: int,
+        num_rois: int,
+        roi_size: int,
+        percent_t: float = 1.0,
+        backbone: str = "resnet18",
+    ) -> None:
         super().__init__()
         assert image_size % 32 == 0, f"image_size {image_size} must be a multiple of 32"
+        assert backbone in BACKBONES, f"DCG backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}"
         self.cam_size = image_size // 32
         assert 1 <= num_rois <= self.cam_size**2, f"{num_rois} ROIs do not fit a {self.cam_size}^2 CAM"
         self.num_rois, self.roi_size, self.percent_t = num_rois, roi_size, percent_t
         self.window = roi_window(roi_size, self.cam_size, image_size)
-        self.global_trunk = Trunk("resnet18")
+        self.backbone = backbone
+        self.global_trunk = Trunk(backbone)
         self.saliency_conv = nn.Conv2d(self.global_trunk.width, num_classes, kernel_size=1, bias=False)
-        self.local_trunk = Trunk("resnet18")
+        self.local_trunk = Trunk(backbone)
         self.mil = GatedAttentionMIL(self.local_trunk.width, num_classes)
 
     def load_backbone_weights(self, weights: str | None) -> None:
-        """Initialise both ResNet-18 trunks (None, "imagenet" or a file) before pre-training."""
+        """Initialise both trunks (None, "imagenet" or a file of the `backbone`'s torchvision model) before
+        pre-training."""
         for trunk in (self.global_trunk, self.local_trunk):
-            trunk.load_weights(weights, key="dcg.backbone_weights")
+            trunk.load_weights(weights, key="dcg.backbone_weights", imagenet=IMAGENET_WEIGHTS)
 
     def forward(self, image: torch.Tensor) -> DCGOutput:
         assert image.dim() == 4 and image.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(image.shape)}"
@@ -145,7 +171,19 @@ class DCG(nn.Module):
         return DCGOutput(y_fusion, y_global, y_local, patches, attention, saliency)
 
 
+def dcg_backbone(cfg: dict) -> str:
+    """The config's dcg.backbone; resnet18 for a config stored in a checkpoint written before the key."""
+    return cfg["dcg"].get("backbone", "resnet18")
+
+
 def build_dcg(cfg: dict) -> DCG:
     """The DCG described by a config."""
     d = cfg["dcg"]
-    return DCG(cfg["data"]["num_classes"], cfg["data"]["image_size"], d["num_rois"], d["roi_size"], d["percent_t"])
+    return DCG(
+        cfg["data"]["num_classes"],
+        cfg["data"]["image_size"],
+        d["num_rois"],
+        d["roi_size"],
+        d["percent_t"],
+        dcg_backbone(cfg),
+    )

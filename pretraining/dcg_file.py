@@ -1,11 +1,12 @@
 """The DCG file (dcg.pt): the pre-trained DCG's weights, the settings its shapes follow, and what it was trained
 from, so that a file is reused only for the training it belongs to.
 
-    {"state_dict": ..., "meta": {num_classes, image_size, num_rois, roi_size, percent_t, task},
+    {"state_dict": ..., "meta": {num_classes, image_size, num_rois, roi_size, percent_t, task, backbone},
      "trained_from": {training_split, training_images, seed, epochs, batch_size, lr, min_lr_ratio, backbone_weights}}
 
 `training_split` is a SHA-256 over the training split's image ids and labels (after the validation split is
-carved out), so another list, another carve or other labels give another value.
+carved out), so another list, another carve or other labels give another value. A file written before `backbone`
+was recorded holds ResNet-18 trunks, and is read as such.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 
 from checkpoints import read_checkpoint
 from config import ConfigError
-from pretraining.dcg import DCG
+from pretraining.dcg import DCG, dcg_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def dcg_meta(cfg: dict) -> dict:
         "roi_size": cfg["dcg"]["roi_size"],
         "percent_t": cfg["dcg"]["percent_t"],
         "task": cfg["data"]["task"],
+        "backbone": dcg_backbone(cfg),
     }
 
 
@@ -79,7 +81,15 @@ def load_dcg(dcg: DCG, cfg: dict, path: Path, train_set: Dataset | None = None) 
     if "state_dict" not in saved:
         raise ConfigError(f"config key dcg.ckpt: {path} is not a DCG file written by pretraining/train_dcg.py")
     expected = dcg_meta(cfg)
-    wrong = {k: v for k, v in saved.get("meta", {}).items() if k in expected and expected[k] != v}
+    meta = {"backbone": "resnet18", **saved.get("meta", {})}  # older files: ResNet-18, the only trunk then
+    if meta["backbone"] != expected["backbone"]:
+        # named before the shapes: the trunks' state dicts would otherwise only say that the widths differ
+        raise ConfigError(
+            f"config key dcg.backbone: the DCG file {path} (dcg.ckpt) holds {meta['backbone']} trunks, the config "
+            f"asks for {expected['backbone']}; set dcg.backbone={meta['backbone']}, or point dcg.ckpt elsewhere "
+            "(fit pre-trains a DCG where none is)"
+        )
+    wrong = {k: v for k, v in meta.items() if k in expected and expected[k] != v}
     if wrong:
         raise ConfigError(
             f"config key dcg.ckpt: {path} was trained with {wrong}, the config asks for "

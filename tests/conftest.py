@@ -15,9 +15,9 @@ NUM_CLASSES, IMAGE_SIZE, GRID, FEATURES = 3, 64, 3, 16
 
 @pytest.fixture
 def make_dcg():
-    def build(seed: int = 0, image_size: int = IMAGE_SIZE, num_rois: int = GRID) -> DCG:
+    def build(seed: int = 0, image_size: int = IMAGE_SIZE, num_rois: int = GRID, backbone: str = "resnet18") -> DCG:
         torch.manual_seed(seed)
-        return DCG(num_classes=NUM_CLASSES, image_size=image_size, num_rois=num_rois, roi_size=32)
+        return DCG(num_classes=NUM_CLASSES, image_size=image_size, num_rois=num_rois, roi_size=32, backbone=backbone)
 
     return build
 

@@ -1,11 +1,14 @@
 """Tests for pretraining/dcg.py: top-t pooling, greedy ROI proposal, cropping, gated attention MIL
-and the DCG forward (SPEC section 2)."""
+and the DCG forward (SPEC section 2), with either trunk (dcg.backbone: resnet18, or the authors' v1 resnet50), and the
+DCG file's record of its trunk."""
 
 import numpy as np
 import pytest
 import torch
 
-from config import load_config
+from checkpoints import read_checkpoint
+from config import ConfigError, load_config
+from dataloader.synthetic import SyntheticPatterns
 from pretraining.dcg import (
     DCG,
     GatedAttentionMIL,
@@ -16,6 +19,7 @@ from pretraining.dcg import (
     roi_window,
     top_t_pool,
 )
+from pretraining.dcg_file import load_dcg, save_dcg
 from pretraining.train_dcg import DCGSystem, dcg_optimizer
 
 
@@ -249,9 +253,11 @@ def test_gated_attention_mil_permutation_and_uniform():
 # --------------------------------------------------------------------------- DCG forward
 
 
-@pytest.mark.parametrize("image_size, num_rois", [(64, 3), (224, 6)])
-def test_dcg_forward(make_dcg, image_size, num_rois):
-    dcg = make_dcg(image_size=image_size, num_rois=num_rois).eval()
+@pytest.mark.parametrize(
+    "image_size, num_rois, backbone", [(64, 3, "resnet18"), (224, 6, "resnet18"), (64, 3, "resnet50")]
+)
+def test_dcg_forward(make_dcg, image_size, num_rois, backbone):
+    dcg = make_dcg(image_size=image_size, num_rois=num_rois, backbone=backbone).eval()
     cam = image_size // 32
     b, c = 2, 3
     image = torch.randn(b, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -276,8 +282,9 @@ def test_dcg_forward(make_dcg, image_size, num_rois):
             assert torch.equal(out.patches[bi, k], image[bi, 0, y : y + 32, x : x + 32])
 
 
-def test_dcg_gradients_reach_both_trunks(make_dcg):
-    dcg = make_dcg().train()
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_dcg_gradients_reach_both_trunks(make_dcg, backbone):
+    dcg = make_dcg(backbone=backbone).train()
     image = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     out = dcg(image)
     (out.y_fusion.sum() + out.y_local.pow(2).sum()).backward()
@@ -303,6 +310,132 @@ def test_build_dcg_from_config():
     dcg = build_dcg(cfg)
     assert (dcg.cam_size, dcg.num_rois, dcg.roi_size, dcg.percent_t, dcg.window) == (7, 4, 112, 0.5, 4)
     assert dcg.saliency_conv.out_channels == 4 and dcg.saliency_conv.bias is None
+    assert dcg.backbone == "resnet18"  # a config stored before dcg.backbone: ResNet-18, the only trunk then
+    cfg["dcg"]["backbone"] = "resnet50"
+    assert build_dcg(cfg).backbone == "resnet50"
+
+
+@pytest.mark.parametrize("backbone, width", [("resnet18", 512), ("resnet50", 2048)])
+def test_dcg_widths_follow_the_trunk(make_dcg, backbone, width):
+    """The authors' v1 DCG: torchvision ResNet-50 trunks in both branches (no avgpool, no fc), so the saliency conv,
+    the MIL's U and V and its classifier read 2048 features; the MIL's hidden width stays 128."""
+    import torchvision
+
+    dcg = make_dcg(backbone=backbone)
+    assert dcg.global_trunk.name == dcg.local_trunk.name == backbone
+    model = torchvision.models.get_model(backbone)
+    for trunk in (dcg.global_trunk, dcg.local_trunk):  # torchvision's network less its fc, tensor for tensor
+        assert [v.shape for v in trunk.state_dict().values()] == [
+            v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")
+        ]
+    assert dcg.saliency_conv.in_channels == width
+    assert dcg.mil.gate_u.in_features == dcg.mil.gate_v.in_features == dcg.mil.classifier.in_features == width
+    assert dcg.mil.gate_u.out_features == dcg.mil.gate_v.out_features == dcg.mil.score_w.in_features == 128
+    with torch.no_grad():
+        assert dcg.global_trunk(torch.zeros(1, 3, 64, 64)).shape == (1, width, 2, 2)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_imagenet_weights_of_either_trunk(make_dcg, monkeypatch, caplog, backbone):
+    """dcg.backbone_weights=imagenet loads torchvision's IMAGENET1K_V1 weights (the authors' pretrained=True; for
+    ResNet-50 torchvision's default would be V2) into both trunks; offline, the same loud warning and random init."""
+    import urllib.error
+
+    import torchvision
+
+    real, asked = torchvision.models.get_model, []
+
+    def fake(name, weights=None, **kwargs):
+        if weights is None:
+            return real(name, weights=None, **kwargs)
+        asked.append((name, weights))
+        torch.manual_seed(123)  # stands for the downloaded weights
+        return real(name, weights=None, **kwargs)
+
+    monkeypatch.setattr(torchvision.models, "get_model", fake)
+    dcg = make_dcg(backbone=backbone)
+    dcg.load_backbone_weights("imagenet")
+    assert asked == [(backbone, "IMAGENET1K_V1")] * 2
+    torch.manual_seed(123)
+    expected = real(backbone, weights=None).conv1.weight
+    for trunk in (dcg.global_trunk, dcg.local_trunk):
+        assert torch.equal(trunk.features[0].weight, expected)
+
+    def offline(name, weights=None, **kwargs):
+        if weights is not None:
+            raise urllib.error.URLError("no network")
+        return real(name, weights=None, **kwargs)
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    dcg = make_dcg(backbone=backbone)
+    before = {k: v.clone() for k, v in dcg.state_dict().items()}
+    with caplog.at_level("WARNING"):
+        dcg.load_backbone_weights("imagenet")
+    assert caplog.text.count("STARTING FROM RANDOM INIT") == 2 and "dcg.backbone_weights" in caplog.text
+    assert backbone in caplog.text
+    assert all(torch.equal(before[k], v) for k, v in dcg.state_dict().items())
+
+
+def test_dcg_backbone_is_a_checked_choice():
+    from config import CHOICES
+    from pretraining.dcg import BACKBONES
+
+    assert CHOICES["dcg.backbone"] == BACKBONES  # config.py does not import the model: the two lists must agree
+    with pytest.raises(ConfigError, match="config key dcg.backbone: 'resnet34' is not one of resnet18, resnet50"):
+        load_config(None, ["dcg.backbone=resnet34"])
+    # the demo's patch encoder copies the DCG's local trunk: with ResNet-50 trunks it must be a ResNet-50 too
+    with pytest.raises(ConfigError, match="model.patch_encoder_weights: .* must be resnet50, not resnet18"):
+        load_config(None, ["dcg.backbone=resnet50"])
+    load_config(None, ["dcg.backbone=resnet50", "model.patch_encoder=resnet50"])
+    load_config(None, ["dcg.backbone=resnet50", "model.method=diffmic_v1"])  # v1 has no patch encoder
+
+
+@pytest.mark.parametrize(
+    "name, backbone",
+    [
+        ("isic_v1", "resnet50"),
+        ("aptos_v1", "resnet50"),
+        ("isic", "resnet18"),
+        ("aptos", "resnet18"),
+        ("demo", "resnet18"),
+    ],
+)
+def test_v1_configs_use_the_authors_v1_dcg_and_v2_configs_resnet18(name, backbone):
+    from config import PROJECT_ROOT
+
+    assert load_config(PROJECT_ROOT / "configs" / f"{name}.yml")["dcg"]["backbone"] == backbone
+
+
+def test_a_dcg_file_of_one_trunk_is_refused_for_the_other(tmp_path):
+    """The DCG file records its trunk; another trunk is one ConfigError naming dcg.backbone (not a state-dict
+    mismatch), and a file written before the record holds ResNet-18 trunks."""
+    base = load_config(None, ["data.num_classes=3", "data.class_names=null", "model.method=diffmic_v1", "dcg.epochs=1"])
+    train = SyntheticPatterns(12, 3, 64, 16, seed=0)
+
+    def cfg_of(backbone: str) -> dict:
+        return {**base, "dcg": {**base["dcg"], "backbone": backbone}}
+
+    for saved, other in (("resnet50", "resnet18"), ("resnet18", "resnet50")):
+        torch.manual_seed(0)
+        path = tmp_path / f"{saved}.pt"
+        save_dcg(build_dcg(cfg_of(saved)), cfg_of(saved), train, path)
+        assert read_checkpoint(path)["meta"]["backbone"] == saved
+        load_dcg(build_dcg(cfg_of(saved)), cfg_of(saved), path, train)
+        with pytest.raises(ConfigError) as refused:
+            load_dcg(build_dcg(cfg_of(other)), cfg_of(other), path, train)
+        message = str(refused.value)
+        assert message.startswith("config key dcg.backbone:") and "\n" not in message
+        assert f"holds {saved} trunks" in message and f"set dcg.backbone={saved}" in message
+        path.unlink()
+    # an older file, without the record: ResNet-18
+    path = tmp_path / "older.pt"
+    save_dcg(build_dcg(cfg_of("resnet18")), cfg_of("resnet18"), train, path)
+    content = read_checkpoint(path)
+    del content["meta"]["backbone"]
+    torch.save(content, path)
+    load_dcg(build_dcg(cfg_of("resnet18")), cfg_of("resnet18"), path, train)
+    with pytest.raises(ConfigError, match="config key dcg.backbone: .* holds resnet18 trunks"):
+        load_dcg(build_dcg(cfg_of("resnet50")), cfg_of("resnet50"), path, train)
 
 
 @pytest.mark.parametrize("ratio, last_lr", [(1.0, 1e-3), (0.01, 1e-5)])

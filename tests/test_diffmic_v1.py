@@ -35,6 +35,18 @@ def test_forward_process_matches_its_closed_form():
     torch.testing.assert_close(scheduler.add_noise(y0, y_hat, eps, t), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("timesteps", "beta_end"), [(1000, 0.02), (200, 0.02), (50, 0.5)])
+def test_add_noise_sqrt_one_minus_alpha_bar_is_exact_to_float32(timesteps, beta_end):
+    """The noise's coefficient sqrt(1 - alpha_bar_t) of add_noise, at every t, within 1e-7 of the float64 value from
+    the same (float32) alpha_bar. Through sqrt(1 - sqrt(alpha_bar)^2) it was off by up to 1.3e-6 at small t."""
+    scheduler = CARDScheduler(timesteps, 1e-4, beta_end)
+    t = torch.arange(timesteps)
+    zeros = torch.zeros(timesteps, 1)
+    coefficient = scheduler.add_noise(zeros, zeros, torch.ones(timesteps, 1), t)[:, 0].double()
+    exact = (1 - scheduler.alphas_cumprod.double()).sqrt()
+    assert (coefficient - exact).abs().max() < 1e-7
+
+
 def test_y_T_marginal_is_normal_around_the_prior():
     """q(y_T | y_0, y_hat) ~ N(y_hat, I) at T = 1000: its mean drifts from the label to the DCG prior."""
     scheduler = CARDScheduler(1000, 1e-4, 0.02)
@@ -124,6 +136,39 @@ def test_training_step_shapes_gradients_and_joint_dcg_training():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in system.dcg.parameters()), "joint training"
     assert not system.dcg.training, "the DCG computes the priors in eval mode and returns to it"
     assert all(p.grad is None for p in system.ema.parameters())
+
+
+def test_training_step_with_the_authors_resnet50_dcg():
+    """The authors' v1 DCG (ResNet-50 trunks): the three priors, the loss and the joint DCG step, at 64 px."""
+    system = small_v1("v1.joint_train=true", "dcg.backbone=resnet50")
+    assert system.dcg.saliency_conv.in_channels == system.dcg.mil.classifier.in_features == 2048
+    system.log = lambda *args, **kwargs: None
+    system.train()
+    image = torch.randn(4, 3, 64, 64)
+    priors = system.priors(image)
+    assert all(p.shape == (4, 3) and torch.isfinite(p).all() for p in priors)
+    loss = system.training_step({"image": image, "label": torch.tensor([0, 1, 2, 1])}, 0)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    for part in (system.dcg.global_trunk, system.dcg.local_trunk, system.dcg.mil, system.denoiser):
+        grads = [p.grad for p in part.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_a_checkpoint_of_the_other_dcg_trunk_is_refused_by_name():
+    """A checkpoint holding a fine-tuned DCG of the other trunk: a ConfigError naming dcg.backbone, not a state
+    dict of other widths; a checkpoint whose stored config predates the key holds a ResNet-18 DCG."""
+    trained = small_v1("dcg.backbone=resnet50")
+    content = {"state_dict": trained.state_dict(), "hyper_parameters": {"cfg": trained.cfg}}
+    with pytest.raises(ConfigError, match=r"^config key dcg.backbone: .* resnet50 DCG, .* set dcg.backbone=resnet50$"):
+        small_v1().load_checkpoint_file("v1.ckpt", checkpoint=content)
+    older = small_v1()
+    cfg = {**older.cfg, "dcg": {k: v for k, v in older.cfg["dcg"].items() if k != "backbone"}}
+    content = {"state_dict": older.state_dict(), "hyper_parameters": {"cfg": cfg}}
+    small_v1().load_checkpoint_file("older.ckpt", checkpoint=content)
+    with pytest.raises(ConfigError, match="set dcg.backbone=resnet18"):
+        trained.load_checkpoint_file("older.ckpt", checkpoint=content)
 
 
 def test_frozen_dcg_gets_no_gradient():
@@ -271,6 +316,42 @@ def test_a_v1_checkpoint_refuses_a_v2_config(v1_run, tmp_path):
         METHODS["diffmic_v2"].load_from_checkpoint(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt")
     system = DiffMICv1.load_from_checkpoint(logs / "demo" / "version_0" / "checkpoints" / "best.ckpt")
     assert not system.training
+
+
+def test_a_v1_demo_fit_with_the_authors_resnet50_dcg(tmp_path, capsys):
+    """The demo with v1's own DCG, then its checkpoint and DCG file with a ResNet-18 config: each refused with one
+    error line naming dcg.backbone (exit 2), before any state dict is compared."""
+    import diffuser_trainer
+
+    logs = tmp_path / "logs"
+    args = [
+        f"trainer.log_dir={logs}",
+        *TINY,
+        "data.synthetic.num_train=32",
+        "data.synthetic.num_val=16",
+        "data.synthetic.num_test=16",
+        "trainer.max_epochs=1",
+        "model.method=diffmic_v1",
+        "v1.feature_dim=16",
+        "v1.sampling_steps=2",
+        "v1.warmup_epochs=0",
+        "v1.joint_train=false",  # the joint step is tested above; a frozen DCG keeps the checkpoints small
+    ]
+    ok(cli("fit", *args, "dcg.backbone=resnet50", threads=2))
+    metrics = json.loads((logs / "demo" / "version_0" / "metrics.json").read_text())
+    assert math.isfinite(metrics["test"]["acc"])
+    dcg_file = torch.load(logs / "demo" / "dcg.pt", map_location="cpu", weights_only=True)
+    assert dcg_file["meta"]["backbone"] == "resnet50"
+    assert dcg_file["state_dict"]["saliency_conv.weight"].shape == (4, 2048, 1, 1)
+    best = logs / "demo" / "version_0" / "checkpoints" / "best.ckpt"
+    assert torch.load(best, map_location="cpu", weights_only=True)["hyper_parameters"]["cfg"]["dcg"]["backbone"] == (
+        "resnet50"
+    )
+    capsys.readouterr()
+    for command in (["test", "--ckpt", str(best)], ["fit"]):  # the checkpoint; the run's DCG file
+        assert diffuser_trainer.main([*command, *args, "dcg.backbone=resnet18"]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+        assert len(lines) == 1 and "config key dcg.backbone:" in lines[0] and "dcg.backbone=resnet50" in lines[0]
 
 
 def test_a_v1_run_resumes_from_last(v1_run):
