@@ -46,6 +46,7 @@ EXTRA_TYPES: dict[str, tuple[type, ...]] = {
     "trainer.devices": (int, list),  # Lightning's forms: auto, 2, "2", "0,1", [0, 1]
     "trainer.precision": (int,),  # Lightning's legacy 16 / 32 / 64
     "trainer.limit_train_batches": (int,),
+    "trainer.dist_timeout_s": (float,),
     "trainer.limit_val_batches": (int,),
 }
 CHOICES = {
@@ -210,6 +211,7 @@ AT_LEAST_ONE = (
     "dcg.batch_size",
     "dcg.epochs",
     "trainer.max_epochs",
+    "trainer.num_nodes",
     "trainer.val_every",
     "trainer.log_every_n_steps",
     "model.feature_dim",
@@ -255,6 +257,10 @@ def _check_values(cfg: dict) -> None:
     for key in AT_LEAST_ONE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"config key {key}: must be at least 1, got {_get(cfg, key)}")
+    if not cfg["trainer"]["dist_timeout_s"] > 0:
+        raise ConfigError(
+            f"config key trainer.dist_timeout_s: must be > 0 seconds, got {cfg['trainer']['dist_timeout_s']}"
+        )
     if data["num_workers"] < 0:
         raise ConfigError(
             f"config key data.num_workers: must be >= 0 (0 loads in the main process), got {data['num_workers']}"
@@ -361,6 +367,7 @@ TRAINER_HINTS = {
     "devices": "use auto, a number of devices such as 1, or GPU indices such as [0, 1] or '0,1'",
     "precision": "use e.g. 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true or 64-true",
     "strategy": "use auto or a strategy Lightning lists, e.g. ddp",
+    "num_nodes": "use the number of machines the run is launched on (1 for one machine)",
 }
 
 
@@ -412,7 +419,7 @@ def check_trainer(cfg: dict) -> None:
         raise ConfigError(
             f"config key trainer.devices: a list must hold device indices such as [0, 1], got {devices!r}"
         )
-    names = ["accelerator", "devices", "precision"] + (["strategy"] if "strategy" in t else [])
+    names = ["accelerator", "devices", "precision"] + [k for k in ("strategy", "num_nodes") if k in t]
 
     def probe(keys: list[str]) -> None:
         with _quiet_lightning():

@@ -27,7 +27,16 @@ from dataloader.datamodule import DiffMICDataModule
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
 from evaluation import uncertainty_figures
-from faults import EXIT_CONFIG, RunInterrupted, TrainingDiverged, interruptible, report_fault, run_folder_lock
+from faults import (
+    EXIT_CONFIG,
+    EXIT_DISTRIBUTED,
+    RunInterrupted,
+    TrainingDiverged,
+    distributed_failure,
+    interruptible,
+    report_fault,
+    run_folder_lock,
+)
 from figures import save
 from methods import build_system
 from pretraining.train_dcg import pretrain_dcg
@@ -180,14 +189,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
         # and takes its version folder (faults.exclusive), then finds the DCG file and takes the next version
         with run_folder_lock(Path(cfg["trainer"]["log_dir"]) / cfg["name"], "setting up a fit in this run folder"):
             if ckpt is None:  # a new run: the DCG (pre-trained first if missing) and the encoders' initial weights
-                dcg_path = dcg_ckpt_path(cfg)
-                if not dcg_path.is_file():
-                    logger.info(
-                        "DCG checkpoint %s does not exist: pre-training the DCG first (%d epochs)",
-                        dcg_path,
-                        cfg["dcg"]["epochs"],
-                    )
-                    pretrain_dcg(cfg, data.datasets)
+                dcg_path = pretrain_dcg(cfg, data.datasets, reuse=True)  # on every machine of the run
                 system.load_dcg_file(dcg_path, data.datasets["train"])
                 system.load_initial_weights()
             trainer, best = build_trainer(
@@ -198,7 +200,8 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
             trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
         history = list(system.val_history)  # the validation metrics of each validated epoch: the learning curve
         best_path = best.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
-        trainer.validate(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
+        restore_best(trainer, system, best_path)
+        trainer.validate(system, datamodule=data, verbose=False)
         result = {
             "checkpoint": best_path,
             "val": dict(system.last_metrics),
@@ -208,7 +211,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
             },
         }
         result["temperature"] = system.temperature  # fitted on that validation pass, or 1
-        trainer.test(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
+        trainer.test(system, datamodule=data, verbose=False)
         result["test"] = dict(system.last_metrics)
         result["val_history"] = history
         if trainer.is_global_zero:
@@ -237,6 +240,16 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
             path = Path(out) if out else run_dir / "predictions.csv"
             multilabel = cfg["data"]["task"] == "multilabel"
             write_predictions(path, system.predictions, dataset, names, multilabel, system.temperature)
+
+
+def restore_best(trainer: pl.Trainer, system, path: str) -> None:
+    """The weights of the best checkpoint in `system` on every process: the first process reads the file (weights
+    only) and sends its state dict over the process group, so the other machines need no copy of it. A frozen DCG,
+    which checkpoints leave out, stays as it was loaded from its file."""
+    state = read_checkpoint(Path(path))["state_dict"] if trainer.is_global_zero else None
+    state = trainer.strategy.broadcast(state, src=0)
+    frozen = {f"dcg.{k}": v for k, v in system.dcg.state_dict().items()} if system.dcg_frozen else {}
+    system.load_state_dict({**frozen, **state})
 
 
 def save_config(cfg: dict, trainer) -> Path:
@@ -273,6 +286,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    cfg = None
     try:
         cfg = load_config(args.config, args.words)
         run(args.command, cfg, args.ckpt, args.out, args.input)
@@ -281,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except (TrainingDiverged, RunInterrupted) as err:  # one line, and the exit code faults.py documents
         return report_fault(err, args.debug)
+    except Exception as err:
+        message = distributed_failure(err, cfg) if cfg is not None else None
+        if message is None or args.debug:
+            raise
+        logger.error("%s", message)
+        return EXIT_DISTRIBUTED
     return 0
 
 

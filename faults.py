@@ -4,6 +4,8 @@ writing one folder, and Ctrl-C (SIGINT) or a scheduler's SIGTERM during a fit.
 Exit codes of the command-line entry points (README, "Command line"):
     2    a config or input error, before any work
     3    training diverged (a non-finite loss): the run stopped at that step
+    4    the processes of a run could not reach each other within trainer.dist_timeout_s (a machine that never
+         joined, a port in use, a process that died)
     130  interrupted by SIGINT (Ctrl-C)
     143  interrupted by SIGTERM (a scheduler's pre-emption)
 """
@@ -28,7 +30,9 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 logger = logging.getLogger(__name__)
-EXIT_CONFIG, EXIT_DIVERGED, EXIT_SIGINT, EXIT_SIGTERM = 2, 3, 130, 143
+EXIT_CONFIG, EXIT_DIVERGED, EXIT_DISTRIBUTED, EXIT_SIGINT, EXIT_SIGTERM = 2, 3, 4, 130, 143
+# what gloo / NCCL say when a peer never came or went away (they raise RuntimeError, not torch's DistError)
+_PEER_FAILURES = ("timed out", "connection closed by peer", "connection reset", "address already in use")
 
 
 class TrainingDiverged(Exception):
@@ -175,3 +179,21 @@ def report_fault(err: TrainingDiverged | RunInterrupted, debug: bool) -> int:
     if err.rank == 0:
         logger.error("%s", err)
     return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else err.exit_code
+
+
+def distributed_failure(err: BaseException, cfg: dict) -> str | None:
+    """The one line for an error of the process group (torch.distributed's DistError, or a gloo / NCCL timeout or
+    lost peer), or None for any other error."""
+    text = " ".join(str(err).split())
+    if not isinstance(err, torch.distributed.DistError) and not (
+        isinstance(err, RuntimeError) and any(f in text.lower() for f in _PEER_FAILURES)
+    ):
+        return None
+    t = cfg["trainer"]
+    where = f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '(Lightning picks one)')}"
+    return (
+        f"the processes of the run did not reach each other within trainer.dist_timeout_s ({t['dist_timeout_s']} s): "
+        f"{text[:300]}. Start the same command on each of the trainer.num_nodes ({t['num_nodes']}) machines with "
+        f"its own NODE_RANK, check that {where} (MASTER_ADDR:MASTER_PORT) is reachable from every machine and the port "
+        "free, and raise trainer.dist_timeout_s if one process legitimately waits longer (a long DCG pre-training)"
+    )

@@ -4,11 +4,13 @@ and its cosine schedule, the Lightning Trainer with its logger and checkpoints, 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy
 
 from faults import DivergenceGuard
 
@@ -72,36 +74,73 @@ class BestCheckpoint(ModelCheckpoint):
         return trainer.strategy.reduce_boolean_decision(better_or_tie)
 
 
+class BestWeights(Callback):
+    """The weights of the epoch with the highest monitored validation metric (the later on a tie, as BestCheckpoint),
+    kept in memory on every process (`state_dict`, on the CPU): for the DCG pre-training, whose best epoch must reach
+    every machine of a run without a shared file system. Every process holds the same gathered metrics, so every
+    process keeps the same epoch."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.best_score: float | None = None
+        self.state_dict: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if self.best_score is None or score >= self.best_score:
+            self.best_score = score
+            self.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+
+
 def build_trainer(
-    cfg: dict, run_name: str, max_epochs: int, val_every: int, version: int | None = None, resumable: bool = True
-) -> tuple[pl.Trainer, ModelCheckpoint]:
+    cfg: dict,
+    run_name: str,
+    max_epochs: int,
+    val_every: int,
+    version: int | None = None,
+    resumable: bool = True,
+    best_in_memory: bool = False,
+) -> tuple[pl.Trainer, ModelCheckpoint | BestWeights]:
     """A Trainer logging to <log_dir>/<run_name>/version_N with TensorBoard, a progress bar, the
     learning rate, `best.ckpt` (highest `selection_metric`, the later epoch on a tie; the weights only, what
-    evaluation needs) and, when `resumable`, `last.ckpt` (every epoch, with the optimiser state, for resuming). A
-    non-finite training loss stops the fit at its step (faults.DivergenceGuard)."""
+    evaluation needs) and, when `resumable`, `last.ckpt` (every epoch, with the optimiser state, for resuming); with
+    `best_in_memory`, no checkpoint file but BestWeights. A non-finite training loss stops the fit at its step
+    (faults.DivergenceGuard); the processes of a run wait trainer.dist_timeout_s for each other."""
     t = cfg["trainer"]
-    best = BestCheckpoint(
-        monitor=selection_metric(cfg),
-        mode="max",
-        filename="best",
-        save_top_k=1,
-        auto_insert_metric_name=False,
-        save_weights_only=True,
-    )
-    checkpoints = [best]
-    if resumable:
+    if best_in_memory:  # no checkpoint files at all
+        best, checkpoints = BestWeights(selection_metric(cfg)), []
+    else:
+        best = BestCheckpoint(
+            monitor=selection_metric(cfg),
+            mode="max",
+            filename="best",
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            save_weights_only=True,
+        )
+        checkpoints = [best]
+    if resumable and not best_in_memory:
         checkpoints.append(ModelCheckpoint(filename="last", save_top_k=1, save_on_train_epoch_end=True))
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         check_val_every_n_epoch=val_every,
         accelerator=t["accelerator"],
         devices=t["devices"],
+        num_nodes=t.get("num_nodes", 1),  # configs stored before the key: one machine
         strategy=t["strategy"],
         sync_batchnorm=t["sync_batchnorm"],
         precision=t["precision"],
         log_every_n_steps=t["log_every_n_steps"],
         logger=TensorBoardLogger(t["log_dir"], name=run_name, version=version, default_hp_metric=False),
-        callbacks=[*checkpoints, LearningRateMonitor(logging_interval="epoch"), DivergenceGuard()],
+        callbacks=[
+            *checkpoints,
+            *([best] if best_in_memory else []),
+            LearningRateMonitor(logging_interval="epoch"),
+            DivergenceGuard(),
+        ],
+        enable_checkpointing=not best_in_memory,
         limit_train_batches=t["limit_train_batches"],
         limit_val_batches=t["limit_val_batches"],
         num_sanity_val_steps=0,
@@ -110,6 +149,10 @@ def build_trainer(
         use_distributed_sampler=False,
         enable_model_summary=False,
     )
+    if isinstance(trainer.strategy, DDPStrategy):
+        # how long the processes wait for each other (joining, then every collective): Lightning takes it only as
+        # an argument of a DDPStrategy it builds itself from the strategy's name, so it is set on that one
+        trainer.strategy._timeout = timedelta(seconds=t.get("dist_timeout_s", 1800))
     return trainer, best
 
 

@@ -12,8 +12,10 @@ was recorded holds ResNet-18 trunks, and is read as such.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +70,18 @@ def save_dcg(dcg: DCG, cfg: dict, train_set: Dataset, path: Path) -> None:
     """Write the DCG file: weights, shape settings and what the DCG was trained from."""
     path.parent.mkdir(parents=True, exist_ok=True)
     content = {"state_dict": dcg.state_dict(), "meta": dcg_meta(cfg), "trained_from": trained_from(cfg, train_set)}
-    partial = path.with_name(path.name + ".partial")
-    torch.save(content, partial)
-    os.replace(partial, path)  # a reader never sees half a file
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    write_atomically(path, buffer.getvalue())
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write `content` to a temporary file beside `path` (named for this process, so that two writers never share
+    one), then rename it over `path`: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
+    partial.write_bytes(content)
+    os.replace(partial, path)
 
 
 def load_dcg(dcg: DCG, cfg: dict, path: Path, train_set: Dataset | None = None) -> None:

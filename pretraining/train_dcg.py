@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from dataloader.datamodule import DiffMICDataModule, build_datasets
 from evaluation import EvaluatedSystem
 from faults import EXIT_CONFIG, RunInterrupted, TrainingDiverged, interruptible, report_fault, run_folder_lock
 from pretraining.dcg import build_dcg
-from pretraining.dcg_file import save_dcg
+from pretraining.dcg_file import save_dcg, write_atomically
 from utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -44,10 +45,30 @@ class DCGSystem(EvaluatedSystem):
 
     lr_key = "dcg.lr"  # named when its training diverges (faults.DivergenceGuard)
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, share: Path | None = None) -> None:
         super().__init__(cfg)
         self.dcg = build_dcg(cfg)
         self.multilabel = cfg["data"]["task"] == "multilabel"
+        self.share = share  # a DCG file to use instead of training, if the first process has it (pretrain_dcg)
+        self.shared = False
+
+    def setup(self, stage: str) -> None:
+        """Every process is connected here: whether the first process has the DCG file is its answer alone; if it
+        has, the file goes to every machine and the fit ends before its first epoch."""
+        if stage != "fit" or self.share is None:
+            return
+        if self.trainer.strategy.broadcast(self.share.is_file(), src=0):
+            if self.trainer.is_global_zero:
+                logger.info("reusing the DCG file %s", self.share)
+            share_dcg_file(self.trainer, self.share)
+            self.shared = True
+            self.trainer.should_stop = True
+        elif self.trainer.is_global_zero:
+            logger.info(
+                "DCG checkpoint %s does not exist: pre-training the DCG first (%d epochs)",
+                self.share,
+                self.cfg["dcg"]["epochs"],
+            )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out, y = self.dcg(batch["image"]), batch["label"]
@@ -85,34 +106,55 @@ def pretraining_precision(cfg: dict) -> dict:
     return cfg
 
 
-def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None) -> Path:
+def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None, reuse: bool = False) -> Path:
     """Train the DCG of `cfg` on datasets["train"] for dcg.epochs, validated every epoch, and save it at
-    its best epoch to the DCG file (dcg.ckpt, or <log_dir>/<name>/dcg.pt); returns that path."""
+    its best epoch to the DCG file (dcg.ckpt, or <log_dir>/<name>/dcg.pt); returns that path.
+
+    `reuse` (a new diffusion run): a DCG file the first process already has is used instead. On several processes
+    the question and the file travel over the process group, not the file system: the DCG pre-trains under DDP
+    with every process, or the first process's file is sent to the others, and the first process of every other
+    machine writes its own copy (share_dcg_file). No process waits on a file another machine writes."""
     path = dcg_ckpt_path(cfg)
+    trainer, best = build_trainer(
+        pretraining_precision(cfg), f"{cfg['name']}/dcg", cfg["dcg"]["epochs"], val_every=1, best_in_memory=True
+    )
+    if reuse and trainer.world_size == 1 and path.is_file():
+        return path  # nothing to do: the global random state is left as it is
     datasets = datasets if datasets is not None else build_datasets(cfg)
     pl.seed_everything(cfg["seed"], workers=True)
-    system = DCGSystem(cfg)
+    system = DCGSystem(cfg, share=path if reuse else None)
     with errors_of("dcg.backbone_weights"):
         system.dcg.load_backbone_weights(cfg["dcg"]["backbone_weights"])
     data = DiffMICDataModule(cfg, batch_size=cfg["dcg"]["batch_size"], datasets=datasets)
-    trainer, best = build_trainer(
-        pretraining_precision(cfg), f"{cfg['name']}/dcg", cfg["dcg"]["epochs"], val_every=1, resumable=False
-    )
     with interruptible(trainer, "the DCG pre-training", resumable=False):
         trainer.fit(system, datamodule=data)
-    best_path = best.best_model_path or None
-    trainer.validate(system, datamodule=data, ckpt_path=best_path, weights_only=True, verbose=False)
+    if system.shared:  # the first process had the file: every machine has it now, nothing was trained
+        return path
+    if best.state_dict is not None:  # the best validation epoch, kept in memory on every process
+        system.load_state_dict(best.state_dict)
+    trainer.validate(system, datamodule=data, verbose=False)
     metric = selection_metric(cfg).split("/", 1)[1]
     logger.info("DCG: validation %s %.4f at its best epoch", metric, system.last_metrics.get(metric, float("nan")))
-    if trainer.is_global_zero:  # one process writes; the others read the file once it is complete
+    if trainer.is_global_zero:
         save_dcg(system.dcg, cfg, datasets["train"], path)
         logger.info("DCG saved to %s", path)
-        if best_path is not None:  # the DCG file is now the one copy of these weights
-            Path(best_path).unlink()
-            if not any(Path(best_path).parent.iterdir()):
-                Path(best_path).parent.rmdir()
-    trainer.strategy.barrier("dcg.pt written")
+    share_dcg_file(trainer, path)
     return path
+
+
+def share_dcg_file(trainer: pl.Trainer, path: Path) -> None:
+    """The first process's DCG file at `path` on every machine of a run: its bytes are broadcast over the process
+    group and the first process of each other machine writes them to `path` there (unless its file holds these
+    bytes already, as on a shared file system), then every process waits for all machines to have it. One process:
+    nothing to do."""
+    if trainer.world_size == 1:
+        return
+    payload = trainer.strategy.broadcast(path.read_bytes() if trainer.is_global_zero else None, src=0)
+    if trainer.local_rank == 0 and not trainer.is_global_zero:
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).digest() != hashlib.sha256(payload).digest():
+            write_atomically(path, payload)
+            logger.info("DCG file of the first process copied to %s (node %d)", path, trainer.node_rank)
+    trainer.strategy.barrier("the DCG file on every machine")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,9 @@ def test_nan_in_a_yaml_file_and_in_a_list_is_refused(tmp_path):
         (["data.batch_size=1"], r"config key data\.batch_size: need at least 2"),
         (["data.rotation_degrees=-10"], r"config key data\.rotation_degrees: must be >= 0"),
         (["data.image_size=0"], r"config key data\.image_size: 0 must be a positive multiple of 32"),
+        (["trainer.num_nodes=0"], r"config key trainer\.num_nodes: must be at least 1, got 0"),
+        (["trainer.dist_timeout_s=0"], r"config key trainer\.dist_timeout_s: must be > 0 seconds, got 0"),
+        (["trainer.dist_timeout_s=-5.5"], r"config key trainer\.dist_timeout_s: must be > 0 seconds, got -5\.5"),
     ],
 )
 def test_bad_ranges_name_the_key(overrides, pattern):
@@ -330,3 +333,19 @@ def test_an_input_the_system_denies_is_refused_even_as_root(tmp_path, monkeypatc
     monkeypatch.setattr(os, "access", lambda p, mode: str(p) != denied and real_access(p, mode))
     with pytest.raises(ConfigError, match=rf"^config key {re.escape(key)}: {kind} .* is not readable \(permission"):
         check_paths(cfg, need_dcg=False)
+
+
+def test_num_nodes_and_the_timeout_reach_lightning(tmp_path):
+    from datetime import timedelta
+
+    from utils import build_trainer
+
+    cfg = load_config(
+        None,
+        [f"trainer.log_dir={tmp_path}", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=ddp"]
+        + ["trainer.num_nodes=2", "trainer.dist_timeout_s=42.5"],
+    )
+    trainer, _ = build_trainer(cfg, "probe", 1, 1)
+    assert trainer.num_nodes == 2 and trainer.world_size == 2
+    assert trainer.strategy._timeout == timedelta(seconds=42.5)  # what init_process_group is given
+    assert not any(tmp_path.iterdir()), "building a Trainer writes nothing"

@@ -163,3 +163,90 @@ def test_diffmic_v1_trains_on_two_processes_and_evaluates_as_one(tmp_path):
     ok(cli(*common, *TWO, "--out", str(tmp_path / "two.json")))
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["test"] for n in ("one", "two"))
     assert json.dumps(one) == json.dumps(two)
+
+
+# ------------------------------------------------------------------------------------------------ several machines
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(rank: int, logs, port: int, *extra: str) -> subprocess.Popen:
+    """One machine of a two-node run on localhost, as a launcher starts it: its NODE_RANK and the first machine's
+    address; its own log and DCG folder (`logs`), so the two share no file."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.pop("LOCAL_RANK", None)
+    args = ["fit", f"trainer.log_dir={logs}", *TINY, "trainer.num_nodes=2", "trainer.devices=1", "trainer.strategy=ddp"]
+    log = open(logs.parent / f"node{rank}.log", "w")  # noqa: SIM115 (closed with the process below)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "diffuser_trainer.py"), *args, *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        env=env,
+    )
+    process.log = log
+    return process
+
+
+def finish(process: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
+    code = process.wait(timeout=timeout)
+    process.log.close()
+    return code, open(process.log.name).read()
+
+
+def test_two_nodes_without_a_shared_file_system(tmp_path):
+    import hashlib
+
+    port = free_port()
+    folders = [tmp_path / f"machine{rank}" / "logs" for rank in range(2)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    nodes = [start_node(rank, folders[rank], port) for rank in (1, 0)][::-1]
+    (code0, text0), (code1, text1) = finish(nodes[0]), finish(nodes[1])
+    assert (code0, code1) == (0, 0), (text0[-3000:], text1[-3000:])
+    first, second = (folder / "demo" for folder in folders)
+    # the DCG was pre-trained once, by both machines together, and each has its own file of the same bytes
+    assert (text0 + text1).count("DCG saved to") == 1 and "DCG file of the first process copied to" in text1
+    digests = {hashlib.sha256((run / "dcg.pt").read_bytes()).hexdigest() for run in (first, second)}
+    assert len(digests) == 1
+    # the run's files are the first machine's alone
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("metrics.json")] == [
+        "machine0/logs/demo/version_0/metrics.json"
+    ]
+    assert not list(second.rglob("*.ckpt")) and not list(second.rglob("config.yaml"))
+    # every image once, on two processes: the split sizes of TINY
+    counts = {line.split(" images)")[0].rsplit(", ", 1)[1] for line in text0.splitlines() if " images): " in line}
+    assert counts == {"33", "25"}, counts
+    # the best checkpoint validated on one process, on the first machine alone, gives the fit's numbers
+    fitted = json.loads((first / "version_0" / "metrics.json").read_text())
+    ok(
+        cli(
+            "validate",
+            "--ckpt",
+            fitted["checkpoint"],
+            f"trainer.log_dir={folders[0]}",
+            *TINY,
+            "--out",
+            str(tmp_path / "one.json"),
+        )
+    )
+    one = json.loads((tmp_path / "one.json").read_text())["val"]
+    assert json.dumps(one) == json.dumps(fitted["val"])
+
+
+def test_a_node_that_never_joins_ends_the_other_within_the_timeout(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    start = time.monotonic()
+    code, text = finish(start_node(0, logs, free_port(), "trainer.dist_timeout_s=10"), timeout=300)
+    assert code == 4, text[-3000:]
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "did not reach each other within trainer.dist_timeout_s (10 s)" in errors[0], errors
+    assert "Traceback" not in text
+    assert time.monotonic() - start < 240  # the timeout, not hours

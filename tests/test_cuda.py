@@ -1,0 +1,146 @@
+"""On a CUDA GPU (skipped without one; `benchmarks/gpu_check.sh` runs them): float32 on the GPU computes what it
+computes on the CPU (denoiser, DCG, scheduler, one sampled batch) within a stated tolerance, a tiny bf16-mixed fit
+runs, and DDP over NCCL on every visible GPU evaluates as one process does.
+
+Tolerance: TF32 is switched off, so the GPU runs true float32; its kernels sum in other orders than the CPU's, so
+results agree to about 1e-5 relative (checked at 1e-4 absolute on values of order 1), not bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import TINY, cli, ok
+
+from config import load_config
+from diffmic_v2 import DiffMICv2
+from pipeline import DDIMScheduler
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
+ATOL, RTOL = 1e-4, 1e-4
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def true_float32():
+    if not torch.cuda.is_available():
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_denoiser_on_cuda_equals_cpu(make_denoiser):
+    model = make_denoiser().eval()
+    torch.manual_seed(0)
+    image, patches = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)  # (B, K, r, r)
+    y = torch.randn(2, 6, 3, 3)
+    t = torch.randint(0, 1000, (2, 3, 3))
+    with torch.no_grad():
+        cpu = model(image, patches, y, t)
+        gpu = model.to(CUDA)(image.to(CUDA), patches.to(CUDA), y.to(CUDA), t.to(CUDA))
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_dcg_on_cuda_equals_cpu(make_dcg):
+    dcg = make_dcg().eval()
+    image = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cpu = dcg(image)
+        gpu = dcg.to(CUDA)(image.to(CUDA))
+    for name in ("y_global", "y_local", "y_fusion"):
+        torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(gpu.patches.cpu(), cpu.patches, atol=ATOL, rtol=RTOL)  # the same ROIs cropped
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_scheduler_on_cuda_equals_cpu():
+    scheduler = DDIMScheduler(1000, 1e-4, 0.02)
+    torch.manual_seed(2)
+    y0, eps, t = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3), torch.randint(0, 1000, (4, 3, 3))
+    cpu = scheduler.add_noise(y0, eps, t)
+    gpu = scheduler.to(CUDA).add_noise(y0.to(CUDA), eps.to(CUDA), t.to(CUDA))
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-6, rtol=1e-6)
+    scheduler.set_timesteps(10)
+    step_gpu = scheduler.step(eps.to(CUDA), 900, cpu.to(CUDA)).cpu()
+    scheduler.to("cpu").set_timesteps(10)
+    torch.testing.assert_close(step_gpu, scheduler.step(eps, 900, cpu), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_one_sampled_batch_on_cuda_equals_cpu():
+    cfg = load_config(None, ["model.feature_dim=16", "diffusion.eval_samples=2"])
+    torch.manual_seed(0)
+    system = DiffMICv2(cfg).eval()
+    batch = {"image": torch.randn(4, 3, 64, 64), "label": torch.tensor([0, 1, 2, 3]), "index": torch.arange(4)}
+    cpu = system.evaluate_batch(batch)
+    gpu = system.to(CUDA).evaluate_batch({k: v.to(CUDA) for k, v in batch.items()})
+    for key in ("scores", "probs", "spread"):
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_tiny_bf16_mixed_fit_on_cuda(tmp_path):
+    ok(
+        cli(
+            "fit",
+            *TINY,
+            f"trainer.log_dir={tmp_path}",
+            "trainer.accelerator=gpu",
+            "trainer.devices=1",
+            "trainer.precision=bf16-mixed",
+        )
+    )
+    metrics = json.loads((tmp_path / "demo" / "version_0" / "metrics.json").read_text())
+    assert all(v == v for k, v in metrics["test"].items() if not k.startswith(("recall/", "selective/")))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over NCCL needs two GPUs or more")
+def test_ddp_over_nccl_on_every_gpu_evaluates_as_one_process(tmp_path):
+    gpus = torch.cuda.device_count()
+    common = [*TINY, "trainer.accelerator=gpu", "data.synthetic.num_val=33", "data.synthetic.num_test=25"]
+    ok(cli("fit", *common, f"trainer.log_dir={tmp_path}", f"trainer.devices={gpus}", "trainer.strategy=ddp"))
+    best = str(tmp_path / "demo" / "version_0" / "checkpoints" / "best.ckpt")
+    runs = {}
+    for name, devices in (("one", ["trainer.devices=1"]), ("all", [f"trainer.devices={gpus}", "trainer.strategy=ddp"])):
+        ok(
+            cli(
+                "test",
+                "--ckpt",
+                best,
+                *common,
+                f"trainer.log_dir={tmp_path / name}",
+                *devices,
+                "--out",
+                str(tmp_path / f"{name}.json"),
+            )
+        )
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())["test"]
+    assert json.dumps(runs["one"]) == json.dumps(runs["all"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_gpu_check_says_it_needs_a_gpu():
+    """Outside the cuda mark: on a machine without CUDA the script stops at once, saying why."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = dict(os.environ, PYTHON=sys.executable)
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    result = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
