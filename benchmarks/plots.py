@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from config import PROJECT_ROOT
@@ -130,21 +131,120 @@ def draw_uncertainty(report: dict, path: Path) -> None:
         save(fig, path.with_name(f"{path.stem}_{kind}.png"))
 
 
+# the accuracy benchmark's reports shown in accuracy.png, by data set: the main report, then the one adding v1
+ACCURACY_REPORTS = {
+    "BreastMNIST": ("breastmnist", "breastmnist_v1"),
+    "RetinaMNIST": ("retinamnist", "retinamnist_v1"),
+    "HAM10000": ("ham10000",),
+}
+ACCURACY_METHODS = ("resnet18", "dcg", "diffmic", "diffmic_v1")
+
+
+def accuracy_figure(results: Path = RESULTS) -> Figure | None:
+    """Test accuracy and macro F1 of every method on every data set of the accuracy benchmark (mean and standard
+    deviation over its seeds, as error bars), from the reports in `results`; None when none is there."""
+    table: dict[str, dict[str, dict]] = {}
+    for dataset, stems in ACCURACY_REPORTS.items():
+        for stem in stems:
+            path = results / f"{stem}.json"
+            if path.is_file():
+                summary = json.loads(path.read_text())["summary"]
+                for method in ACCURACY_METHODS:  # the first report of a method wins (the main one)
+                    if method in summary:
+                        table.setdefault(dataset, {}).setdefault(method, summary[method])
+    if not table:
+        return None
+    fig = new_figure(11, 4.2)
+    axes = fig.subplots(1, 2)
+    width = 0.8 / len(ACCURACY_METHODS)
+    for ax, key, title in zip(axes, ("acc", "f1"), ("test accuracy", "test macro F1"), strict=True):
+        for m, method in enumerate(ACCURACY_METHODS):
+            x = [d for d, entry in enumerate(table.values()) if method in entry]
+            entries = [entry[method] for entry in table.values() if method in entry]
+            ax.bar(
+                [d + (m - 1.5) * width for d in x],
+                [e[key]["mean"] for e in entries],
+                width,
+                yerr=[e[key]["std"] for e in entries],
+                capsize=3,
+                color=COLOURS[method],
+                label=LABELS[method].replace(" (fixed prior)", " alone"),
+            )
+        ax.set_xticks(range(len(table)), list(table))
+        ax.set(title=title, ylim=(0, 1))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("mean over 3 seeds (bars: standard deviation)")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.suptitle("Accuracy benchmark (benchmarks/accuracy.py, random init, 2 CPU cores)", fontsize=10)
+    return fig
+
+
+def speed_figure(report: dict) -> Figure:
+    """Images per second of a training step and of a sampled batch (encoders once, and re-encoded at every DDIM
+    step as the authors' code), float32 against bf16-mixed, for every measurement of a speed report
+    (benchmarks/speed.py), on a log scale."""
+    entries = list(report["configs"].items())
+    kinds = (
+        ("train_model", "training step"),
+        ("sample_once", "sampling, encoders once"),
+        ("sample_reencode", "sampling, re-encoding (authors)"),
+    )
+    fig = new_figure(max(6.0, 1.6 * len(entries) + 2), 4.6)
+    ax = fig.add_subplot()
+    width = 0.8 / (2 * len(kinds))
+    for k, (kind, name) in enumerate(kinds):
+        for q, precision in enumerate(("32-true", "bf16-mixed")):
+            values = [e["model"].get(precision, {}).get(kind, {}).get("images_per_s", np.nan) for _, e in entries]
+            offset = (2 * k + q - len(kinds) + 0.5) * width
+            ax.bar(
+                [i + offset for i in range(len(entries))],
+                values,
+                width,
+                color=f"C{k}",
+                alpha=1.0 if q == 0 else 0.55,
+                hatch="" if q == 0 else "//",
+                label=f"{name}, {'float32' if q == 0 else 'bf16-mixed'}",
+            )
+    ax.set_xticks(range(len(entries)), [_speed_label(label) for label, _ in entries], fontsize=7)
+    ax.set_yscale("log")
+    ax.set(ylabel="images per second (log)", title="Speed by setting: model-only steps, medians of the repeats")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=7)
+    return fig
+
+
+def _speed_label(label: str) -> str:
+    """'isic, batch 64, AMD EPYC, 2 threads' -> three short lines: config, batch, machine."""
+    config, batch, *where = label.split(", ")
+    machine = " ".join(where).replace("(R)", "").replace(" Processor", "")
+    return f"{config}\n{batch}\n{machine}"
+
+
+def draw_speed(report: dict, path: Path) -> None:
+    save(speed_figure(report), path)
+
+
 # result file name pattern -> the function drawing the figures of the report <stem>.json
 FIGURES = {"_long": learning_curves_figure}
-PREFIXES = {"uncertainty_": draw_uncertainty}
+PREFIXES = {"uncertainty_": draw_uncertainty, "speed_": draw_speed}
 
 
-def regenerate(results: Path = RESULTS) -> list[Path]:
-    """Draw every figure whose report is in `results`; returns the reports drawn."""
+def regenerate(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
+    """Draw every figure whose report is in `results` (into `out`, default beside the reports), and accuracy.png
+    from the accuracy benchmark's reports; returns the reports drawn from."""
+    out = results if out is None else out
     drawn = []
+    accuracy = accuracy_figure(results)
+    if accuracy is not None:
+        save(accuracy, out / "accuracy.png")
+        drawn += [results / f"{s}.json" for stems in ACCURACY_REPORTS.values() for s in stems]
     for report_path in sorted(results.glob("*.json")):
         draws = [d for suffix, d in FIGURES.items() if report_path.stem.endswith(suffix)]
         draws += [d for prefix, d in PREFIXES.items() if report_path.stem.startswith(prefix)]
         for draw in draws:
-            draw(json.loads(report_path.read_text()), report_path.with_suffix(".png"))
+            draw(json.loads(report_path.read_text()), out / f"{report_path.stem}.png")
             drawn.append(report_path)
-    return drawn
+    return sorted(p for p in set(drawn) if p.is_file())
 
 
 def main(argv: list[str] | None = None) -> int:
