@@ -39,7 +39,8 @@ def ddp_run(tmp_path_factory):
 def test_two_processes_fit_once_and_write_each_file_once(ddp_run):
     logs, stderr = ddp_run
     run = logs / "demo"
-    assert sorted(p.name for p in run.iterdir()) == ["dcg", "dcg.pt", "version_0"], "no stray version folders"
+    # no stray version folders (the run folder's lock, .run.lock, is hidden)
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["dcg", "dcg.pt", "version_0"]
     assert sorted(p.name for p in (run / "dcg").iterdir()) == ["version_0"]
     assert sorted(p.name for p in run.rglob("*.json")) == ["metrics.json"]
     assert sorted(p.name for p in run.rglob("config.yaml")) == ["config.yaml"]
