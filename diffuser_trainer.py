@@ -1,7 +1,8 @@
 """The command line: train and evaluate DiffMIC-v2 (or DiffMIC v1: model.method=diffmic_v1).
 
     python diffuser_trainer.py [fit|validate|test|predict] [--config FILE] [--ckpt PATH|best|last]
-                               [--out FILE] [--input DIR_OR_LIST] [key.sub=value ...]
+                               [--out FILE] [--input DIR_OR_LIST] [--explain DIR [--explain-max N]]
+                               [key.sub=value ...]
 
 A config error ends the command with exit code 2 and one line that names the key or the file.
 """
@@ -24,6 +25,7 @@ from config import ConfigError, check_paths, dcg_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
+from explain_outputs import ExplainValidation, check_explain_folder, write_explanations
 from methods import build_system
 from pretraining.train_dcg import pretrain_dcg
 from utils import build_trainer, selection_metric, setup_logging
@@ -106,12 +108,26 @@ def write_predictions(path: Path, predictions: dict, dataset, class_names: list[
     logger.info("wrote %s", path)
 
 
-def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source: str | None = None) -> None:
+def run(
+    command: str,
+    cfg: dict,
+    ckpt_spec: str | None,
+    out: str | None,
+    source: str | None = None,
+    explain: str | None = None,
+    explain_max: int | None = None,
+) -> None:
     """Run one command on a checked config; `out` replaces the default output file; `source` (predict only) is a
-    folder or list of unlabelled images to classify instead of the test list. A checkpoint is read (weights only)
-    and checked against the config before anything runs or is written."""
+    folder or list of unlabelled images to classify instead of the test list; `explain` (predict only) a folder for
+    a figure of what guided each prediction, of the first `explain_max` images (None: all). A checkpoint is read
+    (weights only) and checked against the config before anything runs or is written."""
     if source is not None and command != "predict":
         raise ConfigError(f"--input is for predict, not {command}")
+    if explain_max is not None and (explain is None or explain_max < 1):
+        raise ConfigError(f"--explain-max {explain_max}: give a number >= 1, with --explain DIR")
+    if explain is not None and command != "predict":
+        raise ConfigError(f"--explain is for predict, not {command}")
+    explain_dir = check_explain_folder(explain) if explain is not None else None
     check_paths(cfg, need_dcg=False, need_data=source is None)
     ckpt = find_checkpoint(cfg, ckpt_spec) if ckpt_spec else None
     if command != "fit" and ckpt is None:
@@ -148,6 +164,7 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
             cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
         )
         run_dir = save_config(cfg, trainer)
+        trainer.callbacks.append(ExplainValidation(cfg))  # TensorBoard val/explain/<i> (explain.val_images)
         trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
         history = list(system.val_history)  # the validation metrics of each validated epoch: the learning curve
         best_path = best.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
@@ -182,6 +199,8 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
         if trainer.is_global_zero:
             path = Path(out) if out else run_dir / "predictions.csv"
             write_predictions(path, system.predictions, dataset, names, cfg["data"]["task"] == "multilabel")
+            if explain_dir is not None:  # after the CSV, in the same batches: the figures' scores are the CSV's
+                write_explanations(system, trainer, dataset, explain_dir, explain_max, names)
 
 
 def save_config(cfg: dict, trainer) -> Path:
@@ -206,6 +225,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ckpt", help="checkpoint: a path, best or last (fit: resume from it)")
     parser.add_argument("--out", help="where validate/test/fit write metrics JSON, or predict its CSV")
     parser.add_argument("--input", help="predict: a folder of images or a CSV list of paths, without labels")
+    parser.add_argument("--explain", metavar="DIR", help="predict: a PNG per image of what guided its prediction")
+    parser.add_argument("--explain-max", type=int, metavar="N", help="predict --explain: the first N images only")
     args = parser.parse_intermixed_args(argv)
     args.command = args.words.pop(0) if args.words and args.words[0] in COMMANDS else "fit"
     bad = [w for w in args.words if "=" not in w]
@@ -219,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_config(args.config, args.words)
-        run(args.command, cfg, args.ckpt, args.out, args.input)
+        run(args.command, cfg, args.ckpt, args.out, args.input, args.explain, args.explain_max)
     except ConfigError as err:
         logger.error("config error: %s", err)
         return 2

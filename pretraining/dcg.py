@@ -6,6 +6,7 @@ Notation: B batch, C classes, K ROIs, (h, w) CAM grid = image / 32, r ROI side i
     y_local         (B, C)         gated-attention MIL over the K ROI features
     y_fusion        (B, C)         (y_global + y_local) / 2
     patches         (B, K, r, r)   ROIs cropped from the first channel of the normalised image
+    corners         (B, K, 2)      the patches' upper-left pixels (row, col), in the greedy order of the proposal
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class DCGOutput(NamedTuple):
     patches: torch.Tensor
     attention: torch.Tensor
     saliency: torch.Tensor
+    corners: torch.Tensor | None = None  # where the patches were cropped (explain.py draws them)
 
 
 def top_t_pool(saliency: torch.Tensor, percent_t: float) -> torch.Tensor:
@@ -142,7 +144,7 @@ class DCG(nn.Module):
         h = self.local_trunk(crops).mean(dim=(2, 3)).view(b, k, -1)
         _, attention, y_local = self.mil(h)
         y_fusion = (y_global + y_local) / 2
-        return DCGOutput(y_fusion, y_global, y_local, patches, attention, saliency)
+        return DCGOutput(y_fusion, y_global, y_local, patches, attention, saliency, corners)
 
 
 def build_dcg(cfg: dict) -> DCG:
