@@ -118,25 +118,28 @@ def explain_batch(system, batch: dict) -> Explanation:
     label = batch.get("label")
     if label is not None and label.dim() == 1 and bool((label < 0).all()):  # unlabelled images (predict --input)
         label = None
-    cpu = lambda x: None if x is None else x.detach().float().cpu()  # noqa: E731
     return Explanation(
         method=system.method,
         multilabel=multilabel,
         index=index.cpu(),
         image=unnormalise(image.detach().float()).cpu(),
         label=None if label is None else label.cpu(),
-        scores=cpu(scores),
-        cam=cpu(guide.saliency),
+        scores=_cpu(scores),
+        cam=_cpu(guide.saliency),
         boxes=roi_boxes(guide.corners, system.dcg.roi_size).cpu(),
-        attention=cpu(guide.attention),
-        y_global=cpu(guide.y_global),
-        y_local=cpu(guide.y_local),
+        attention=_cpu(guide.attention),
+        y_global=_cpu(guide.y_global),
+        y_local=_cpu(guide.y_local),
         timesteps=[t for t, _, _ in steps],
         trajectory=torch.stack([s for _, s, _ in steps], dim=1).float().cpu(),
         estimate=None if steps[0][2] is None else torch.stack([e for _, _, e in steps], dim=1).float().cpu(),
-        grid=cpu(grid),
-        prior=cpu(prior),
+        grid=_cpu(grid),
+        prior=_cpu(prior),
     )
+
+
+def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach().float().cpu()
 
 
 # ---------------------------------------------------------------------- the pointing game (benchmarks/explain_demo.py)
