@@ -136,7 +136,8 @@ def explanation_figure(expl: Explanation, b: int, class_names: list[str], image_
                 transform=note.transAxes,
             )
         ax = fig.add_subplot(spec[row, 3 if has_grid else 2])
-        ax.plot(expl.timesteps, expl.trajectory[b, :, c].numpy(), marker="o" if has_grid else None, ms=3, label="Y_t")
+        label, marker = ("Y_t", "o") if has_grid else ("softmax(y_t)", None)
+        ax.plot(expl.timesteps, expl.trajectory[b, :, c].numpy(), marker=marker, ms=3, label=label)
         if expl.estimate is not None:
             ax.plot(expl.timesteps, expl.estimate[b, :, c].numpy(), ls="--", marker="x", ms=3, label="x0 estimate")
         ax.invert_xaxis()  # sampling runs from large t to 0
@@ -157,13 +158,13 @@ def _truth_text(expl: Explanation, b: int, class_names: list[str]) -> str:
     if expl.label is None:
         return ""
     if expl.multilabel:
-        present = [class_names[c] for c in torch_nonzero(expl.label[b])]
+        present = [class_names[c] for c in _present(expl.label[b])]
         return f", present: {', '.join(present) or 'none'}"
     return f", true {class_names[int(expl.label[b])]}"
 
 
-def torch_nonzero(row) -> list[int]:
-    """Indices of a multi-hot row's set entries."""
+def _present(row) -> list[int]:
+    """The findings set in a multi-hot row."""
     return [i for i, v in enumerate(row.tolist()) if v >= 0.5]
 
 
@@ -179,7 +180,7 @@ def _scores_panel(ax, expl: Explanation, b: int, class_names: list[str], predict
     ax.plot(prior, range(c), "k.", label="DCG prior")
     true = set()
     if expl.label is not None:
-        true = set(torch_nonzero(expl.label[b])) if expl.multilabel else {int(expl.label[b])}
+        true = set(_present(expl.label[b])) if expl.multilabel else {int(expl.label[b])}
     ax.set_yticks(range(c), [str(n)[:20] for n in class_names], fontsize=7)
     for k, tick in enumerate(ax.get_yticklabels()):
         if k in true:
