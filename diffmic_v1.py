@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,6 @@ from ema import EMA
 from guided import GuidedSystem
 from model_v1 import build_denoiser_v1
 from pipeline import one_hot
-from pretraining.dcg import DCGOutput
 from seeding import start_noise
 from utils import adam
 
@@ -59,14 +57,10 @@ class DiffMICv1(GuidedSystem):
     def load_initial_weights(self) -> None:
         """Nothing to load: the authors' v1 encoder starts from random weights."""
 
-    def priors(
-        self, image: torch.Tensor, guide: DCGOutput | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """softmax of the DCG's y_fusion, y_global and y_local, each (B, C), without gradients; `guide`: the DCG's
-        outputs for `image` when the caller has them already (explain.py)."""
-        if guide is None:
-            with torch.no_grad():
-                guide = self.dcg(image)
+    def priors(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """softmax of the DCG's y_fusion, y_global and y_local, each (B, C), without gradients."""
+        with torch.no_grad():
+            guide = self.dcg(image)
         return tuple(g.float().softmax(dim=1) for g in (guide.y_fusion, guide.y_global, guide.y_local))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -97,19 +91,16 @@ class DiffMICv1(GuidedSystem):
         # the authors clip the denoiser's gradient norm only, not the DCG's
         torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.cfg["v1"]["grad_clip"])
 
-    def sample(
-        self, image: torch.Tensor, index: torch.Tensor, guide: DCGOutput | None = None, on_step: Callable | None = None
-    ) -> torch.Tensor:
+    def sample(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Class probabilities softmax(y_0) of diffusion.eval_samples samples per image: (S, B, C). The noise of an
-        image depends on `seed` and its dataset `index` only (seeding.start_noise). `guide`: the DCG's outputs when
-        the caller has them already; `on_step`: see card.card_sample."""
+        image depends on `seed` and its dataset `index` only (seeding.start_noise)."""
         steps, samples = self.cfg["v1"]["sampling_steps"], self.cfg["diffusion"]["eval_samples"]
         classes = self.cfg["data"]["num_classes"]
         noise = start_noise(self.cfg["seed"], index, (steps, samples, classes), normal=True)  # (B, steps, S, C)
-        y_hat, _, _ = self.priors(image, guide)
+        y_hat, _, _ = self.priors(image)
         denoiser = self.ema.average if self.cfg["v1"]["evaluate_ema"] else self.denoiser
         x = denoiser.encode(image)
-        y0 = card_sample(denoiser, self.scheduler, x, y_hat, noise.permute(1, 2, 0, 3).to(y_hat), on_step)
+        y0 = card_sample(denoiser, self.scheduler, x, y_hat, noise.permute(1, 2, 0, 3).to(y_hat))
         return y0.softmax(dim=-1)
 
     @torch.no_grad()

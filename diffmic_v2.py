@@ -11,8 +11,6 @@ the prediction is the mean of the final grids over the S samples and the K x K c
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from config import errors_of
@@ -105,20 +103,17 @@ class DiffMICv2(GuidedSystem):
         )
         return diffusion_focal_loss(eps_hat.float(), eps.float(), weight)
 
-    def sample(
-        self, image: torch.Tensor, index: torch.Tensor, guide: DCGOutput | None = None, on_step: Callable | None = None
-    ) -> torch.Tensor:
+    def sample(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """DDIM label grids for an image batch, the mean over diffusion.eval_samples starts: (B, C, K, K).
 
         Y_T is the guided map of two uniform [0, 1) vectors that stand in for y_global and y_local (the
         authors' code), drawn for each image from `seed` and its dataset `index` (seeding.start_noise), so an image
-        gets the same starts in any batch, on any process. `guide`: the DCG's outputs for `image` when the caller
-        has them already (explain.py), so that the DCG still runs once; `on_step`: see pipeline.ddim_sample."""
+        gets the same starts in any batch, on any process."""
         d, grid = self.cfg["diffusion"], self.denoiser.grid_size
         batch, classes = image.shape[0], self.cfg["data"]["num_classes"]
         noise = start_noise(self.cfg["seed"], index, (2, d["eval_samples"], classes))  # (B, 2, S, C)
         start = noise.permute(1, 2, 0, 3).to(image.device)  # (2, S, B, C)
-        guide = self.guide(image) if guide is None else guide
+        guide = self.guide(image)
         prior = self.prior(guide)
         y_start = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid)
         condition = self.denoiser.encode(image, guide.patches)
@@ -130,7 +125,6 @@ class DiffMICv2(GuidedSystem):
                 prior,
                 y_start.view(d["eval_samples"], batch, classes, grid, grid),
                 d["sampling_steps"],
-                on_step,
             )
         return grids.mean(dim=0)
 

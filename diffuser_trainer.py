@@ -25,7 +25,7 @@ from config import ConfigError, check_paths, dcg_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
-from explain_outputs import ExplainValidation, check_explain_folder, write_explanations
+from explain_outputs import check_explain_folder, write_explanations
 from methods import build_system
 from pretraining.train_dcg import pretrain_dcg
 from utils import build_trainer, selection_metric, setup_logging
@@ -164,7 +164,6 @@ def run(
             cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
         )
         run_dir = save_config(cfg, trainer)
-        trainer.callbacks.append(ExplainValidation(cfg))  # TensorBoard val/explain/<i> (explain.val_images)
         trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
         history = list(system.val_history)  # the validation metrics of each validated epoch: the learning curve
         best_path = best.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
@@ -196,11 +195,11 @@ def run(
     else:
         trainer.predict(system, datamodule=data, return_predictions=False)  # gathered into system.predictions
         dataset = data.datasets["predict" if source is not None else "test"]
+        if explain_dir is not None and trainer.is_global_zero:  # in the batches predict used: the CSV's scores
+            write_explanations(system, trainer, dataset, explain_dir, explain_max, names)
         if trainer.is_global_zero:
             path = Path(out) if out else run_dir / "predictions.csv"
             write_predictions(path, system.predictions, dataset, names, cfg["data"]["task"] == "multilabel")
-            if explain_dir is not None:  # after the CSV, in the same batches: the figures' scores are the CSV's
-                write_explanations(system, trainer, dataset, explain_dir, explain_max, names)
 
 
 def save_config(cfg: dict, trainer) -> Path:
@@ -224,9 +223,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
     parser.add_argument("--ckpt", help="checkpoint: a path, best or last (fit: resume from it)")
     parser.add_argument("--out", help="where validate/test/fit write metrics JSON, or predict its CSV")
-    parser.add_argument("--input", help="predict: a folder of images or a CSV list of paths, without labels")
     parser.add_argument("--explain", metavar="DIR", help="predict: a PNG per image of what guided its prediction")
     parser.add_argument("--explain-max", type=int, metavar="N", help="predict --explain: the first N images only")
+    parser.add_argument("--input", help="predict: a folder of images or a CSV list of paths, without labels")
     args = parser.parse_intermixed_args(argv)
     args.command = args.words.pop(0) if args.words and args.words[0] in COMMANDS else "fit"
     bad = [w for w in args.words if "=" not in w]

@@ -2,9 +2,9 @@
 their gated-attention weights, the final K x K label grid and the guided prior map P (DiffMIC-v2), and the class
 scores after every sampling step.
 
-It runs the model's own sampling path (`sample` with the DCG's outputs handed in): the DCG and the encoders once per
-image and the same start noise (seeding.start_noise, by dataset index), so its final scores are, to the last bit,
-the ones evaluation computes for the same batch; it only reads what the sampler produces.
+It watches the model's own evaluation of the batch (`evaluate_batch`): the DCG and the encoders run once per image,
+with the same start noise (seeding.start_noise, by dataset index), so its scores are, to the last bit, the ones
+evaluation computes for the same batch; it only reads what the DCG and the sampler produce.
 
 Notation: B images, C classes, K ROIs (= grid side), (h, w) the CAM, (H, W) the image, N sampling steps.
 """
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
+from recording import record_steps
 
 
 @dataclass
@@ -91,38 +92,39 @@ def unnormalise(image: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def explain_batch(system, batch: dict) -> Explanation:
     """What guided `system`'s predictions for `batch` (image, index, label; on the system's device, under the
-    precision context evaluation runs in). `system`: a DiffMICv2 or DiffMICv1 in eval mode."""
-    image, index = batch["image"], batch["index"]
-    multilabel = system.cfg["data"]["task"] == "multilabel"
-    steps: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
-    if system.method == "diffmic_v2":
-        guide = system.guide(image)
+    precision context evaluation runs in). `system`: a DiffMICv2 or DiffMICv1 in eval mode.
 
-        def record(t: int, x0_hat: torch.Tensor, y_next: torch.Tensor) -> None:
-            # the same reductions as the scores below (samples, then cells): the last entry is the score itself
-            steps.append((t, y_next.mean(dim=0).mean(dim=(2, 3)), x0_hat.mean(dim=0).mean(dim=(2, 3))))
+    It is the system's own `evaluate_batch`, watched: a forward hook keeps the DCG's outputs (the DCG runs once, in
+    the sampler), recording.record_steps keeps each sampling step, and the scores are the ones evaluate_batch
+    returns. Nothing is computed twice, and no number of evaluation changes."""
+    guides: list = []
+    steps: list[tuple] = []  # (t, scores, x0 estimate's scores, v2's grids (S, B, C, K, K))
+    v2 = system.method == "diffmic_v2"
 
-        grid = system.sample(image, index, guide=guide, on_step=record)
-        scores, prior = grid.mean(dim=(2, 3)), system.prior(guide)
-    else:  # DiffMIC v1: its DCG, then CARD's chain on the label vector; no grid
-        guide = system.dcg(image)
+    def record(t: int, *outputs: torch.Tensor) -> None:
+        if v2:  # (x0_hat, y_next), (S, B, C, K, K): means over samples, then cells, as the scores are taken
+            x0_hat, y_next = outputs
+            steps.append((t, y_next.mean(dim=0).mean(dim=(2, 3)), x0_hat.mean(dim=0).mean(dim=(2, 3)), y_next))
+        else:  # v1: y (S, B, C); its scores are softmax(y_0)
+            steps.append((t, outputs[0].softmax(dim=-1).mean(dim=0), None, None))
 
-        def record(t: int, y: torch.Tensor) -> None:
-            steps.append((t, y.softmax(dim=-1).mean(dim=0), None))
-
-        probabilities = system.sample(image, index, guide=guide, on_step=record)
-        # as DiffMICv1.evaluate_batch: a diverged sample scores 1 / C for every class
-        finite = torch.isfinite(probabilities).all(dim=-1, keepdim=True)
-        probabilities = torch.where(finite, probabilities, torch.full_like(probabilities, 1 / probabilities.shape[-1]))
-        scores, grid, prior = probabilities.mean(dim=0), None, None
+    hook = system.dcg.register_forward_hook(lambda module, args, output: guides.append(output))
+    try:
+        with record_steps(record):
+            scores = system.evaluate_batch(batch)["scores"]
+    finally:
+        hook.remove()
+    assert len(guides) == 1, f"the DCG ran {len(guides)} times for one batch"
+    guide = guides[0]
+    grid = steps[-1][3].mean(dim=0) if v2 else None  # the final grids, averaged over the samples as `sample` does
     label = batch.get("label")
     if label is not None and label.dim() == 1 and bool((label < 0).all()):  # unlabelled images (predict --input)
         label = None
     return Explanation(
         method=system.method,
-        multilabel=multilabel,
-        index=index.cpu(),
-        image=unnormalise(image.detach().float()).cpu(),
+        multilabel=system.cfg["data"]["task"] == "multilabel",
+        index=batch["index"].cpu(),
+        image=unnormalise(batch["image"].detach().float()).cpu(),
         label=None if label is None else label.cpu(),
         scores=_cpu(scores),
         cam=_cpu(guide.saliency),
@@ -130,11 +132,11 @@ def explain_batch(system, batch: dict) -> Explanation:
         attention=_cpu(guide.attention),
         y_global=_cpu(guide.y_global),
         y_local=_cpu(guide.y_local),
-        timesteps=[t for t, _, _ in steps],
-        trajectory=torch.stack([s for _, s, _ in steps], dim=1).float().cpu(),
-        estimate=None if steps[0][2] is None else torch.stack([e for _, _, e in steps], dim=1).float().cpu(),
+        timesteps=[step[0] for step in steps],
+        trajectory=torch.stack([step[1] for step in steps], dim=1).float().cpu(),
+        estimate=torch.stack([step[2] for step in steps], dim=1).float().cpu() if v2 else None,
         grid=_cpu(grid),
-        prior=_cpu(prior),
+        prior=_cpu(system.prior(guide)) if v2 else None,
     )
 
 

@@ -122,13 +122,16 @@ def validation_indices(size: int, count: int, seed: int) -> list[int]:
 
 class ExplainValidation(pl.Callback):
     """At the end of every validation of a fit, the figures of explain.val_images fixed validation images (seeded
-    with `seed`) as TensorBoard images val/explain/<i>, at the epoch's step: the guidance sharpening over training."""
+    with `seed`) as TensorBoard images val/explain/<i>, at the epoch's step: the guidance sharpening over training.
+    It runs once the split's metrics are taken (on_validation_end, the model still in eval mode), so that its
+    evaluation of the images cannot count in them (e.g. in a count of diverged samples)."""
 
     def __init__(self, cfg: dict) -> None:
-        self.count, self.seed = cfg["explain"]["val_images"], cfg["seed"]
+        self.count = cfg.get("explain", {}).get("val_images", 0)  # configs stored before the key: off
+        self.seed = cfg["seed"]
         self.class_names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         if not (self.count and fitting and trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger)):
             return

@@ -6,7 +6,6 @@ Notation: B batch, C classes, K ROIs, (h, w) CAM grid = image / 32, r ROI side i
     y_local         (B, C)         gated-attention MIL over the K ROI features
     y_fusion        (B, C)         (y_global + y_local) / 2
     patches         (B, K, r, r)   ROIs cropped from the first channel of the normalised image
-    corners         (B, K, 2)      the patches' upper-left pixels (row, col), in the greedy order of the proposal
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ class DCGOutput(NamedTuple):
     patches: torch.Tensor
     attention: torch.Tensor
     saliency: torch.Tensor
-    corners: torch.Tensor | None = None  # where the patches were cropped (explain.py draws them)
+    corners: torch.Tensor | None = None  # (B, K, 2) the patches' upper-left pixels (row, col), in proposal order
 
 
 def top_t_pool(saliency: torch.Tensor, percent_t: float) -> torch.Tensor:

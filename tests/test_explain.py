@@ -18,6 +18,7 @@ from explain import cell_boxes, explain_batch, pointing_hits, roi_boxes
 from explain_figure import box_line_width, display_scale, explanation_figure
 from figures import save
 from pipeline import DDIMScheduler, ddim_sample, guided_prior_map
+from recording import record_steps
 
 SMALL = ["model.feature_dim=16", "data.num_classes=3", "data.class_names=null"]
 NAMES = ["a", "b", "c"]
@@ -61,6 +62,10 @@ def test_ddim_on_step_sees_every_step_and_changes_no_bit(make_denoiser, clip):
     seen = []
     recorded = ddim_sample(denoiser, scheduler, condition, prior, start, 10, lambda t, x0, y: seen.append((t, x0, y)))
     assert torch.equal(plain, recorded), "the callback must not change the sampled grids"
+    inside = []
+    with record_steps(lambda t, x0, y: inside.append(t)):  # the way explain.py reaches it, through the model
+        assert torch.equal(ddim_sample(denoiser, scheduler, condition, prior, start, 10), plain)
+    assert inside == [t for t, _, _ in seen]
     assert [t for t, _, _ in seen] == list(range(900, -1, -100))
     assert torch.equal(seen[-1][2], plain), "the last step's grid is the result"
     # after the last step alpha_bar_prev = 1: the grid is the clean estimate itself
