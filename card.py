@@ -20,8 +20,12 @@ released configs: 250 of 1000 steps for ISIC, 60 for APTOS) the chain is cut, no
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from recording import active_recorder
 
 
 class CARDScheduler(nn.Module):
@@ -94,15 +98,19 @@ def card_sample(
     condition: torch.Tensor,
     y_hat: torch.Tensor,
     noise: torch.Tensor,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling of S label vectors per image: (S, B, C).
 
     denoiser: has `denoise(condition, y_t, y_hat, t) -> eps_hat` (model_v1.py); condition (B, F), computed once
     per image; y_hat (B, C) the fused prior; noise (steps, S, B, C) standard normal: noise[0] draws the start
-    y_{steps-1} = y_hat + noise[0], noise[k] the step from t = steps - k. One denoiser call per step and sample."""
+    y_{steps-1} = y_hat + noise[0], noise[k] the step from t = steps - k. One denoiser call per step and sample.
+    on_step(t, y) (default: the active recording.record_steps callback) sees the vectors each step leads to,
+    (S, B, C), and only reads them."""
     steps, samples, batch, classes = noise.shape
     assert steps <= scheduler.num_train_timesteps, f"{steps} sampling steps exceed the {scheduler.num_train_timesteps}"
     assert y_hat.shape == (batch, classes), f"y_hat {tuple(y_hat.shape)} does not match noise {tuple(noise.shape)}"
+    on_step = on_step if on_step is not None else active_recorder()
     condition = condition.repeat(samples, 1)  # sample-major rows: (S * B, F)
     y_hat = y_hat.float().repeat(samples, 1)
     y = y_hat + noise[0].flatten(0, 1)
@@ -110,6 +118,8 @@ def card_sample(
         t_rows = torch.full((samples * batch,), t, device=y.device, dtype=torch.long)
         eps_hat = denoiser.denoise(condition, y, y_hat, t_rows).float()
         y = scheduler.step(eps_hat, t, y, y_hat, noise[k + 1].flatten(0, 1) if t > 0 else None)
+        if on_step is not None:
+            on_step(t, y.view(samples, batch, classes))
     return y.view(samples, batch, classes)
 
 

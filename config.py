@@ -323,6 +323,9 @@ def _check_values(cfg: dict) -> None:
             raise ConfigError(
                 f"config key {key}: must be in [0, 1] (a fraction of the learning rate), got {_get(cfg, key)}"
             )
+    shown = cfg["explain"]["val_images"]
+    if not 0 <= shown <= 8:
+        raise ConfigError(f"config key explain.val_images: must be in 0..8 (0: off), got {shown}")
     if cfg["model"]["method"] == "diffmic_v1":
         _check_v1(cfg)
     if data["dataset"] == "synthetic" and data["task"] == "multilabel":

@@ -1,7 +1,8 @@
 """The command line: train and evaluate DiffMIC-v2 (or DiffMIC v1: model.method=diffmic_v1).
 
     python diffuser_trainer.py [fit|validate|test|predict] [--config FILE] [--ckpt PATH|best|last]
-                               [--out FILE] [--input DIR_OR_LIST] [key.sub=value ...]
+                               [--out FILE] [--input DIR_OR_LIST] [--explain DIR [--explain-max N]]
+                               [key.sub=value ...]
 
 A config error ends the command with exit code 2 and one line that names the key or the file; a diverged training
 with 3, Ctrl-C with 130 and SIGTERM with 143, each with one line that says what was kept (faults.py).
@@ -27,6 +28,7 @@ from dataloader.datamodule import DiffMICDataModule
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
 from evaluation import uncertainty_figures
+from explain_outputs import check_explain_folder, write_explanations
 from faults import (
     EXIT_CONFIG,
     EXIT_DISTRIBUTED,
@@ -158,12 +160,26 @@ def calibrate(trainer, system, cfg: dict) -> None:
     trainer.validate(system, datamodule=DiffMICDataModule(cfg), verbose=False)
 
 
-def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source: str | None = None) -> None:
+def run(
+    command: str,
+    cfg: dict,
+    ckpt_spec: str | None,
+    out: str | None,
+    source: str | None = None,
+    explain: str | None = None,
+    explain_max: int | None = None,
+) -> None:
     """Run one command on a checked config; `out` replaces the default output file; `source` (predict only) is a
-    folder or list of unlabelled images to classify instead of the test list. A checkpoint is read (weights only)
-    and checked against the config before anything runs or is written."""
+    folder or list of unlabelled images to classify instead of the test list; `explain` (predict only) a folder for
+    a figure of what guided each prediction, of the first `explain_max` images (None: all). A checkpoint is read
+    (weights only) and checked against the config before anything runs or is written."""
     if source is not None and command != "predict":
         raise ConfigError(f"--input is for predict, not {command}")
+    if explain_max is not None and (explain is None or explain_max < 1):
+        raise ConfigError(f"--explain-max {explain_max}: give a number >= 1, with --explain DIR")
+    if explain is not None and command != "predict":
+        raise ConfigError(f"--explain is for predict, not {command}")
+    explain_dir = check_explain_folder(explain) if explain is not None else None
     check_paths(cfg, need_dcg=False, need_data=source is None)
     ckpt = find_checkpoint(cfg, ckpt_spec) if ckpt_spec else None
     if command != "fit" and ckpt is None:
@@ -236,6 +252,8 @@ def run(command: str, cfg: dict, ckpt_spec: str | None, out: str | None, source:
         calibrate(trainer, system, cfg)
         trainer.predict(system, datamodule=data, return_predictions=False)  # gathered into system.predictions
         dataset = data.datasets["predict" if source is not None else "test"]
+        if explain_dir is not None and trainer.is_global_zero:  # in the batches predict used: the CSV's scores
+            write_explanations(system, trainer, dataset, explain_dir, explain_max, names)
         if trainer.is_global_zero:
             path = Path(out) if out else run_dir / "predictions.csv"
             multilabel = cfg["data"]["task"] == "multilabel"
@@ -273,6 +291,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
     parser.add_argument("--ckpt", help="checkpoint: a path, best or last (fit: resume from it)")
     parser.add_argument("--out", help="where validate/test/fit write metrics JSON, or predict its CSV")
+    parser.add_argument("--explain", metavar="DIR", help="predict: a PNG per image of what guided its prediction")
+    parser.add_argument("--explain-max", type=int, metavar="N", help="predict --explain: the first N images only")
     parser.add_argument("--input", help="predict: a folder of images or a CSV list of paths, without labels")
     parser.add_argument("--debug", action="store_true", help="a diverged or interrupted run shows its traceback")
     args = parser.parse_intermixed_args(argv)
@@ -289,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.config, args.words)
-        run(args.command, cfg, args.ckpt, args.out, args.input)
+        run(args.command, cfg, args.ckpt, args.out, args.input, args.explain, args.explain_max)
     except ConfigError as err:
         logger.error("config error: %s", err)
         return EXIT_CONFIG

@@ -167,6 +167,12 @@ class GuidedSystem(EvaluatedSystem):
         system.load_checkpoint_file(checkpoint_path, dcg_path, checkpoint)
         return system.eval()
 
+    def configure_callbacks(self) -> list:
+        """TensorBoard's val/explain/<i> at every validation of a fit (explain.val_images; explain_outputs.py)."""
+        from explain_outputs import ExplainValidation  # the explanation's figure code, loaded when a Trainer asks
+
+        return [ExplainValidation(self.cfg)]
+
 
 def _holds_dcg(checkpoint: dict[str, Any]) -> bool:
     return any(key.startswith("dcg.") for key in checkpoint["state_dict"])

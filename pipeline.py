@@ -18,8 +18,12 @@ denoiser with `denoise(condition, concat[P, Y_t], t)`, the condition, the prior 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from recording import active_recorder
 
 
 def guided_prior_map(y_global: torch.Tensor, y_local: torch.Tensor, grid_size: int) -> torch.Tensor:
@@ -77,20 +81,26 @@ class DDIMScheduler(nn.Module):
         a = a[:, None] if a.dim() == 3 else a.view(-1, 1, 1, 1)
         return a.sqrt() * y0 + (1 - a).sqrt() * noise
 
+    def predict_x0(self, eps_hat: torch.Tensor, t: int, y_t: torch.Tensor) -> torch.Tensor:
+        """x0_hat = (Y_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t), clipped when clip_sample: the clean
+        grid a DDIM step estimates (what `step` moves towards). Float32 (or the inputs' wider type), autocast off."""
+        with torch.autocast(y_t.device.type, enabled=False):
+            dtype = torch.promote_types(torch.promote_types(y_t.dtype, eps_hat.dtype), torch.float32)
+            y_t, eps_hat = y_t.to(dtype), eps_hat.to(dtype)
+            a_t = self.alphas_cumprod[int(t)]
+            x0_hat = (y_t - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+            return x0_hat.clamp(-1.0, 1.0) if self.clip_sample else x0_hat
+
     def step(self, eps_hat: torch.Tensor, t: int, y_t: torch.Tensor) -> torch.Tensor:
         """One deterministic DDIM update Y_t -> Y_{t - r} given the predicted noise. The arithmetic is float32 (or
         the inputs' wider type) with autocast off: a denoiser run under bf16 autocast hands in a bf16 eps_hat,
         which is cast up here, so only the network runs in bf16, never the scheduler."""
         t = int(t)
         with torch.autocast(y_t.device.type, enabled=False):
-            dtype = torch.promote_types(torch.promote_types(y_t.dtype, eps_hat.dtype), torch.float32)
-            y_t, eps_hat = y_t.to(dtype), eps_hat.to(dtype)
-            a_t = self.alphas_cumprod[t]
+            x0_hat = self.predict_x0(eps_hat, t, y_t)
+            eps_hat = eps_hat.to(x0_hat.dtype)
             prev = t - self.step_ratio
-            a_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.ones_like(a_t)
-            x0_hat = (y_t - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
-            if self.clip_sample:
-                x0_hat = x0_hat.clamp(-1.0, 1.0)
+            a_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.ones_like(self.alphas_cumprod[t])
             return a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps_hat
 
 
@@ -123,25 +133,35 @@ def ddim_sample(
     prior: torch.Tensor,
     y_start: torch.Tensor,
     num_steps: int,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Denoise label grids with DDIM from S starts per image; the encoders are not run here.
 
     condition x_w (B, F) and prior P (B, C, K, K) are computed once per image; y_start Y_T is
     (S, B, C, K, K). Every step calls `denoiser.denoise(x_w, concat[P, Y_t], t)` on all S * B grids at
-    once, each cell at the same t. Returns the final grids, (S, B, C, K, K)."""
+    once, each cell at the same t. Returns the final grids, (S, B, C, K, K).
+
+    on_step(t, x0_hat, y_next) (default: the active recording.record_steps callback) sees every step's clean-grid
+    estimate and the grid it leads to, both (S, B, C, K, K); it only reads them (explain.py records the score
+    trajectory), so the grids are the same with and without it."""
     samples, batch = y_start.shape[:2]
     assert y_start.dim() == 5 and y_start.shape[2:] == prior.shape[1:] and batch == prior.shape[0], (
         f"y_start must be (S, B, C, K, K) with (B, C, K, K) = {tuple(prior.shape)}, got {tuple(y_start.shape)}"
     )
     assert condition.shape[0] == batch, f"condition has {condition.shape[0]} rows for {batch} images"
     # rows are sample-major (S * B): sample s of image b is row s * B + b
+    on_step = on_step if on_step is not None else active_recorder()
     prior, condition = prior.repeat(samples, 1, 1, 1), condition.repeat(samples, 1)
     y_t = y_start.flatten(0, 1)
     scheduler.set_timesteps(num_steps)
     for t in scheduler.timesteps.tolist():
         t_cells = torch.full(y_t.shape[:1] + y_t.shape[2:], t, device=y_t.device, dtype=torch.long)
         eps_hat = denoiser.denoise(condition, torch.cat([prior, y_t], dim=1), t_cells)
-        y_t = scheduler.step(eps_hat, t, y_t)
+        y_next = scheduler.step(eps_hat, t, y_t)
+        if on_step is not None:
+            shape = (samples, batch, *y_t.shape[1:])
+            on_step(t, scheduler.predict_x0(eps_hat, t, y_t).view(shape), y_next.view(shape))
+        y_t = y_next
     return y_t.view(samples, batch, *y_t.shape[1:])
 
 

@@ -50,6 +50,14 @@ PALETTE = np.array(
 
 def make_image(rng: np.random.Generator, label: int, image_size: int, pattern_size: int) -> np.ndarray:
     """One (H, W, 3) uint8 image of class `label`."""
+    return make_image_with_boxes(rng, label, image_size, pattern_size)[0]
+
+
+def make_image_with_boxes(
+    rng: np.random.Generator, label: int, image_size: int, pattern_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (H, W, 3) uint8 image of class `label`, the box of its class texture and the box of its distractor blob,
+    each (top, left, bottom, right) in pixels, bottom and right exclusive: where the class evidence really is."""
     s, p = image_size, pattern_size
     yy, xx = np.mgrid[0:s, 0:s] / s
     shade = rng.uniform(0.2, 0.5, 3) + rng.uniform(-0.15, 0.15, 3) * (yy[..., None] + xx[..., None])
@@ -60,7 +68,8 @@ def make_image(rng: np.random.Generator, label: int, image_size: int, pattern_si
     colour = np.clip(PALETTE[label] + rng.uniform(-0.1, 0.1, 3), 0.0, 1.0)
     mask = _texture(label, p)[..., None]
     image[y : y + p, x : x + p] = mask * colour + (1 - mask) * image[y : y + p, x : x + p]
-    return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    texture, distractor = np.array([y, x, y + p, x + p]), np.array([blob_y, blob_x, blob_y + p, blob_x + p])
+    return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), texture, distractor
 
 
 class SyntheticPatterns(Dataset):
@@ -74,7 +83,12 @@ class SyntheticPatterns(Dataset):
         rng = np.random.default_rng(seed)
         self.labels = np.arange(num_samples) % num_classes
         rng.shuffle(self.labels)
-        self.images = np.stack([make_image(rng, int(c), image_size, pattern_size) for c in self.labels])
+        made = [make_image_with_boxes(rng, int(c), image_size, pattern_size) for c in self.labels]
+        self.images = np.stack([m[0] for m in made])
+        # (N, 4) boxes (top, left, bottom, right) of each image's class texture and distractor, in image pixels:
+        # the ground truth of the pointing game (benchmarks/explain_demo.py); the eval transform keeps the geometry
+        self.texture_boxes = np.stack([m[1] for m in made])
+        self.distractor_boxes = np.stack([m[2] for m in made])
         self.ids = [f"synthetic_{seed}_{k:05d}" for k in range(num_samples)]
         self.transform = transform
 

@@ -33,6 +33,7 @@ class DCGOutput(NamedTuple):
     patches: torch.Tensor
     attention: torch.Tensor
     saliency: torch.Tensor
+    corners: torch.Tensor | None = None  # (B, K, 2) the patches' upper-left pixels (row, col), in proposal order
 
 
 def top_t_pool(saliency: torch.Tensor, percent_t: float) -> torch.Tensor:
@@ -49,6 +50,14 @@ def roi_window(roi_size: int, cam_size: int, image_size: int) -> int:
     return max(1, int(round(roi_size * cam_size / image_size)))
 
 
+def roi_score(saliency: torch.Tensor) -> torch.Tensor:
+    """What the ROI proposal ranks the cells by: the class maps min-max normalised and summed, (B, C, h, w) -> (B, 1,
+    h, w)."""
+    lo = saliency.amin(dim=(2, 3), keepdim=True)
+    hi = saliency.amax(dim=(2, 3), keepdim=True)
+    return ((saliency - lo) / (hi - lo).clamp_min(1e-12)).sum(1, keepdim=True)
+
+
 def propose_rois(saliency: torch.Tensor, num_rois: int, window: int) -> torch.Tensor:
     """Greedy ROI proposal on the CAM: (B, C, h, w) -> upper-left cells (B, K, 2) as (row, col).
 
@@ -58,9 +67,7 @@ def propose_rois(saliency: torch.Tensor, num_rois: int, window: int) -> torch.Te
     dependent steps, each one batched over the whole mini-batch.
     """
     b, _, h, w = saliency.shape
-    lo = saliency.amin(dim=(2, 3), keepdim=True)
-    hi = saliency.amax(dim=(2, 3), keepdim=True)
-    score = ((saliency - lo) / (hi - lo).clamp_min(1e-12)).sum(1, keepdim=True)  # (B, 1, h, w)
+    score = roi_score(saliency)
     if window == 1:
         index = score.flatten(1).topk(num_rois, dim=1).indices  # (B, K)
         return torch.stack((index // w, index % w), dim=-1)
@@ -168,7 +175,7 @@ class DCG(nn.Module):
         h = self.local_trunk(crops).mean(dim=(2, 3)).view(b, k, -1)
         _, attention, y_local = self.mil(h)
         y_fusion = (y_global + y_local) / 2
-        return DCGOutput(y_fusion, y_global, y_local, patches, attention, saliency)
+        return DCGOutput(y_fusion, y_global, y_local, patches, attention, saliency, corners)
 
 
 def dcg_backbone(cfg: dict) -> str:
