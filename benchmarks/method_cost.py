@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.speed import count_flops, machine, sample_once, sample_reencoding, timed
-from card import card_sample
 from config import PROJECT_ROOT, load_config, parse_args_with_overrides
 from diffmic_v1 import DiffMICv1
+from diffmic_v1.card import card_sample
 from diffmic_v2 import DiffMICv2
 from seeding import start_noise
 from utils import setup_logging

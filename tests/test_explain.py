@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from card import CARDScheduler, card_sample
 from config import load_config
 from dataloader.synthetic import PALETTE, SyntheticPatterns, _texture, make_image, make_image_with_boxes
 from diffmic_v1 import DiffMICv1
+from diffmic_v1.card import CARDScheduler, card_sample
 from diffmic_v2 import DiffMICv2
 from explain import cell_boxes, explain_batch, pointing_hits, roi_boxes
 from explain_figure import box_line_width, display_scale, explanation_figure

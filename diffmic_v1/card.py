@@ -102,7 +102,7 @@ def card_sample(
 ) -> torch.Tensor:
     """Ancestral sampling of S label vectors per image: (S, B, C).
 
-    denoiser: has `denoise(condition, y_t, y_hat, t) -> eps_hat` (model_v1.py); condition (B, F), computed once
+    denoiser: has `denoise(condition, y_t, y_hat, t) -> eps_hat` (diffmic_v1/model.py); condition (B, F), computed once
     per image; y_hat (B, C) the fused prior; noise (steps, S, B, C) standard normal: noise[0] draws the start
     y_{steps-1} = y_hat + noise[0], noise[k] the step from t = steps - k. One denoiser call per step and sample.
     on_step(t, y) (default: the active recording.record_steps callback) sees the vectors each step leads to,

@@ -3,7 +3,7 @@
 
 Training, one batch:
     image -> DCG (eval mode) -> softmax priors y_hat (fused), y_hat_global, y_hat_local
-    label y_0, one eps, antithetic t -> three y_t, one per prior (card.py)
+    label y_0, one eps, antithetic t -> three y_t, one per prior (diffmic_v1/card.py)
     image -> encoder once -> x;  eps_hat, eps_hat_global, eps_hat_local = denoise(x, y_t, prior, t)
     loss = MSE(eps, eps_hat) + v1.mmd_weight (MMD(eps, eps_hat_global) + MMD(eps, eps_hat_local))
     v1.joint_train: the DCG also takes a cross-entropy step on y_fusion (train mode, dcg.lr, AMSGrad)
@@ -19,10 +19,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from card import CARDScheduler, card_sample, dual_guidance_loss
-from ema import EMA
+from diffmic_v1.card import CARDScheduler, card_sample, dual_guidance_loss
+from diffmic_v1.ema import EMA
+from diffmic_v1.model import build_denoiser_v1
 from guided import GuidedSystem
-from model_v1 import build_denoiser_v1
 from pipeline import one_hot
 from seeding import start_noise
 from uncertainty import sample_statistics
