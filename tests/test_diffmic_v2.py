@@ -151,7 +151,10 @@ def test_evaluate_batch_probabilities_and_sample_uncertainty():
 
 
 def test_multilabel_probabilities_are_per_finding():
-    system = small_system("data.task=multilabel", "diffusion.eval_samples=2", "diffusion.sampling_steps=2").eval()
+    system = small_system(
+        "data.dataset=list", "data.task=multilabel", "diffusion.eval_samples=2", "diffusion.sampling_steps=2"
+    )
+    system.eval()
     labels = torch.tensor([[1, 0, 1], [0, 0, 0]])
     out = system.evaluate_batch({"image": torch.randn(2, 3, 64, 64), "label": labels, "index": torch.arange(2)})
     torch.testing.assert_close(out["probs"], out["scores"].clamp(0, 1))
