@@ -326,13 +326,34 @@ def resumed_report(path: Path, fresh: dict) -> dict:
         raise ConfigError(f"no report {path} to resume: run without --resume first")
     report = json.loads(path.read_text())
     old, new = report["config"], json.loads(json.dumps(fresh["config"]))
-    if old != new:
-        raise ConfigError(f"{path} was written with another config (differs in {', '.join(config_changes(old, new))})")
+    changed = config_changes(old, new)
+    # keys the project gained after the report was written: its runs had no such setting, so they do not conflict
+    added = [key for key in changed if not _has_key(old, key)]
+    if len(added) < len(changed):
+        different = ", ".join(k for k in changed if k not in added)
+        raise ConfigError(f"{path} was written with another config (differs in {different})")
+    if added:
+        logger.warning("resuming %s: keys added to the project since it was written, kept as given: %s", path, added)
+        report.setdefault("keys_added_on_resume", {}).update({k: _get_key(new, k) for k in added})
     logger.info("resuming %s: %d run(s) kept", path, len(report["runs"]))
     report["seeds"] = list(dict.fromkeys([*report["seeds"], *fresh["seeds"]]))
     report["methods"] = list(dict.fromkeys([*report["methods"], *fresh["methods"]]))
     report.setdefault("resumed_with", []).append(fresh["command"])
     return report
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _get_key(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:

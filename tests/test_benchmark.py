@@ -299,3 +299,18 @@ def test_uncertainty_benchmark_smoke(tmp_path):
     assert sorted(p for p in (tmp_path / "logs").rglob("*.ckpt")) == before
     again = json.loads((tmp_path / "again.json").read_text())
     assert [r["test"] for r in again["runs"]] == pytest.approx([r["test"] for r in report["runs"]], nan_ok=True)
+
+
+def test_resuming_a_report_tolerates_keys_added_since_but_not_changed_values(tmp_path):
+    from config import ConfigError
+
+    base = {"name": "b", "dcg": {"epochs": 4}, "trainer": {"max_epochs": 4}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"config": base, "runs": [{"method": "dcg"}], "seeds": [0], "methods": ["dcg"]}))
+    grown = {"name": "b", "dcg": {"epochs": 4, "backbone": "resnet18"}, "trainer": {"max_epochs": 4}, "explain": {}}
+    report = accuracy.resumed_report(path, {"config": grown, "seeds": [1], "methods": ["dcg"], "command": "c"})
+    assert report["runs"] == [{"method": "dcg"}] and report["seeds"] == [0, 1]
+    assert report["keys_added_on_resume"] == {"dcg.backbone": "resnet18", "explain": {}}
+    changed = {**grown, "dcg": {"epochs": 5, "backbone": "resnet18"}}
+    with pytest.raises(ConfigError, match=r"differs in dcg\.epochs\)"):
+        accuracy.resumed_report(path, {"config": changed, "seeds": [1], "methods": ["dcg"], "command": "c"})
