@@ -1,7 +1,7 @@
 """A read-only window on the samplers' steps, for explanations (explain.py): inside `record_steps(on_step)`, every
-step of pipeline.ddim_sample and card.card_sample hands what it computed to on_step. The methods between a caller
-and the sampler (a model's `sample`, `evaluate_batch`) need not pass it along, and the samplers' numbers do not
-change: on_step only reads them."""
+step of pipeline.ddim_sample and diffmic_v1.card.card_sample hands what it computed to on_step. The methods between
+a caller and the sampler (a model's `sample`, `evaluate_batch`) need not pass it along, and the samplers' numbers do
+not change: on_step only reads them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ _recorders: list[Callable] = []  # innermost last
 
 @contextlib.contextmanager
 def record_steps(on_step: Callable) -> Iterator[None]:
-    """Inside, the samplers call `on_step` at every step (the arguments: pipeline.ddim_sample, card.card_sample)."""
+    """Inside, the samplers call `on_step` at every step (its arguments: pipeline.ddim_sample's and
+    diffmic_v1.card.card_sample's)."""
     _recorders.append(on_step)
     try:
         yield
