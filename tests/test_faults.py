@@ -18,7 +18,7 @@ from helpers import ROOT, TINY, cli, ok
 from checkpoints import read_checkpoint
 from config import load_config
 from diffmic_v2 import DiffMICv2
-from faults import EXIT_DIVERGED, TrainingDiverged, resume_command
+from faults import EXIT_DIVERGED, RunInterrupted, TrainingDiverged, report_fault, resume_command
 from utils import build_trainer
 
 
@@ -38,9 +38,14 @@ def test_a_diverging_demo_stops_at_the_step_with_one_line(tmp_path):
     assert "(epoch 0;" in lines[0] and "optim.lr (now 100000000.0)" in lines[0]
     assert "Traceback" not in result.stderr
     assert "val (epoch" not in result.stderr.split("DCG saved to")[-1], "stopped before the first validation"
-    # with --debug, the traceback
-    debug = cli("fit", *TINY, "optim.lr=1e8", f"trainer.log_dir={tmp_path / 'debug'}", "--debug")
-    assert debug.returncode == 1 and "TrainingDiverged" in debug.stderr and "Traceback" in debug.stderr
+
+
+def test_debug_shows_the_traceback_instead_of_the_line():
+    err = TrainingDiverged("training diverged: ...", rank=0)
+    assert report_fault(err, debug=False) == EXIT_DIVERGED
+    with pytest.raises(TrainingDiverged):
+        report_fault(err, debug=True)
+    assert report_fault(RunInterrupted("x", "SIGTERM", rank=1), debug=False) == 143  # said by rank 0 only
 
 
 class _Diverging(pl.LightningModule):
