@@ -105,6 +105,7 @@ def measure(outputs: dict[str, dict], names: list[str]) -> dict:
         "test": uncertainty_metrics(test["label"], test["probs"], scores, 1.0, names),
         "test_scaled": uncertainty_metrics(test["label"], test["probs"], scores, temperature, names),
         "val": uncertainty_metrics(val["label"], val["probs"], {k: val[k] for k in scores}, 1.0, names),
+        "val_scaled": uncertainty_metrics(val["label"], val["probs"], {k: val[k] for k in scores}, temperature, names),
         "acc": float(np.mean(test["probs"].argmax(axis=1) == test["label"])),
     }
     if "votes" in val:  # the alternative probability of the diffusion models, on validation
@@ -132,7 +133,7 @@ def summarise(runs: list[dict]) -> dict:
     for label in dict.fromkeys(r["label"] for r in runs):
         rows = [r for r in runs if r["label"] == label]
         numbers = {"acc": [r["acc"] for r in rows], "temperature": [r["temperature"] for r in rows]}
-        for part in ("test", "test_scaled", "val", "val_votes", "val_votes_scaled"):
+        for part in ("test", "test_scaled", "val", "val_scaled", "val_votes", "val_votes_scaled"):
             if part in rows[0]:
                 for key in rows[0][part]:
                     numbers[f"{part}:{key}"] = [r[part][key] for r in rows]
@@ -204,8 +205,9 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         ]
         for label, e in votes:
             lines.append(
-                f"| {label} | mean grid on the simplex | {_cell(e, 'val:calib/ece')} | – | "
-                f"{_cell(e, 'val:calib/brier')} | {_cell(e, 'val:calib/nll')} | – |"
+                f"| {label} | mean grid on the simplex | {_cell(e, 'val:calib/ece')} | "
+                f"{_cell(e, 'val_scaled:calib/ece')} | {_cell(e, 'val:calib/brier')} | {_cell(e, 'val:calib/nll')} | "
+                f"{_cell(e, 'val_scaled:calib/nll')} |"
             )
             lines.append(
                 f"| {label} | share of cell votes | {_cell(e, 'val_votes:calib/ece')} | "
