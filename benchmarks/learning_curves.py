@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             elif method == "diffmic":
                 if not Path(cfg["dcg"]["ckpt"]).is_file():
                     logger.info("seed %d has no DCG file yet: pre-training it with the dcg method first", seed)
+                    # a resumed report may keep this seed's DCG row while its file is gone (another machine's run
+                    # folder): the DCG trained now replaces it, as the curves are read against the DCG that guides
+                    report["runs"] = [r for r in report["runs"] if (r["method"], r["seed"]) != ("dcg", seed)]
                     report["runs"].append({**reuse_or_train_dcg(cfg, datasets), "method": "dcg", "seed": seed})
                 result = run_diffmic(long_config(cfg, method, args.epochs), 0.0)
                 result["train_s"] = time.perf_counter() - start

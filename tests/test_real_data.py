@@ -129,7 +129,11 @@ def test_isic_200_image_subset_trains_and_validates(tmp_path, ham_images):
     for split, n in (("val", 14), ("test", 60)):
         acc = metrics[split]["acc"]
         assert 0.0 <= acc <= 1.0 and acc * n == pytest.approx(round(acc * n)), (split, acc)
-        assert all(math.isfinite(v) for v in metrics[split].values()), metrics[split]
+        # with one DDIM sample (FEW_STEPS) the scores that compare samples are undefined: NaN, never a made-up 0;
+        # every other metric is a number
+        undefined = {k for k in metrics[split] if k.endswith(("/agreement", "/sample_spread"))}
+        assert undefined and all(math.isnan(metrics[split][k]) for k in undefined), metrics[split]
+        assert all(math.isfinite(v) for k, v in metrics[split].items() if k not in undefined), metrics[split]
 
 
 def test_chest_multilabel_trains_and_reports_mean_auroc(tmp_path):
