@@ -57,16 +57,20 @@ def check_explain_folder(folder: str | Path) -> Path:
 
 def figure_names(ids: list) -> list[str]:
     """A PNG file name for each image id: the id without its image suffix, path separators as `__`, other
-    characters outside [A-Za-z0-9._-] as `_`; an id that would repeat a name gets its index appended."""
-    names, seen = [], set()
+    characters outside [A-Za-z0-9._-] as `_`; an id that would repeat a name gets its index appended (and more
+    where that too is taken), so no figure overwrites another."""
+    names, taken = [], set()
     for i, image_id in enumerate(ids):
         stem = str(image_id)
         if Path(stem).suffix.lower() in IMAGE_SUFFIXES:
             stem = stem[: -len(Path(stem).suffix)]
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem.replace("/", "__").replace("\\", "__")).strip("._")
         stem = stem or f"image_{i}"
-        names.append(f"{stem}_{i}.png" if stem in seen else f"{stem}.png")
-        seen.add(stem)
+        name = stem if stem not in taken else f"{stem}_{i}"
+        while name in taken:  # an earlier id may itself be called <stem>_<i>
+            name = f"{name}_{i}"
+        taken.add(name)
+        names.append(f"{name}.png")
     return names
 
 

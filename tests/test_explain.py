@@ -308,3 +308,20 @@ def test_explain_demo_benchmark_computes_its_numbers(tmp_path):
     assert report["trained"]["texture/saliency"] == pytest.approx(np.mean(saliency), abs=1e-9)
     assert report["trained"]["texture/roi_any"] == pytest.approx(np.mean(roi_any), abs=1e-9)
     assert len(report["random"]) == 2 and all(0 <= r["texture/saliency"] <= 1 for r in report["random"])
+
+
+@pytest.mark.parametrize(
+    "ids, expected",
+    [
+        (["a.png", "b.jpg"], ["a.png", "b.png"]),
+        (["dir/x.png", "dir\\y.tif", "c d?.png"], ["dir__x.png", "dir__y.png", "c_d.png"]),
+        # the second "a" takes its index; the third id is itself called a_1 and must not overwrite it
+        (["a.png", "a.jpg", "a_1.png"], ["a.png", "a_1.png", "a_1_2.png"]),
+        (["", "..."], ["image_0.png", "image_1.png"]),
+    ],
+)
+def test_figure_names_never_repeat(ids, expected):
+    from explain_outputs import figure_names
+
+    names = figure_names(ids)
+    assert names == expected and len(set(names)) == len(names)
