@@ -108,7 +108,8 @@ class DiffMICv1(GuidedSystem):
         scores = probabilities.mean(dim=0)
         predicted = scores.argmax(dim=1)
         chosen = probabilities[:, torch.arange(scores.shape[0], device=scores.device), predicted]  # (S, B)
-        spread = chosen.std(dim=0) if chosen.shape[0] > 1 else torch.zeros_like(chosen[0])
+        # v1 has no grid: its spread is over the S samples, undefined (NaN, not 0) with one
+        spread = chosen.std(dim=0) if chosen.shape[0] > 1 else torch.full_like(chosen[0], float("nan"))
         # the scores are already probabilities (the mean of S softmax vectors); agreement and sample_spread as v2's
         votes = F.one_hot(probabilities.argmax(dim=2), scores.shape[1]).float().mean(dim=0)
         return {

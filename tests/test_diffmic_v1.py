@@ -197,6 +197,10 @@ def test_one_denoiser_call_per_step_and_the_encoder_once(steps, samples):
     assert out["scores"].shape == (2, 3) and torch.isfinite(out["scores"]).all()
     torch.testing.assert_close(out["scores"].sum(1), torch.ones(2))
     assert out["spread"].shape == (2,)
+    # v1's spread is over the samples: undefined with one, never a made-up 0
+    assert torch.isnan(out["spread"]).all() == (samples == 1) and torch.isnan(out["sample_spread"]).all() == (
+        samples == 1
+    )
 
 
 def test_sampling_matches_the_authors_loop_with_the_encoder_every_step():
