@@ -134,9 +134,10 @@ def summarise(runs: list[dict]) -> dict:
         rows = [r for r in runs if r["label"] == label]
         numbers = {"acc": [r["acc"] for r in rows], "temperature": [r["temperature"] for r in rows]}
         for part in ("test", "test_scaled", "val", "val_scaled", "val_votes", "val_votes_scaled"):
-            if part in rows[0]:
-                for key in rows[0][part]:
-                    numbers[f"{part}:{key}"] = [r[part][key] for r in rows]
+            # over every run's keys: a resumed report may hold runs written before a number was added (NaN there,
+            # so its mean reads as missing rather than as the mean of the newer runs alone)
+            for key in dict.fromkeys(k for r in rows for k in r.get(part, {})):
+                numbers[f"{part}:{key}"] = [r.get(part, {}).get(key, float("nan")) for r in rows]
         summary[label] = {
             k: {
                 "mean": float(np.mean(v)),

@@ -299,7 +299,7 @@ def test_uncertainty_benchmark_smoke(tmp_path):
     assert sorted(p for p in (tmp_path / "logs").rglob("*.ckpt")) == before
     again = json.loads((tmp_path / "again.json").read_text())
     assert len(again["runs"]) == len(report["runs"])
-    for first, second in zip(report["runs"], again["runs"]):
+    for first, second in zip(report["runs"], again["runs"], strict=True):
         assert second["test"] == pytest.approx(first["test"], nan_ok=True)
 
 

@@ -5,6 +5,7 @@ before anything is written, DCG files reused only for their own training, and pr
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -236,6 +237,22 @@ def test_predict_on_a_folder_of_unlabelled_images(run, tmp_path):
     assert list(listed_rows) == ["a.png", "ward_b/c.png", "missing.png"]
     assert {k: listed_rows["a.png"][k] for k in names_of(rows)} == {k: rows["a.png"][k] for k in names_of(rows)}
     assert listed_rows["missing.png"]["status"].startswith("unreadable: cannot read image")
+
+
+def test_the_temperature_is_fitted_on_validation_only(run, tmp_path):
+    """`test` with evaluation.temperature fit: another test split (the demo's test images come from their own seed,
+    so changing their number changes the test split alone) leaves T as it was, and T scales the test metrics."""
+    logs, args = run
+    outputs = {}
+    for name, extra in (("a", []), ("b", ["data.synthetic.num_test=16"])):
+        out = tmp_path / f"{name}.json"
+        result = cli("test", "--ckpt", "best", *args, "evaluation.temperature=fit", *extra, "--out", str(out))
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs[name] = json.loads(out.read_text())
+    a, b = outputs["a"], outputs["b"]
+    assert a["temperature"] == b["temperature"] != 1.0
+    assert a["test"]["calib/temperature"] == a["temperature"]
+    assert a["test"]["calib/nll"] != b["test"]["calib/nll"]  # the test splits differ; only T is shared
 
 
 def test_predict_with_a_fitted_temperature_and_several_samples(run, tmp_path):

@@ -143,16 +143,32 @@ def test_temperature_fit_lowers_validation_nll_of_an_overconfident_set():
     assert u.negative_log_likelihood(y, u.apply_temperature(p, tm, True), True) < u.negative_log_likelihood(y, p, True)
 
 
-def test_temperature_is_fitted_on_validation_only():
-    # the metrics of a test split depend on the validation split through T and on nothing else of it
+def test_the_temperature_scales_the_test_metrics_and_nothing_else_of_validation_reaches_them():
+    # uncertainty_metrics takes T and the test split only; that the command line fits T on the validation split
+    # and never on test: tests/test_checkpoints.py::test_the_temperature_is_fitted_on_validation_only
     rng = np.random.default_rng(1)
     val_y, test_y = rng.integers(0, 3, 100), rng.integers(0, 3, 50)
     val_p, test_p = rng.dirichlet([0.3] * 3, 100), rng.dirichlet([0.3] * 3, 50)
     t = u.fit_temperature(val_y, val_p)
-    first = u.uncertainty_metrics(test_y, test_p, temperature=t)
-    other_test = u.uncertainty_metrics(test_y[:20], test_p[:20], temperature=u.fit_temperature(val_y, val_p))
-    assert other_test["calib/temperature"] == first["calib/temperature"] == t
-    assert u.uncertainty_metrics(test_y, test_p, temperature=t) == first
+    scaled = u.uncertainty_metrics(test_y, test_p, temperature=t)
+    assert scaled["calib/temperature"] == t != 1.0
+    assert scaled == u.uncertainty_metrics(test_y, u.apply_temperature(test_p, t), temperature=1.0) | {
+        "calib/temperature": t
+    }
+
+
+def test_multilabel_metrics_with_an_absent_finding_are_defined_by_hand():
+    # finding 1 is absent from every image: its AUROC is undefined, its calibration is not (ECE = mean p, all in
+    # the "negative" rows; Brier = mean p^2); the means are over both findings
+    labels = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
+    probs = np.array([[0.9, 0.1], [0.1, 0.3], [0.9, 0.1], [0.1, 0.3]])
+    m = u.uncertainty_metrics(labels, probs, names=["a", "b"])
+    assert m["calib/ece/b"] == pytest.approx(0.2, abs=1e-6) and m["calib/brier/b"] == pytest.approx(0.05)
+    assert m["calib/ece/a"] == pytest.approx(0.1, abs=1e-6) and m["calib/brier/a"] == pytest.approx(0.01)
+    assert m["calib/ece"] == pytest.approx(0.15, abs=1e-6) and m["calib/brier"] == pytest.approx(0.03)
+    expected_nll = -np.mean([np.log(0.9), np.log(0.9), np.log(0.9), np.log(0.9)] + [np.log(0.9), np.log(0.7)] * 2)
+    assert m["calib/nll"] == pytest.approx(expected_nll)
+    assert not any(k.startswith("selective/") for k in m)  # no selective prediction for multi-label
 
 
 # ------------------------------------------------------------------------------------------------ the models' outputs
