@@ -235,8 +235,11 @@ def run(
             write_json(path, result)
             write_uncertainty_figures(path.parent, "test", system)
         return
-    trainer, _ = build_trainer(cfg, cfg["name"], 1, 1)
-    run_dir = save_config(cfg, trainer)
+    # an evaluation takes the next version folder too: under the same lock, so that two commands (or a fit setting
+    # up) never pick the same one and overwrite each other's config.yaml and metrics.json
+    with run_folder_lock(Path(cfg["trainer"]["log_dir"]) / cfg["name"], f"setting up a {command} in this run folder"):
+        trainer, _ = build_trainer(cfg, cfg["name"], 1, 1)
+        run_dir = save_config(cfg, trainer)
     if command in ("validate", "test"):
         if command == "test":
             calibrate(trainer, system, cfg)

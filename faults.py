@@ -160,10 +160,15 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
 
 def launched_as_rank_zero() -> bool:
     """Whether this process is the first of its run, by the variables a launcher sets (Lightning's own launcher,
-    torchrun, SLURM): only it takes the run folder's lock, so that the processes of one run never wait on each
+    torchrun, SLURM, MPI): only it takes the run folder's lock, so that the processes of one run never wait on each
     other for it."""
     env = os.environ
-    return all(env.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
+    return all(env.get(k, "0") == "0" for k in RANK_VARIABLES)
+
+
+# the variables by which Lightning's cluster environments (its own launcher, torchrun, SLURM, MPI) tell a process
+# its rank; a process is the run's first when every one that is set is 0
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 def run_folder_lock(run_folder: Path, what: str):

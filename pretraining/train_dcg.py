@@ -23,7 +23,16 @@ from torch.utils.data import Dataset
 from config import ConfigError, check_paths, dcg_ckpt_path, errors_of, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from evaluation import EvaluatedSystem
-from faults import EXIT_CONFIG, RunInterrupted, TrainingDiverged, interruptible, report_fault, run_folder_lock
+from faults import (
+    EXIT_CONFIG,
+    EXIT_DISTRIBUTED,
+    RunInterrupted,
+    TrainingDiverged,
+    distributed_failure,
+    interruptible,
+    report_fault,
+    run_folder_lock,
+)
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import save_dcg, write_atomically
 from utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="a diverged or interrupted run shows its traceback")
     args = parser.parse_intermixed_args(argv)
     setup_logging()
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg, need_dcg=False)
@@ -175,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except (TrainingDiverged, RunInterrupted) as err:
         return report_fault(err, args.debug)
+    except Exception as err:  # processes that cannot reach each other: one line and exit 4, as diffuser_trainer
+        message = distributed_failure(err, cfg) if cfg is not None else None
+        if message is None or args.debug:
+            raise
+        logger.error("%s", message)
+        return EXIT_DISTRIBUTED
     return 0
 
 

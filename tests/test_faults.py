@@ -168,3 +168,50 @@ def test_resume_command_replaces_any_ckpt():
     assert resume_command(argv) == "python diffuser_trainer.py fit optim.lr=1e-3 --config=x --ckpt last"
     assert resume_command(["diffuser_trainer.py"]) == "python diffuser_trainer.py fit --ckpt last"
     assert resume_command(["t.py", "--ckpt=last", "a b=1"]) == "python t.py fit 'a b=1' --ckpt last"
+
+
+@pytest.mark.parametrize(
+    ("env", "first"),
+    [
+        ({}, True),
+        ({"RANK": "0", "LOCAL_RANK": "0", "NODE_RANK": "0"}, True),
+        ({"LOCAL_RANK": "1"}, False),  # Lightning's own launcher, torchrun
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),  # the first process of the second machine
+        ({"SLURM_PROCID": "3"}, False),
+        ({"OMPI_COMM_WORLD_RANK": "1"}, False),  # mpirun: Lightning's MPIEnvironment
+        ({"PMI_RANK": "2"}, False),
+    ],
+)
+def test_only_the_first_process_of_a_run_takes_the_run_folder_lock(monkeypatch, tmp_path, env, first):
+    from faults import RANK_VARIABLES, launched_as_rank_zero, run_folder_lock
+
+    for key in RANK_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert launched_as_rank_zero() is first
+    with run_folder_lock(tmp_path, "a test"):
+        # the lock's owner file names the holder while it is held, only where the lock was taken
+        assert (tmp_path / ".run.lock.owner").is_file() is first
+
+
+def test_the_dcg_pre_trainer_ends_a_process_group_failure_with_one_line(monkeypatch, capfd):
+    """pretraining/train_dcg.py, like diffuser_trainer.py: processes that cannot reach each other end with one line
+    naming trainer.dist_timeout_s and exit 4; any other error keeps its traceback."""
+    from pretraining import train_dcg
+
+    def lost_peer(cfg, datasets):
+        raise torch.distributed.DistError("connection closed by peer")
+
+    monkeypatch.setattr(train_dcg, "pretrain_dcg", lost_peer)
+    monkeypatch.setattr(train_dcg, "build_datasets", lambda cfg: {})
+    assert train_dcg.main([*TINY]) == 4
+    lines = error_lines(capfd.readouterr().err)
+    assert len(lines) == 1 and "trainer.dist_timeout_s" in lines[0]
+
+    def other(cfg, datasets):
+        raise ValueError("not a process group error")
+
+    monkeypatch.setattr(train_dcg, "pretrain_dcg", other)
+    with pytest.raises(ValueError):
+        train_dcg.main([*TINY])
