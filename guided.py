@@ -51,7 +51,7 @@ class GuidedSystem(EvaluatedSystem):
     def replace_diverged(self, samples: torch.Tensor) -> torch.Tensor:
         """Samples (S, B, C, ...) of which any value is not finite score 1 / C for every class (and cell), and the
         split's count of them is logged once at its end, instead of failing inside the metrics. A diverged sample says
-        nothing of its image; an undertrained or diverged denoiser makes them (README, "Faults")."""
+        nothing of its image; an undertrained or diverged denoiser makes them (README, "Command line", exit codes)."""
         finite = torch.isfinite(samples.flatten(2)).all(dim=2)  # (S, B)
         if bool(finite.all()):
             return samples

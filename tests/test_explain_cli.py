@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY, cli, ok
+from helpers import ROOT, TINY, cli, ok
 from PIL import Image
 
 
@@ -144,3 +144,49 @@ def test_explain_where_nothing_can_be_written_exits_2(tmp_path, capsys):
 )
 def test_explain_option_errors(tmp_path, capsys, args, needle):
     assert needle in explain_error(tmp_path, capsys, *args)
+
+
+def test_the_explanation_sheet_stacks_the_first_test_images(explained_run, tmp_path):
+    """benchmarks/explain_sheet.py: the figures of the first N images of a test list, one under another, and a note
+    whose predictions are predict's on the whole list."""
+    from helpers import write_image_lists
+
+    from benchmarks import explain_sheet
+
+    logs, args = explained_run
+    write_image_lists(tmp_path, 12, 4, 6, (40, 48))
+    lists = [
+        "data.dataset=list",
+        f"data.root={tmp_path / 'images'}",
+        f"data.train_list={tmp_path / 'train.csv'}",
+        f"data.test_list={tmp_path / 'test.csv'}",
+        "data.val_fraction=0.5",
+    ]
+    ckpt = next(logs.glob("demo/version_*/checkpoints/best.ckpt"))
+    out = tmp_path / "sheet.png"
+    argv = ["--config", str(ROOT / "configs" / "demo.yml"), "--ckpt", str(ckpt), "--count", "3", "--out", str(out)]
+    assert explain_sheet.main([*argv, *args, *lists]) == 0
+    whole, figures = tmp_path / "whole.csv", tmp_path / "figures"
+    ok(
+        cli(
+            "predict",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(whole),
+            "--explain",
+            str(figures),
+            "--explain-max",
+            "3",
+            *args,
+            *lists,
+        )
+    )
+    first = list(csv.DictReader(whole.open()))[:3]
+    note = out.with_suffix(".md").read_text()
+    for row in first:  # the sheet's images are the list's first three, with predict's own predictions
+        assert f"| {row['image']} | " in note and f"| {row['pred_name']} | {row['max_prob']} |" in note
+    sizes = [Image.open(p).size for p in sorted(figures.glob("*.png"))]
+    assert len(sizes) == 3
+    with Image.open(out) as sheet:  # the three figures one under another
+        assert sheet.format == "PNG" and sheet.size == (max(w for w, _ in sizes), sum(h for _, h in sizes))
