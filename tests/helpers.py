@@ -26,7 +26,10 @@ def cli(
     *args: str, cwd: Path = ROOT, script: str = "diffuser_trainer.py", threads: int | None = None
 ) -> subprocess.CompletedProcess:
     """Run a script of the project in a fresh process; `threads` caps each process's intra-op threads (several
-    processes of one run share 2 cores)."""
+    processes of one run share 2 cores). Under pytest-xdist the default is one thread: every worker runs a test at
+    a time, and processes whose threads outnumber the cores spin against each other (a demo fit took 5x longer)."""
+    if threads is None and "PYTEST_XDIST_WORKER" in os.environ:
+        threads = 1
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900

@@ -341,7 +341,7 @@ def test_a_v1_demo_fit_with_the_authors_resnet50_dcg(tmp_path, capsys):
         "v1.warmup_epochs=0",
         "v1.joint_train=false",  # the joint step is tested above; a frozen DCG keeps the checkpoints small
     ]
-    ok(cli("fit", *args, "dcg.backbone=resnet50", threads=2))
+    ok(cli("fit", *args, "dcg.backbone=resnet50"))
     metrics = json.loads((logs / "demo" / "version_0" / "metrics.json").read_text())
     assert math.isfinite(metrics["test"]["acc"])
     dcg_file = torch.load(logs / "demo" / "dcg.pt", map_location="cpu", weights_only=True)

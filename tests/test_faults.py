@@ -141,6 +141,9 @@ def test_a_signal_during_fit_says_what_was_saved_and_how_to_resume(tmp_path, sig
             stdout=subprocess.DEVNULL,
             stderr=handle,
             env=env,
+            # a shell's background job (CI's, `cmd &`) starts with SIGINT ignored, and Python then keeps it ignored:
+            # the child gets the default a terminal's Ctrl-C meets
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     last = tmp_path / "demo" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 600
