@@ -159,3 +159,27 @@ def test_multilabel_probabilities_are_per_finding():
     out = system.evaluate_batch({"image": torch.randn(2, 3, 64, 64), "label": labels, "index": torch.arange(2)})
     torch.testing.assert_close(out["probs"], out["scores"].clamp(0, 1))
     assert out["agreement"].shape == (2,) and ((out["agreement"] >= 0) & (out["agreement"] <= 1)).all()
+
+
+def test_the_authors_v1_resnet50_dcg_guides_diffmic_v2_and_seeds_its_patch_encoder():
+    """dcg.backbone is used by both methods: DiffMIC-v2 guided by the ResNet-50 DCG trains and samples, and
+    model.patch_encoder_weights=dcg copies that DCG's local trunk into a ResNet-50 patch encoder."""
+    system = small_system(
+        "dcg.backbone=resnet50", "model.patch_encoder=resnet50", "model.patch_encoder_weights=dcg", "dcg.num_rois=3"
+    )
+    assert system.dcg.backbone == "resnet50"
+    before = system.denoiser.patch_encoder.trunk.state_dict()
+    assert not torch.equal(before["features.0.weight"], system.dcg.local_trunk.state_dict()["features.0.weight"])
+    system.load_initial_weights()
+    local = system.dcg.local_trunk.state_dict()
+    copied = system.denoiser.patch_encoder.trunk.state_dict()
+    assert copied.keys() == local.keys() and all(torch.equal(v, local[k]) for k, v in copied.items())
+    system.log = lambda *args, **kwargs: None
+    system.train()
+    batch = {"image": torch.randn(2, 3, 64, 64), "label": torch.tensor([0, 2]), "index": torch.arange(2)}
+    loss = system.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None for p in system.dcg.parameters())
+    system.eval()
+    out = system.evaluate_batch(batch)
+    assert out["scores"].shape == (2, 3) and torch.isfinite(out["scores"]).all()
