@@ -285,22 +285,27 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
             + ("–" if np.isnan(r["train_s"]) else f"{r['train_s']:.0f}")
             + " |"
         )
-    lines += [
+    lines += provenance_lines(report)
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    logger.info("wrote %s and %s", out_dir / f"{name}.md", out_dir / f"{name}.json")
+
+
+def provenance_lines(report: dict, config_title: str = "Config (resolved):") -> list[str]:
+    """The end of every benchmark report: the command, the commands that resumed it, the machine, the config."""
+    return [
         "",
         f"Command: `{report['command']}`",
         "",
         *[f"Resumed with: `{command}`\n" for command in report.get("resumed_with", [])],
         f"Machine: {report['machine']}",
         "",
-        "Config (resolved):",
+        config_title,
         "",
         "```yaml",
         yaml.safe_dump(report["config"], sort_keys=False).rstrip(),
         "```",
         "",
     ]
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
-    logger.info("wrote %s and %s", out_dir / f"{name}.md", out_dir / f"{name}.json")
 
 
 def per_class_recall_table(summary: dict) -> list[str]:

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from benchmarks.accuracy import (
     METRICS,
     machine,
+    provenance_lines,
     resumed_report,
     reuse_or_train_dcg,
     run_diffmic,
@@ -169,20 +169,9 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         for seed in seeds:
             p = passes(report["runs"], seed)
             lines.append(f"| {seed} | " + " | ".join("–" if p[k] is None else str(p[k]) for k in CURVE_METRICS) + " |")
-    lines += [
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        *[f"Resumed with: `{command}`\n" for command in report.get("resumed_with", [])],
-        f"Machine: {report['machine']}",
-        "",
-        "Config (resolved; trainer.max_epochs is --epochs for DiffMIC-v2 and the ResNet-18):",
-        "",
-        "```yaml",
-        yaml.safe_dump(report["config"], sort_keys=False).rstrip(),
-        "```",
-        "",
-    ]
+    lines += provenance_lines(
+        report, "Config (resolved; trainer.max_epochs is --epochs for DiffMIC-v2 and the ResNet-18):"
+    )
     (out_dir / f"{name}.md").write_text("\n".join(lines))
     logger.info("wrote %s, .json and .png", out_dir / f"{name}.md")
 

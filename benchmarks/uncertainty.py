@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from benchmarks.accuracy import (
     ResNetBaseline,
     machine,
+    provenance_lines,
     resumed_report,
     reuse_or_train_dcg,
     run_diffmic,
@@ -218,18 +218,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     lines += [
         "",
         f"![reliability]({name}_reliability.png) ![risk-coverage]({name}_risk_coverage.png)",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        *[f"Resumed with: `{command}`\n" for command in report.get("resumed_with", [])],
-        f"Machine: {report['machine']}",
-        "",
-        "Config (resolved):",
-        "",
-        "```yaml",
-        yaml.safe_dump(report["config"], sort_keys=False).rstrip(),
-        "```",
-        "",
+        *provenance_lines(report),
     ]
     (out_dir / f"{name}.md").write_text("\n".join(lines))
     logger.info("wrote %s, .json and the plots", out_dir / f"{name}.md")
