@@ -342,7 +342,8 @@ def resumed_report(path: Path, fresh: dict) -> dict:
         report.setdefault("keys_added_on_resume", {}).update({k: _get_key(new, k) for k in added})
     logger.info("resuming %s: %d run(s) kept", path, len(report["runs"]))
     report["seeds"] = list(dict.fromkeys([*report["seeds"], *fresh["seeds"]]))
-    report["methods"] = list(dict.fromkeys([*report["methods"], *fresh["methods"]]))
+    if "methods" in fresh:  # the uncertainty benchmark's reports have no list of methods
+        report["methods"] = list(dict.fromkeys([*report.get("methods", []), *fresh["methods"]]))
     report.setdefault("resumed_with", []).append(fresh["command"])
     return report
 

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     if args.resume:
         try:
-            report = resumed_report(out_dir / f"{name}.json", {**report, "methods": []})
+            report = resumed_report(out_dir / f"{name}.json", report)
         except ConfigError as err:
             logger.error("cannot resume: %s", err)
             return 2

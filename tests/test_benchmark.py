@@ -316,3 +316,7 @@ def test_resuming_a_report_tolerates_keys_added_since_but_not_changed_values(tmp
     changed = {**grown, "dcg": {"epochs": 5, "backbone": "resnet18"}}
     with pytest.raises(ConfigError, match=r"differs in dcg\.epochs\)"):
         accuracy.resumed_report(path, {"config": changed, "seeds": [1], "methods": ["dcg"], "command": "c"})
+    # the uncertainty benchmark's reports list no methods: resumed as they are
+    path.write_text(json.dumps({"config": base, "runs": [{"label": "dcg"}], "seeds": [0]}))
+    report = accuracy.resumed_report(path, {"config": base, "seeds": [0, 1], "command": "c"})
+    assert "methods" not in report and report["seeds"] == [0, 1] and report["resumed_with"] == ["c"]
