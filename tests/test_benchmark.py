@@ -237,6 +237,15 @@ def test_learning_curves_smoke(tmp_path, capfd):
         ("dcg", 1),
     ]
     assert dcg_file.stat().st_mtime_ns == stamp
+    # a kept DCG row of a seed still to finish is evaluated again from the file that guides its runs (a row written
+    # on another machine may describe another DCG): here a row tampered with as such a one would differ
+    seed_1 = report["runs"][3]
+    report["runs"][3] = {**seed_1, "val": {**seed_1["val"], "f1": -1.0}}
+    (tmp_path / "smoke_long.json").write_text(json.dumps(report))
+    assert learning_curves.main([*argv[:5], "1", *argv[6:], "--resume", "--methods", "dcg", "diffmic"]) == 0
+    report = json.loads((tmp_path / "smoke_long.json").read_text())
+    assert [(r["method"], r["seed"]) for r in report["runs"]][3:] == [("dcg", 1), ("diffmic", 1)]
+    assert report["runs"][3]["val"] == pytest.approx(seed_1["val"], nan_ok=True)
     # a DCG file left by the accuracy benchmark for the same training is reused, not trained again
     capfd.readouterr()
     assert learning_curves.main([*argv[:9], "other", *argv[10:], "--methods", "dcg"]) == 0
