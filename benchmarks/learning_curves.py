@@ -221,17 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["method"], r["seed"]) for r in report["runs"]}
     for seed in args.seeds:
         cfg = seed_config(base, seed)
-        if all((m, seed) in done for m in args.methods):
-            logger.info("=== %s, seed %d: kept from the report ===", name, seed)
-            continue
         datasets = build_datasets(cfg)  # this seed's carved validation split, as `fit` builds it
         if ("dcg", seed) in done and Path(cfg["dcg"]["ckpt"]).is_file():
             # a kept DCG row may describe a DCG file trained elsewhere, and DCG training is not bitwise the same on
-            # another machine or thread count (seed 1: validation F1 0.348 there, 0.387 here): the row is evaluated
-            # again from the file that guides this seed's runs
+            # another machine or thread count (seed 1: validation F1 0.348 there, 0.387 here): where the file that
+            # guides this seed's runs is here, the row is evaluated again from it, in its place
             logger.info("seed %d: the DCG row is evaluated again from %s", seed, cfg["dcg"]["ckpt"])
-            report["runs"] = [r for r in report["runs"] if (r["method"], r["seed"]) != ("dcg", seed)]
-            report["runs"].append({**reuse_or_train_dcg(cfg, datasets), "method": "dcg", "seed": seed})
+            row = next(i for i, r in enumerate(report["runs"]) if (r["method"], r["seed"]) == ("dcg", seed))
+            kept = report["runs"][row]
+            report["runs"][row] = {**reuse_or_train_dcg(cfg, datasets), "method": "dcg", "seed": seed}
+            if kept["val"].get("f1") != report["runs"][row]["val"].get("f1"):
+                logger.warning("seed %d: the report's DCG row was not its DCG file's; replaced", seed)
+            write_report(out_dir, name, report)
         # the DCG first: DiffMIC-v2 builds on it, and its metrics are the line both curves are read against
         for method in sorted(args.methods, key=METHODS.index):
             if (method, seed) in done:
