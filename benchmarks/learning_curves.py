@@ -161,6 +161,14 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
             + " | ".join(f"{r['test'][k]:.3f}" for k in METRICS)
             + f" | {r['val']['f1']:.3f} ({epoch}) | {seconds} |"
         )
+    classes = [k.split("/", 1)[1] for k in next(iter(report["runs"]), {"test": {}})["test"] if k.startswith("recall/")]
+    if classes:  # where a method's errors fall: the majority class taken for the rest, or the rare ones found
+        lines += ["", "Test recall per class, mean over seeds:", ""]
+        lines += ["| method | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+        for method in methods:
+            rows = [r for r in report["runs"] if r["method"] == method]
+            means = [np.mean([r["test"].get(f"recall/{c}", np.nan) for r in rows]) for c in classes]
+            lines.append(f"| {method} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     seeds = sorted({r["seed"] for r in report["runs"] if r["method"] == "diffmic"})
     seeds = [s for s in seeds if any(r["method"] == "dcg" and r["seed"] == s for r in report["runs"])]
     if seeds:
