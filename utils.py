@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from faults import DivergenceGuard
+from faults import DivergenceGuard, InterruptGuard
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def build_trainer(
     learning rate, `best.ckpt` (highest `selection_metric`, the later epoch on a tie; the weights only, what
     evaluation needs) and, when `resumable`, `last.ckpt` (every epoch, with the optimiser state, for resuming); with
     `best_in_memory`, no checkpoint file but BestWeights. A non-finite training loss stops the fit at its step
-    (faults.DivergenceGuard); the processes of a run wait trainer.dist_timeout_s for each other."""
+    (faults.DivergenceGuard), a Ctrl-C by the next batch (faults.InterruptGuard); the processes of a run wait
+    trainer.dist_timeout_s for each other."""
     t = cfg["trainer"]
     if best_in_memory:  # no checkpoint files at all
         best, checkpoints = BestWeights(selection_metric(cfg)), []
@@ -139,6 +140,7 @@ def build_trainer(
             *([best] if best_in_memory else []),
             LearningRateMonitor(logging_interval="epoch"),
             DivergenceGuard(),
+            InterruptGuard(),
         ],
         enable_checkpointing=not best_in_memory,
         limit_train_batches=t["limit_train_batches"],

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,7 +19,14 @@ from helpers import ROOT, TINY, cli, ok
 from checkpoints import read_checkpoint
 from config import load_config
 from diffmic_v2 import DiffMICv2
-from faults import EXIT_DIVERGED, RunInterrupted, TrainingDiverged, report_fault, resume_command
+from faults import (
+    EXIT_DIVERGED,
+    InterruptGuard,
+    RunInterrupted,
+    TrainingDiverged,
+    report_fault,
+    resume_command,
+)
 from utils import build_trainer
 
 
@@ -151,7 +159,8 @@ def test_a_signal_during_fit_says_what_was_saved_and_how_to_resume(tmp_path, sig
         time.sleep(0.05)
     assert process.poll() is None, log.read_text()[-2000:]
     os.kill(process.pid, signum)
-    assert process.wait(timeout=300) == code, log.read_text()[-3000:]
+    ignored = [line for line in log.read_text().splitlines() if "Exception ignored" in line]
+    assert process.wait(timeout=300) == code, (ignored, log.read_text()[-3000:])
     text = log.read_text()
     lines = error_lines(text)
     assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
@@ -164,6 +173,33 @@ def test_a_signal_during_fit_says_what_was_saved_and_how_to_resume(tmp_path, sig
     ok(cli(*resume[2:], f"trainer.max_epochs={epochs}"))
     assert read_checkpoint(last)["epoch"] == epochs - 1
     assert not (tmp_path / "demo" / "version_1" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_a_ctrl_c_swallowed_where_it_landed_stops_the_next_batch():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a process started from a terminal
+    try:
+        guard = InterruptGuard()
+        guard.setup(None, None, "fit")
+        guard.on_train_batch_start(None, None, None, 0)  # no signal: nothing happens
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here, between bytecodes
+        except KeyboardInterrupt:
+            pass  # where Python swallows it: a __del__, a garbage-collector callback
+        for hook in (guard.on_train_batch_start, guard.on_validation_batch_start, guard.on_test_batch_start):
+            with pytest.raises(KeyboardInterrupt):
+                hook(None, None, None, 0)
+        guard.teardown(None, None, "fit")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # a SIGINT ignored at start (nohup, a background job) stays ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        guard.setup(None, None, "fit")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and not guard.pending
+        guard.teardown(None, None, "fit")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_resume_command_replaces_any_ckpt():
