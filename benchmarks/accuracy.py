@@ -226,23 +226,29 @@ def record(report: dict, result: dict, out_dir: Path, name: str) -> None:
     write_report(out_dir, name, report)
 
 
+def seed_spread(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation over the runs (seeds) of each test metric, and of each class's recall where
+    every run has it (reports written before it existed have none; NaN recalls, a class absent, are left out)."""
+    entry = {}
+    for key in METRICS:
+        values = np.array([r["test"][key] for r in rows])
+        entry[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+    for key in (k for k in rows[0]["test"] if k.startswith("recall/") and all(k in r["test"] for r in rows)):
+        values = np.array([r["test"][key] for r in rows])
+        entry[key] = {
+            "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
+            "std": float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else 0.0,
+        }
+    return entry
+
+
 def summarise(runs: list[dict]) -> dict:
     table = {}
     for method in dict.fromkeys(r["method"] for r in runs):  # in the order they ran
         rows = [r for r in runs if r["method"] == method]
         if not rows:
             continue
-        entry = {}
-        for key in METRICS:
-            values = np.array([r["test"][key] for r in rows])
-            entry[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-        # per class, where every run has it (reports written before it existed have none); NaN where absent
-        for key in (k for k in rows[0]["test"] if k.startswith("recall/") and all(k in r["test"] for r in rows)):
-            values = np.array([r["test"][key] for r in rows])
-            entry[key] = {
-                "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
-                "std": float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else 0.0,
-            }
+        entry = seed_spread(rows)
         for key in ("train_s", "images_per_s"):
             entry[key] = float(np.median([r[key] for r in rows]))
         entry["seeds"] = [r["seed"] for r in rows]

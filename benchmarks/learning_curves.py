@@ -25,12 +25,14 @@ import numpy as np
 from benchmarks.accuracy import (
     METRICS,
     machine,
+    per_class_recall_table,
     provenance_lines,
     resumed_report,
     reuse_or_train_dcg,
     run_diffmic,
     run_resnet18,
     seed_config,
+    seed_spread,
 )
 from benchmarks.plots import learning_curves_figure
 from config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
@@ -93,13 +95,7 @@ def summarise(report: dict) -> dict:
     summary = {}
     for method in (m for m in METHODS if any(r["method"] == m for r in runs)):
         rows = [r for r in runs if r["method"] == method]
-        entry = {
-            k: {
-                "mean": float(np.mean([r["test"][k] for r in rows])),
-                "std": float(np.std([r["test"][k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0,
-            }
-            for k in METRICS
-        }
+        entry = seed_spread(rows)
         entry["seeds"] = [r["seed"] for r in rows]
         entry["curves"] = curves(runs, method, epochs)
         summary[method] = entry
@@ -161,14 +157,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
             + " | ".join(f"{r['test'][k]:.3f}" for k in METRICS)
             + f" | {r['val']['f1']:.3f} ({epoch}) | {seconds} |"
         )
-    classes = [k.split("/", 1)[1] for k in next(iter(report["runs"]), {"test": {}})["test"] if k.startswith("recall/")]
-    if classes:  # where a method's errors fall: the majority class taken for the rest, or the rare ones found
-        lines += ["", "Test recall per class, mean over seeds:", ""]
-        lines += ["| method | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
-        for method in methods:
-            rows = [r for r in report["runs"] if r["method"] == method]
-            means = [np.mean([r["test"].get(f"recall/{c}", np.nan) for r in rows]) for c in classes]
-            lines.append(f"| {method} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    lines += per_class_recall_table(summary)  # where the errors fall: the majority class, or the rare ones found
     seeds = sorted({r["seed"] for r in report["runs"] if r["method"] == "diffmic"})
     seeds = [s for s in seeds if any(r["method"] == "dcg" and r["seed"] == s for r in report["runs"])]
     if seeds:
