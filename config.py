@@ -49,6 +49,37 @@ EXTRA_TYPES: dict[str, tuple[type, ...]] = {
     "trainer.dist_timeout_s": (float,),
     "trainer.limit_val_batches": (int,),
 }
+FLOAT32_POLICIES = ("highest", "high", "medium")
+# Lightning precisions a run may use, by the unified name Lightning gives each ("16" is "16-mixed", 32 "32-true")
+SUPPORTED_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
+_LEGACY_PRECISIONS = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
+# why a precision Lightning knows is refused here
+_REFUSED_PRECISIONS = {
+    "bf16-true": "keeps every weight, Adam's moments and the noise schedule in bf16 (alpha_bar near t = 0 rounds to 1, "
+    "updates below bf16's 8-bit resolution vanish)",
+    "16-true": "keeps every weight, Adam's moments and the noise schedule in float16 (a tiny demo fit diverges at its "
+    "fourth step)",
+    "transformer-engine": "replaces the networks' layers with Transformer Engine's and keeps their weights in bf16",
+    "transformer-engine-float16": "replaces the networks' layers with Transformer Engine's and keeps their weights in "
+    "float16",
+}
+
+
+def unified_precision(value: str | int) -> str:
+    """Lightning's unified name of a trainer.precision value ('16' and 16 -> '16-mixed', 32 -> '32-true')."""
+    text = str(value)
+    return _LEGACY_PRECISIONS.get(text, text)
+
+
+def precision_refusal(value: str | int) -> str | None:
+    """None for a precision the project trains and evaluates with, else the one-line reason and what to use."""
+    name = unified_precision(value)
+    if name in SUPPORTED_PRECISIONS:
+        return None
+    why = _REFUSED_PRECISIONS.get(name, "is not one this project is tested with")
+    return f"{value!r} {why}; use bf16-mixed (bf16 arithmetic, float32 weights; or 16-mixed), 32-true or 64-true"
+
+
 CHOICES = {
     "data.dataset": ("list", "medmnist", "synthetic"),
     "data.task": ("multiclass", "multilabel"),
@@ -63,6 +94,7 @@ CHOICES = {
     "model.condition_init": ("default", "identity"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "evaluation.temperature": ("none", "fit"),
+    "trainer.float32_matmul_precision": FLOAT32_POLICIES,
 }
 
 
@@ -368,14 +400,14 @@ def _check_v1(cfg: dict) -> None:
 TRAINER_HINTS = {
     "accelerator": "use auto, cpu, gpu, cuda or mps",
     "devices": "use auto, a number of devices such as 1, or GPU indices such as [0, 1] or '0,1'",
-    "precision": "use e.g. 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true or 64-true",
+    "precision": "use 32-true, bf16-mixed, 16-mixed or 64-true",
     "strategy": "use auto or a strategy Lightning lists, e.g. ddp",
     "num_nodes": "use the number of machines the run is launched on (1 for one machine)",
 }
 
 
 @contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
     """Hide the device summary, tips and fallback warnings of a probe Trainer: the run's own Trainer
     prints them again, once, when it is built."""
     loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
@@ -425,7 +457,7 @@ def check_trainer(cfg: dict) -> None:
     names = ["accelerator", "devices", "precision"] + [k for k in ("strategy", "num_nodes") if k in t]
 
     def probe(keys: list[str]) -> None:
-        with _quiet_lightning():
+        with quiet_lightning():
             pl.Trainer(
                 **{k: t[k] for k in keys},
                 logger=False,
@@ -437,9 +469,13 @@ def check_trainer(cfg: dict) -> None:
     refusals = (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError)
     try:
         probe(names)
-        return
     except refusals:
         pass
+    else:
+        refusal = precision_refusal(t["precision"])  # Lightning accepts it, but this project cannot train with it
+        if refusal is not None:
+            raise ConfigError(f"config key trainer.precision: {refusal}")
+        return
     # some key was refused: add the keys one at a time to name the first one Lightning refuses (the last
     # round probes the whole set again, so it raises at the latest there)
     for n, name in enumerate(names):

@@ -25,6 +25,7 @@ from pipeline import (
     heterologous_noise,
     one_hot,
 )
+from precision import ieee_float32
 from pretraining.dcg import DCGOutput
 from seeding import start_noise
 from uncertainty import multilabel_sample_statistics, sample_statistics, simplex_probabilities
@@ -67,8 +68,10 @@ class DiffMICv2(GuidedSystem):
         [ours] So bf16 changes only the denoiser's arithmetic: the prior map, the forward process and the focal
         weight are float32's. It costs 4.1 of the 49.8 GFLOP of a training image at the paper's settings; its effect
         on the AUC was within 5-seed noise (benchmarks/README.md, "Precision")."""
-        with torch.autocast(image.device.type, enabled=False):
-            return self.dcg(image.float())
+        # the DCG's own dtype: float32, also under bf16-mixed (its weights stay float32 there); float64 under 64-true
+        dtype = next(self.dcg.parameters()).dtype
+        with torch.autocast(image.device.type, enabled=False), ieee_float32():
+            return self.dcg(image.to(dtype))
 
     def prior(self, guide: DCGOutput) -> torch.Tensor:
         """The guided prior map P (B, C, K, K) of SPEC 3. The `ablation` section of the config switches

@@ -24,7 +24,7 @@ import yaml
 
 from checkpoints import read_checkpoint
 from config import ConfigError, check_paths, dcg_ckpt_path, load_config
-from dataloader.datamodule import DiffMICDataModule
+from dataloader.datamodule import DiffMICDataModule, check_evaluation_sizes
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
 from evaluation import uncertainty_figures
@@ -43,7 +43,7 @@ from figures import save
 from methods import build_system
 from pretraining.train_dcg import pretrain_dcg
 from uncertainty import SAMPLE_SCORES, apply_temperature, entropy
-from utils import build_trainer, selection_metric, setup_logging
+from utils import build_trainer, log_global_batch, planned_world_size, selection_metric, setup_logging
 
 logger = logging.getLogger("diffuser_trainer")
 COMMANDS = ("fit", "validate", "test", "predict")
@@ -195,6 +195,7 @@ def run(
             source, cfg["data"]["root"], build_transform(cfg, train=False), cfg["data"]["image_size"]
         )
         data = DiffMICDataModule(cfg, datasets={"predict": images})
+    check_evaluation_sizes(data.datasets, planned_world_size(cfg))
     system = build_system(cfg)
     names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
     if checkpoint is not None:  # evaluation, or a resume: the weights must fit the config before any file is written
@@ -212,6 +213,9 @@ def run(
                 cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
             )
             run_dir = save_config(cfg, trainer)
+        lr_key = getattr(system, "lr_key", "optim.lr")
+        section, name = lr_key.split(".")
+        log_global_batch(trainer, cfg["data"]["batch_size"], cfg[section][name], "training", lr_key)
         with interruptible(trainer, "the fit", resumable=True):
             trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
         history = list(system.val_history)  # the validation metrics of each validated epoch: the learning curve

@@ -13,7 +13,6 @@ Exit codes of the command-line entry points (README, "Command line"):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shlex
 import signal
@@ -55,23 +54,94 @@ class RunInterrupted(Exception):
 
 
 class DivergenceGuard(Callback):
-    """Stops a fit at the first step whose training loss is not finite, before its backward pass: no optimiser step
-    with it, and no checkpoint after it (last.ckpt keeps the last finished epoch). On several processes the decision
-    is taken together (one small all-reduce a step), so every process stops at the same step.
+    """Stops a fit at the first step whose training loss is not finite: no optimiser step with that loss, and no
+    checkpoint after it (last.ckpt keeps the last finished epoch). On several processes the decision is taken
+    together (the flag is all-reduced), so every process stops at the same step.
+
+    Where the loss lives on the CPU the host reads it at no cost, and the fit stops before the backward pass. On a GPU
+    reading it would make the host wait for the device at every step, so the check is deferred (`deferred`, default:
+    on CUDA): the step's flag stays on the device, where fused Adam's `found_inf` skips the optimiser step (and every
+    later one: the flag is sticky), and it is copied to the host without waiting. The host reads the flag of a step
+    `lag` steps later, when the device has long finished it, or at the epoch's end, before a validation and before
+    any checkpoint is written, whichever comes first; the error names the step where the loss stopped being finite.
+    An optimiser that cannot skip a step on the device (not fused Adam) is checked before its step instead.
 
     The LightningModule may name the config key of its learning rate in `lr_key` (default optim.lr)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deferred: bool | None = None, lag: int = 2) -> None:
+        self.deferred, self.lag = deferred, lag
         self.last_finite: tuple[int, float] | None = None  # (step, loss)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._flag: torch.Tensor | None = None  # on the device: 1.0 once any loss was not finite
+        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []  # (step, [flag, loss], copied)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.last_finite = None
+        self._reset()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        value = float(loss.detach().float())  # the progress bar reads the loss every step anyway
-        finite = math.isfinite(value)
-        if trainer.world_size > 1:
-            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
-            self.last_finite = (trainer.global_step, value)
+        loss = loss.detach().float()
+        bad = (~torch.isfinite(loss)).float()
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # every process takes the decision of all (a NaN on one poisons every gradient); torch's all-reduce, not
+            # Lightning's reduce, whose barrier would make the host wait for the device
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        deferred = loss.device.type == "cuda" if self.deferred is None else self.deferred
+        if not deferred:  # the host reads it at no cost: decide now, before backward
+            self._pending.append((trainer.global_step, torch.stack((bad, loss)), None))
+            self._resolve(trainer, pl_module, upto=None)
             return
+        self._flag = bad if self._flag is None else torch.maximum(self._flag, bad)
+        values = torch.stack((self._flag, loss))
+        if values.device.type == "cuda":
+            host = torch.empty(2, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            self._pending.append((trainer.global_step, host, copied))
+        else:
+            self._pending.append((trainer.global_step, values, None))
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._flag is None:
+            return
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # under Lightning's wrapper
+        if getattr(optimizer, "defaults", {}).get("fused"):
+            # fused Adam skips its update (and does not count the step) where found_inf is 1, on the device; under
+            # 16-mixed the GradScaler sets its own found_inf, which a non-finite loss's gradients set too
+            optimizer.found_inf = self._flag
+        else:
+            self._resolve(trainer, pl_module, upto=None)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        # flags of steps the device finished long ago (lag steps back): waiting on them leaves the last step queued
+        self._resolve(trainer, pl_module, upto=trainer.global_step - self.lag)
+
+    def _resolve_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self._resolve(trainer, pl_module, upto=None)
+
+    on_train_epoch_end = on_validation_start = on_train_end = _resolve_all
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._resolve(trainer, pl_module, upto=None)  # raising here writes no file
+
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule, upto: int | None) -> None:
+        """Read the pending flags of the steps up to `upto` (None: all), in order; raise at the first bad one."""
+        while self._pending and (upto is None or self._pending[0][0] <= upto):
+            step, values, copied = self._pending.pop(0)
+            if copied is not None:
+                copied.synchronize()
+            bad, loss = values.tolist()
+            if bad:
+                self._pending.clear()
+                raise self._diverged(trainer, pl_module, step)
+            self.last_finite = (step, loss)
+
+    def _diverged(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> TrainingDiverged:
         cfg = getattr(pl_module, "cfg", {})
         key = getattr(pl_module, "lr_key", "optim.lr")
         section, name = key.split(".")
@@ -82,8 +152,8 @@ class DivergenceGuard(Callback):
             if self.last_finite is None
             else (f"last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]}")
         )
-        raise TrainingDiverged(
-            f"training diverged: the loss is not finite at step {trainer.global_step} (epoch {trainer.current_epoch}; "
+        return TrainingDiverged(
+            f"training diverged: the loss is not finite at step {step} (epoch {trainer.current_epoch}; "
             f"{last}); the checkpoints written before are kept as they were. Try a smaller {key} (now {lr})"
             + ("" if str(precision) == "32-true" else f" or trainer.precision=32-true (now {precision})"),
             trainer.global_rank,

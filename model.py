@@ -21,6 +21,7 @@ from torch import nn
 
 from backbones import Trunk
 from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
+from precision import ieee_float32
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,13 @@ def pointwise(conv: nn.Conv2d, x: torch.Tensor, low_precision: bool = True) -> t
     """A 1x1 convolution. Float32: the convolution itself (the numbers of the paper path). Under autocast (bf16-mixed)
     the same map as a matrix product over the cells, (B K K, in) x (in, out): on the K x K grid oneDNN's bf16
     convolution reaches a sixth of the bf16 matmul rate, the product most of it (README, Speed).
-    low_precision=False keeps the convolution in float32 under autocast too (the label-space layers)."""
+    low_precision=False keeps the convolution in IEEE float32 under autocast and under a TF32 float32 policy too (the
+    label-space layers: precision.py)."""
+    if not low_precision:
+        with torch.autocast(x.device.type, enabled=False), ieee_float32():
+            return conv(x if x.dtype == torch.float64 else x.float())
     if not torch.is_autocast_enabled(x.device.type):
         return conv(x)
-    if not low_precision:
-        with torch.autocast(x.device.type, enabled=False):
-            return conv(x.float())
     dtype = torch.get_autocast_dtype(x.device.type)
     cache = None if torch.is_grad_enabled() else _pointwise_weights
     weight = None if cache is None else cache.get(conv)
@@ -132,6 +134,11 @@ class ConditionalModel(nn.Module):
         assert condition_init in ("default", "identity"), (
             f"condition_init must be default or identity, got {condition_init!r}"
         )
+        if not roi_tokens:
+            # kept in the state dict (one checkpoint layout), but frozen: they take no part in the forward pass, and
+            # DDP (find_unused_parameters off) fails at the second step on a trainable parameter without a gradient
+            self.patch_encoder.requires_grad_(False)
+            self.token_logits.requires_grad_(False)
         if condition_init == "identity":
             # [ours] x_w starts at exactly 1 (the softmax weights sum to 1), so the prior reaches the output
             # unscrambled from the first step; the encoders' share grows as the BatchNorm weights leave 0

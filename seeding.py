@@ -55,7 +55,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Put back what `rng_state` captured."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # per device, for the devices this machine shows: a resume where fewer GPUs are visible than at the save
+        # (another machine, CUDA_VISIBLE_DEVICES) restores those it has; a process draws on its own device only
+        for device, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]

@@ -13,6 +13,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from faults import DivergenceGuard, InterruptGuard
+from precision import apply_float32_policy
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def build_trainer(
     (faults.DivergenceGuard), a Ctrl-C by the next batch (faults.InterruptGuard); the processes of a run wait
     trainer.dist_timeout_s for each other."""
     t = cfg["trainer"]
+    # before the Trainer exists: Lightning reads the matmul policy when it sets up a CUDA device
+    apply_float32_policy(t["float32_matmul_precision"])
     if best_in_memory:  # no checkpoint files at all
         best, checkpoints = BestWeights(selection_metric(cfg)), []
     else:
@@ -156,6 +159,46 @@ def build_trainer(
         # an argument of a DDPStrategy it builds itself from the strategy's name, so it is set on that one
         trainer.strategy._timeout = timedelta(seconds=t.get("dist_timeout_s", 1800))
     return trainer, best
+
+
+def planned_world_size(cfg: dict) -> int:
+    """How many processes the run's Trainer will have (trainer.num_nodes x the devices of each), known before any
+    process starts: Lightning's own resolution of trainer.devices (auto, lists) and of a launcher's variables."""
+    from config import quiet_lightning
+
+    t = cfg["trainer"]
+    with quiet_lightning():
+        probe = pl.Trainer(
+            accelerator=t["accelerator"],
+            devices=t["devices"],
+            strategy=t["strategy"],
+            num_nodes=t["num_nodes"],
+            precision=t["precision"],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    return probe.world_size
+
+
+def log_global_batch(trainer: pl.Trainer, batch_size: int, lr: float, what: str, lr_key: str) -> None:
+    """On several processes, say (once) what a training step then is: the global batch and the learning rate, which
+    stays the config's (nothing is scaled with the number of processes)."""
+    if trainer.world_size > 1 and trainer.is_global_zero:
+        logger.info(
+            "%s on %d processes (%d machine(s) x %d): global batch %d x %d = %d images a step, learning rate %g "
+            "(%s, not scaled with the processes)",
+            what,
+            trainer.world_size,
+            trainer.num_nodes,
+            trainer.num_devices,
+            trainer.world_size,
+            batch_size,
+            trainer.world_size * batch_size,
+            lr,
+            lr_key,
+        )
 
 
 def setup_logging(level: int = logging.INFO) -> None:

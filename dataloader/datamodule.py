@@ -22,11 +22,15 @@ logger = logging.getLogger(__name__)
 
 def evaluation_batches(num_images: int, batch_size: int, world: int) -> list[list[int]]:
     """The one-process evaluation batches: consecutive images, batch_size each, the last one shorter. Only where
-    there are fewer such batches than processes are they split finer, so that every process has one (the
-    processes gather their outputs together)."""
-    if -(-num_images // batch_size) < world:
-        batch_size = -(-num_images // world)
-    return [list(range(start, min(start + batch_size, num_images))) for start in range(0, num_images, batch_size)]
+    there are fewer such batches than processes are they split finer, into exactly `world` batches of consecutive
+    images whose sizes differ by at most one, so that every process has one (the processes gather their outputs
+    together, and Lightning refuses an empty loader). Needs num_images >= world (DiffMICDataModule refuses fewer)."""
+    assert num_images >= world >= 1, f"{num_images} images cannot give each of {world} processes a batch"
+    if -(-num_images // batch_size) >= world:
+        return [list(range(start, min(start + batch_size, num_images))) for start in range(0, num_images, batch_size)]
+    # the first (num_images % world) batches take one image more
+    bounds = [k * (num_images // world) + min(k, num_images % world) for k in range(world + 1)]
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(world)]
 
 
 class FixedBatches(Sampler):
@@ -183,6 +187,17 @@ def build_datasets(cfg: dict) -> dict[str, Dataset]:
     return sets
 
 
+def check_evaluation_sizes(datasets: dict[str, Dataset], world: int) -> None:
+    """Every process evaluates at least one image: a split with fewer images than processes is refused (before any
+    work, by the command line) instead of leaving a process without a batch."""
+    for split, dataset in datasets.items():
+        if split != "train" and len(dataset) < world:
+            raise ConfigError(
+                f"the {split} split has {len(dataset)} image(s), fewer than the {world} processes of the run "
+                "(trainer.devices x trainer.num_nodes): evaluate on fewer devices, e.g. trainer.devices=1"
+            )
+
+
 class DiffMICDataModule(pl.LightningDataModule):
     """Loaders over `build_datasets(cfg)`; evaluation loaders keep a fixed order (sampling noise is
     drawn per batch from a seeded generator, so a fixed order makes evaluation reproducible)."""
@@ -201,8 +216,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         common = {"num_workers": workers, "pin_memory": on_gpu}
         if not train:
-            if len(dataset) < world:
-                raise ConfigError(f"the {split} split has {len(dataset)} image(s), fewer than the {world} processes")
+            check_evaluation_sizes({split: dataset}, world)
             # evaluation in a fixed order; on several processes each takes whole batches of the one-process
             # batching in turn, so every image is computed in the same batch as on one device (same numbers)
             batches = FixedBatches(evaluation_batches(len(dataset), self.batch_size, world)[rank::world])

@@ -45,8 +45,9 @@ class CARDScheduler(nn.Module):
 
     def _at(self, values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         """values[t] shaped to broadcast over `like` (B, C): t is one step or one step per row."""
-        t = torch.as_tensor(t, device=values.device).long()
-        return values[t].reshape(-1, *([1] * (like.dim() - 1))) if t.dim() else values[t]
+        if not isinstance(t, torch.Tensor):  # one step: a view of the schedule, no host-to-device copy
+            return values[int(t)]
+        return values[t.long()].reshape(-1, *([1] * (like.dim() - 1))) if t.dim() else values[t.long()]
 
     def timesteps_antithetic(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         """n training steps, drawn in pairs t and T - 1 - t (the authors' antithetic sampling)."""
@@ -112,11 +113,13 @@ def card_sample(
     assert y_hat.shape == (batch, classes), f"y_hat {tuple(y_hat.shape)} does not match noise {tuple(noise.shape)}"
     on_step = on_step if on_step is not None else active_recorder()
     condition = condition.repeat(samples, 1)  # sample-major rows: (S * B, F)
-    y_hat = y_hat.float().repeat(samples, 1)
+    # float32 (float64 under 64-true): never the bf16 of a denoiser under autocast
+    label_dtype = torch.promote_types(y_hat.dtype, torch.float32)
+    y_hat = y_hat.to(label_dtype).repeat(samples, 1)
     y = y_hat + noise[0].flatten(0, 1)
     for k, t in enumerate(range(steps - 1, -1, -1)):
         t_rows = torch.full((samples * batch,), t, device=y.device, dtype=torch.long)
-        eps_hat = denoiser.denoise(condition, y, y_hat, t_rows).float()
+        eps_hat = denoiser.denoise(condition, y, y_hat, t_rows).to(label_dtype)
         y = scheduler.step(eps_hat, t, y, y_hat, noise[k + 1].flatten(0, 1) if t > 0 else None)
         if on_step is not None:
             on_step(t, y.view(samples, batch, classes))

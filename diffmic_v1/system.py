@@ -24,6 +24,7 @@ from diffmic_v1.ema import EMA
 from diffmic_v1.model import build_denoiser_v1
 from guided import GuidedSystem
 from pipeline import one_hot
+from precision import ieee_float32
 from seeding import start_noise
 from uncertainty import sample_statistics
 from utils import adam
@@ -56,9 +57,13 @@ class DiffMICv1(GuidedSystem):
 
     def priors(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """softmax of the DCG's y_fusion, y_global and y_local, each (B, C), without gradients."""
-        with torch.no_grad():
+        with torch.no_grad(), ieee_float32():  # the frozen DCG's float32 layers whatever the float32 policy
             guide = self.dcg(image)
-        return tuple(g.float().softmax(dim=1) for g in (guide.y_fusion, guide.y_global, guide.y_local))
+        # float32 under bf16 autocast too; float64 under 64-true, where the denoiser's weights are float64
+        return tuple(
+            g.to(torch.promote_types(g.dtype, torch.float32)).softmax(dim=1)
+            for g in (guide.y_fusion, guide.y_global, guide.y_local)
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, label = batch["image"], batch["label"]

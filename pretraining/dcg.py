@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,8 +88,10 @@ def propose_rois(saliency: torch.Tensor, num_rois: int, window: int) -> torch.Te
 
 def cells_to_pixels(cells: torch.Tensor, cam_hw: tuple[int, int], image_hw: tuple[int, int]) -> torch.Tensor:
     """CAM cell (i, j) -> pixel (round(i / h * H), round(j / w * W)); (B, K, 2) long."""
-    scale = torch.tensor([image_hw[0] / cam_hw[0], image_hw[1] / cam_hw[1]], device=cells.device)
-    return torch.round(cells.float() * scale).long()
+    # the scales as float32 numbers, not a tensor built on the host and copied to the device at every forward (a
+    # synchronisation a GPU waits on): a float32 tensor times a Python scalar computes in float32, as before
+    rows, cols = (float(np.float32(image_hw[d] / cam_hw[d])) for d in (0, 1))
+    return torch.round(torch.stack((cells[..., 0].float() * rows, cells[..., 1].float() * cols), dim=-1)).long()
 
 
 def crop_patches(image: torch.Tensor, corners: torch.Tensor, roi_size: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ from faults import (
 )
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import save_dcg, write_atomically
-from utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging
+from utils import adam, build_trainer, cosine_schedule, log_global_batch, selection_metric, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None, reuse: b
     with errors_of("dcg.backbone_weights"):
         system.dcg.load_backbone_weights(cfg["dcg"]["backbone_weights"])
     data = DiffMICDataModule(cfg, batch_size=cfg["dcg"]["batch_size"], datasets=datasets)
+    log_global_batch(trainer, cfg["dcg"]["batch_size"], cfg["dcg"]["lr"], "the DCG pre-training", "dcg.lr")
     with interruptible(trainer, "the DCG pre-training", resumable=False):
         trainer.fit(system, datamodule=data)
     if system.shared:  # the first process had the file: every machine has it now, nothing was trained

@@ -21,6 +21,7 @@ from config import load_config
 from diffmic_v2 import DiffMICv2
 from faults import (
     EXIT_DIVERGED,
+    DivergenceGuard,
     InterruptGuard,
     RunInterrupted,
     TrainingDiverged,
@@ -59,20 +60,26 @@ def test_debug_shows_the_traceback_instead_of_the_line():
 class _Diverging(pl.LightningModule):
     """A linear model whose loss turns NaN at a chosen global step."""
 
-    def __init__(self, at_step: int) -> None:
+    def __init__(self, at_step: int, fused_adam: bool = False) -> None:
         super().__init__()
         self.cfg = {"optim": {"lr": 0.1}, "trainer": {"precision": "32-true"}, "data": {"task": "multiclass"}}
         self.net = torch.nn.Linear(4, 2)
-        self.at_step = at_step
+        self.at_step, self.fused_adam = at_step, fused_adam
+        self.before_bad_step: dict[str, torch.Tensor] | None = None  # the weights the non-finite step started from
 
     def training_step(self, batch, batch_idx):
         loss = self.net(batch[0]).pow(2).mean()
-        return loss * float("nan") if self.global_step == self.at_step else loss
+        if self.global_step != self.at_step:
+            return loss
+        self.before_bad_step = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        return loss * float("nan")
 
     def validation_step(self, batch, batch_idx):
         self.log("val/f1", 1.0 - self.net(batch[0]).pow(2).mean())
 
     def configure_optimizers(self):
+        if self.fused_adam:
+            return torch.optim.Adam(self.parameters(), lr=0.1, fused=True)
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
@@ -89,6 +96,27 @@ def test_the_guard_keeps_the_checkpoints_of_the_finished_epochs(tmp_path):
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
     # the optimiser took no step with the non-finite loss: the weights in memory are still finite
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fused_adam", [True, False], ids=["fused-adam-skips-on-device", "other-optimiser-checked"])
+def test_the_deferred_guard_of_a_gpu_takes_no_step_after_the_non_finite_loss(tmp_path, fused_adam):
+    """The GPU's way, run on the CPU: the flag stays on the device and is read `lag` steps later. Fused Adam skips the
+    non-finite step and the ones after it on the device (found_inf); another optimiser is checked before its step.
+    Either way the error names the step where the loss stopped being finite and no checkpoint is written after it."""
+    cfg = load_config(None, [f"trainer.log_dir={tmp_path}", "trainer.log_every_n_steps=1"])
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=4)
+    trainer, _ = build_trainer(cfg, "guard", max_epochs=4, val_every=1)
+    guard = next(c for c in trainer.callbacks if isinstance(c, DivergenceGuard))
+    guard.deferred = True
+    model = _Diverging(at_step=9, fused_adam=fused_adam)  # 8 steps an epoch: the second epoch's second step
+    with pytest.raises(TrainingDiverged, match=r"step 9 \(epoch 1; last finite loss .* at step 8\)"):
+        trainer.fit(model, train_dataloaders=data, val_dataloaders=data)
+    if fused_adam:  # the device went on for `lag` steps, skipping their updates
+        assert trainer.global_step == 9 + guard.lag
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, model.before_bad_step[key], rtol=0, atol=0)
+    saved = read_checkpoint(tmp_path / "guard" / "version_0" / "checkpoints" / "last.ckpt")
+    assert saved["epoch"] == 0 and saved["global_step"] == 8, "the diverged epoch wrote no checkpoint"
 
 
 def test_diverged_samples_score_uniform_in_both_methods():
