@@ -43,7 +43,7 @@ FOLDER_KEYS = ("data.root",)
 PATH_KEYWORDS = {"dcg.backbone_weights": ("imagenet",), "model.patch_encoder_weights": ("imagenet", "dcg")}
 # Keys that accept more than the type of their default.
 EXTRA_TYPES: dict[str, tuple[type, ...]] = {
-    "trainer.devices": (int, list),  # Lightning's forms: auto, 2, "2", "0,1", [0, 1]
+    "trainer.devices": (str, list),  # Lightning's forms: 1, auto, "2", "0,1", [0, 1]
     "trainer.precision": (int,),  # Lightning's legacy 16 / 32 / 64
     "trainer.limit_train_batches": (int,),
     "trainer.dist_timeout_s": (float,),

@@ -32,8 +32,28 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 logger = logging.getLogger(__name__)
 EXIT_CONFIG, EXIT_DIVERGED, EXIT_DISTRIBUTED, EXIT_SIGINT, EXIT_SIGTERM = 2, 3, 4, 130, 143
-# what gloo / NCCL say when a peer never came or went away (they raise RuntimeError, not torch's DistError)
-_PEER_FAILURES = ("timed out", "connection closed by peer", "connection reset", "address already in use")
+# what gloo / NCCL say when a peer never came or went away (they raise RuntimeError, not torch's DistError), or when
+# NCCL's watchdog aborted the communicator after a collective timed out
+_PEER_FAILURES = (
+    "timed out",
+    "connection closed by peer",
+    "connection reset",
+    "address already in use",
+    "communicator was aborted",
+    "watchdog caught collective operation timeout",
+    "nccl error",
+)
+# How torch's NCCL watchdog handles a collective that exceeds the process group's timeout (trainer.dist_timeout_s):
+# its default (3) tears the process down with SIGABRT, no Python exception and no exit 4; 2 aborts the communicator
+# only, so the collective the process waits in (or its next one) raises, and the run ends with its one line. Set before
+# any process group forms (the launcher's child processes inherit it); a value the user set is kept.
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
+
+def prepare_process_group_env() -> None:
+    """Put NCCL_ENV in this process's environment (unless set already): first thing in every entry point."""
+    for key, value in NCCL_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 class TrainingDiverged(Exception):

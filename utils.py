@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from faults import DivergenceGuard, InterruptGuard
+from faults import DivergenceGuard, InterruptGuard, prepare_process_group_env
 from precision import apply_float32_policy
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,10 @@ def build_trainer(
     (faults.DivergenceGuard), a Ctrl-C by the next batch (faults.InterruptGuard); the processes of a run wait
     trainer.dist_timeout_s for each other."""
     t = cfg["trainer"]
-    # before the Trainer exists: Lightning reads the matmul policy when it sets up a CUDA device
+    # before the Trainer exists: Lightning reads the matmul policy when it sets up a CUDA device, and the process
+    # group (formed at fit, in this process or the launcher's children) reads the NCCL settings
     apply_float32_policy(t["float32_matmul_precision"])
+    prepare_process_group_env()
     if best_in_memory:  # no checkpoint files at all
         best, checkpoints = BestWeights(selection_metric(cfg)), []
     else:

@@ -30,6 +30,10 @@ def cli(
     a time, and processes whose threads outnumber the cores spin against each other (a demo fit took 5x longer)."""
     if threads is None and "PYTEST_XDIST_WORKER" in os.environ:
         threads = 1
+    # the CPU, whatever the machine: on a GPU machine `auto` would start CUDA (and NCCL) runs from several pytest
+    # workers at once; the CUDA tests name their accelerator themselves
+    if not any(a.startswith("trainer.accelerator=") for a in args) and "--help" not in args:
+        args = (*args, "trainer.accelerator=cpu")
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900

@@ -2,8 +2,9 @@
 computes on the CPU (denoiser, DCG, scheduler, one sampled batch) within a stated tolerance, a tiny bf16-mixed fit
 runs, and DDP over NCCL on every visible GPU evaluates as one process does.
 
-Tolerance: TF32 is switched off, so the GPU runs true float32; its kernels sum in other orders than the CPU's, so
-results agree to about 1e-5 relative (checked at 1e-4 absolute on values of order 1), not bit for bit."""
+Tolerance: under the configured float32 policy (default.yml: highest) the GPU runs IEEE float32; its kernels sum in
+other orders than the CPU's, so results agree to about 1e-5 relative (checked at 1e-4 absolute on values of order
+1), not bit for bit."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from helpers import TINY, cli, ok
 from config import load_config
 from diffmic_v2 import DiffMICv2
 from pipeline import DDIMScheduler
+from precision import apply_float32_policy, float32_policy
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
 ATOL, RTOL = 1e-4, 1e-4
@@ -23,14 +25,14 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture(autouse=True)
-def true_float32():
-    if not torch.cuda.is_available():
-        yield
-        return
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def configured_float32_policy():
+    """The float32 policy a run applies (trainer.float32_matmul_precision of default.yml: highest, IEEE float32), so
+    these tests check what a run computes; the policy in force before is put back."""
+    matmul, conv = float32_policy()
+    apply_float32_policy(load_config(None)["trainer"]["float32_matmul_precision"])
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.conv.fp32_precision = conv
 
 
 @pytest.mark.cuda
@@ -90,6 +92,42 @@ def test_one_sampled_batch_on_cuda_equals_cpu():
 
 @pytest.mark.cuda
 @needs_cuda
+def test_the_layers_kept_in_float32_ignore_a_tf32_policy():
+    """Under trainer.float32_matmul_precision=high the body may run in TF32, but the frozen DCG and the label-space
+    layers (cc1, out) compute exactly what they compute under highest."""
+    cfg = load_config(None, ["model.feature_dim=16"])
+    torch.manual_seed(0)
+    system = DiffMICv2(cfg).eval().to(CUDA)
+    image = torch.randn(4, 3, 64, 64, device=CUDA)
+    y_in, t = torch.randn(4, 8, 3, 3, device=CUDA), torch.randint(0, 1000, (4, 3, 3), device=CUDA)
+    runs = {}
+    for policy in ("highest", "high"):
+        apply_float32_policy(policy)
+        with torch.no_grad():
+            guide = system.guide(image)
+            runs[policy] = (guide.y_global, guide.y_local, guide.y_fusion, system.denoiser.cc1(y_in, t))
+    for ieee, tf32 in zip(runs["highest"], runs["high"], strict=True):
+        torch.testing.assert_close(tf32, ieee, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "64-true"])
+def test_every_supported_precision_fits_on_cuda(tmp_path, precision):
+    ok(
+        cli(
+            "fit",
+            *TINY,
+            "trainer.max_epochs=1",
+            f"trainer.log_dir={tmp_path}",
+            "trainer.accelerator=gpu",
+            f"trainer.precision={precision}",
+        )
+    )
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_a_tiny_bf16_mixed_fit_on_cuda(tmp_path):
     ok(
         cli(
@@ -110,7 +148,8 @@ def test_a_tiny_bf16_mixed_fit_on_cuda(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over NCCL needs two GPUs or more")
 def test_ddp_over_nccl_on_every_gpu_evaluates_as_one_process(tmp_path):
     gpus = torch.cuda.device_count()
-    common = [*TINY, "trainer.accelerator=gpu", "data.synthetic.num_val=33", "data.synthetic.num_test=25"]
+    # a test split with more batches of 16 than GPUs: the batches of one process (bit-identical metrics, README)
+    common = [*TINY, "trainer.accelerator=gpu", "data.synthetic.num_val=33", f"data.synthetic.num_test={16 * gpus + 9}"]
     ok(cli("fit", *common, f"trainer.log_dir={tmp_path}", f"trainer.devices={gpus}", "trainer.strategy=ddp"))
     best = str(tmp_path / "demo" / "version_0" / "checkpoints" / "best.ckpt")
     runs = {}
