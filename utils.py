@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
@@ -95,6 +95,18 @@ class BestWeights(Callback):
             self.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
 
 
+def progress_refresh_rate(trainer_cfg: dict) -> int:
+    """Steps between progress-bar refreshes: every step on the CPU; on a GPU every trainer.log_every_n_steps, the
+    steps at which the logger reads the metrics anyway, since each refresh copies the step's loss to the host (a
+    synchronisation the GPU would otherwise wait on at every step)."""
+    from pytorch_lightning.accelerators import CUDAAccelerator
+
+    gpu = trainer_cfg["accelerator"] in ("gpu", "cuda") or (
+        trainer_cfg["accelerator"] == "auto" and CUDAAccelerator.is_available()
+    )
+    return trainer_cfg["log_every_n_steps"] if gpu else 1
+
+
 def build_trainer(
     cfg: dict,
     run_name: str,
@@ -144,6 +156,7 @@ def build_trainer(
             *checkpoints,
             *([best] if best_in_memory else []),
             LearningRateMonitor(logging_interval="epoch"),
+            TQDMProgressBar(refresh_rate=progress_refresh_rate(t)),
             DivergenceGuard(),
             InterruptGuard(),
         ],

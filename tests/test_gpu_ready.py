@@ -267,3 +267,15 @@ def test_the_roi_branch_ablation_trains_under_ddp_and_logs_the_global_batch(tmp_
     )
     assert "training on 2 processes (1 machine(s) x 2): global batch 2 x 16 = 32 images a step" in result.stderr
     assert "learning rate 0.001 (optim.lr, not scaled" in result.stderr
+
+
+def test_the_progress_bar_reads_the_loss_only_at_logging_steps_on_a_gpu():
+    from utils import progress_refresh_rate
+
+    t = {"accelerator": "cpu", "log_every_n_steps": 10}
+    assert progress_refresh_rate(t) == 1
+    assert progress_refresh_rate({**t, "accelerator": "gpu"}) == 10
+    with mock.patch("pytorch_lightning.accelerators.CUDAAccelerator.is_available", return_value=True):
+        assert progress_refresh_rate({**t, "accelerator": "auto"}) == 10
+    with mock.patch("pytorch_lightning.accelerators.CUDAAccelerator.is_available", return_value=False):
+        assert progress_refresh_rate({**t, "accelerator": "auto"}) == 1
