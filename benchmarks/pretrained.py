@@ -253,7 +253,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     for r in sorted(report["runs"], key=lambda r: (r["seed"], METHODS.index(r["method"]))):
         ece = r.get("uncertainty", {}).get("test_scaled", {}).get("calib/ece")
         best = "–" if "best_epoch" not in r else str(r["best_epoch"] + 1)
-        seconds = r.get("train_s", float("nan"))
+        seconds = float("nan") if "reused_from" in r else r.get("train_s", float("nan"))  # timed elsewhere
         lines.append(
             f"| {r['seed']} | {r['method']} | "
             + " | ".join(f"{r['test'][k]:.3f}" for k in METRICS)
