@@ -187,7 +187,14 @@ def summarise(report: dict) -> dict:
         rows = [r for r in report["runs"] if r["method"] == method]
         entry = seed_spread(rows)
         entry["seeds"] = [r["seed"] for r in rows]
-        measured = [r["uncertainty"]["test_scaled"] for r in rows if "uncertainty" in r]
+        # a reused row has only its test metrics at T = 1: the E-AURC of the samples' agreement and spread is the same
+        # after T (neither the scores nor which images are right depend on T), the softmax's and the ECE are not
+        measured = [
+            r["uncertainty"]["test_scaled"]
+            if "uncertainty" in r
+            else {k: v for k, v in r["test"].items() if k in [f"selective/eaurc/{s}" for s in SAMPLE_SCORES]}
+            for r in rows
+        ]
         keys = {"ece_after_t": "calib/ece", **{f"eaurc/{s}": f"selective/eaurc/{s}" for s in SCORES}}
         for name, key in keys.items():
             values = np.array([m[key] for m in measured if key in m])
@@ -267,7 +274,8 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
             "",
             f"The random-init DiffMIC-v2 rows are reused from {', '.join(reused)} (the same config and epochs; their "
             "DCGs were trained from the same split and settings on another machine, and their checkpoints are not "
-            "here, so they have no ECE after T or E-AURC).",
+            "here: their ECE after T and the softmax's E-AURC after T are not measured; the E-AURC of the samples' "
+            "agreement and spread does not depend on T and is theirs).",
         ]
     lines += [
         "",
