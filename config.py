@@ -36,6 +36,7 @@ PATH_KEYS = (
     "model.efficientsam_weights",
     "model.patch_encoder_weights",
     "trainer.log_dir",
+    "encoder_pretraining.ckpt",
 )
 # Input paths that must be folders; every other input path must be a file.
 FOLDER_KEYS = ("data.root",)
@@ -235,7 +236,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config key {key}: {_get(cfg, key)!r} is not one of {', '.join(map(str, choices))}")
     _check_values(cfg)
     check_trainer(cfg)
+    _check_encoder_pretraining(cfg)
     return cfg
+
+
+def _check_encoder_pretraining(cfg: dict) -> None:
+    """The encoder_pretraining section (pretraining/train_encoder.py)."""
+    section = cfg["encoder_pretraining"]
+    for key in ("epochs", "batch_size"):
+        if section[key] < 1:
+            raise ConfigError(f"config key encoder_pretraining.{key}: must be at least 1, got {section[key]}")
+    if section["lr"] <= 0.0:
+        raise ConfigError(f"config key encoder_pretraining.lr: must be > 0, got {section['lr']}")
+    if not 0.0 <= section["min_lr_ratio"] <= 1.0:
+        raise ConfigError(
+            "config key encoder_pretraining.min_lr_ratio: must be in [0, 1] (a fraction of the learning rate), "
+            f"got {section['min_lr_ratio']}"
+        )
+    if section["weight_decay"] < 0.0:
+        raise ConfigError(f"config key encoder_pretraining.weight_decay: must be >= 0, got {section['weight_decay']}")
 
 
 # Counts that must be at least 1.
@@ -549,6 +568,14 @@ def _check_readable(key: str, path: Path) -> None:
         raise ConfigError(f"config key {key}: {path} is not a regular file; give a file")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"config key {key}: file {path} is not readable (permission denied); fix its permissions")
+
+
+def encoder_ckpt_path(cfg: dict) -> Path:
+    """Where pretraining/train_encoder.py writes the encoder: encoder_pretraining.ckpt, or
+    <log_dir>/<name>/encoder.pt."""
+    if cfg["encoder_pretraining"]["ckpt"] is not None:
+        return Path(cfg["encoder_pretraining"]["ckpt"])
+    return Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "encoder.pt"
 
 
 def dcg_ckpt_path(cfg: dict) -> Path:

@@ -58,7 +58,7 @@ class DiffMICv2(GuidedSystem):
         model.patch_encoder_weights say (random init where they are null)."""
         model = self.cfg["model"]
         with errors_of("model.efficientsam_weights"):
-            self.denoiser.load_image_encoder(model["efficientsam_weights"])
+            self.denoiser.load_image_encoder(model["efficientsam_weights"], self.cfg["data"]["image_size"])
         with errors_of("model.patch_encoder_weights"):
             self.denoiser.load_patch_encoder(model["patch_encoder_weights"], self.dcg.local_trunk)
 

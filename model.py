@@ -148,16 +148,17 @@ class ConditionalModel(nn.Module):
                 nn.init.zeros_(norm.weight)
                 nn.init.ones_(norm.bias)
 
-    def load_image_encoder(self, efficientsam_weights: str | None) -> None:
-        """The EfficientSAM image encoder of a new run: the official file, or random init (warned). A file
-        that cannot be read or does not fit raises OSError or ValueError naming it."""
+    def load_image_encoder(self, efficientsam_weights: str | None, image_size: int | None = None) -> None:
+        """The EfficientSAM image encoder of a new run: the official file (or one of pretraining/train_encoder.py,
+        which warns when it was trained at another `image_size`), or random init (warned). A file that cannot be
+        read or does not fit raises OSError or ValueError naming it."""
         if efficientsam_weights is None:
             logger.warning(
                 "model.efficientsam_weights is null: the EfficientSAM image encoder starts from "
                 "random init; results will be below the paper's (see README, pretrained weights)"
             )
         else:
-            load_efficientsam_encoder(self.image_encoder, efficientsam_weights)
+            load_efficientsam_encoder(self.image_encoder, efficientsam_weights, image_size)
 
     def load_patch_encoder(self, patch_encoder_weights: str | None, dcg_local_trunk: nn.Module | None = None) -> None:
         """The patch CNN of a new run: None (random init), "imagenet", a state-dict file, or "dcg": a copy

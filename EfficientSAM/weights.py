@@ -15,6 +15,7 @@ from .image_encoder import ENCODERS, ImageEncoderViT, resample_pos_grid
 logger = logging.getLogger(__name__)
 
 _PREFIX = "image_encoder."
+PROVENANCE = "trained_from"  # beside "model" in a file of pretraining/train_encoder.py
 
 
 def _variant_of_width(width: int) -> str:
@@ -46,12 +47,19 @@ def _resample_pos_embed(pos_embed: torch.Tensor, num_positions: int, path: Path)
     return torch.cat([cls_slot.float(), grid], dim=1).to(pos_embed.dtype)
 
 
-def load_efficientsam_encoder(encoder: ImageEncoderViT, path: str | os.PathLike) -> None:
+def load_efficientsam_encoder(
+    encoder: ImageEncoderViT, path: str | os.PathLike, image_size: int | None = None
+) -> dict | None:
     """Load the image-encoder part of an EfficientSAM checkpoint into ``encoder``.
 
     Accepts the official file (a dict whose ``"model"`` entry is the full
     EfficientSAM state dict) or a plain state dict. Only ``image_encoder.*`` keys
     are used; the neck, prompt encoder and mask decoder are ignored.
+
+    A file written by ``pretraining/train_encoder.py`` has the official layout plus a
+    ``"trained_from"`` entry (its provenance), which is returned (None for other files);
+    when it records another image size than ``image_size`` the file still loads (the
+    position grid is resampled, as for the official weights) and a warning says so.
     """
     path = Path(path)
     if not path.is_file():
@@ -83,7 +91,8 @@ def load_efficientsam_encoder(encoder: ImageEncoderViT, path: str | os.PathLike)
         raise ValueError(
             f"{path}: checkpoint looks like {_variant_of_width(file_width)} "
             f"(width {file_width}) but the encoder is "
-            f"{_variant_of_width(encoder.embed_dim)} (width {encoder.embed_dim})"
+            f"{_variant_of_width(encoder.embed_dim)} (width {encoder.embed_dim}); set model.image_encoder to the "
+            "file's variant or give a file of the encoder's"
         )
 
     pos = enc_state.get("pos_embed")
@@ -97,4 +106,24 @@ def load_efficientsam_encoder(encoder: ImageEncoderViT, path: str | os.PathLike)
     except RuntimeError as err:
         # Same width but e.g. a different depth: report it with the file name.
         raise ValueError(f"{path}: encoder weights do not match the model: {err}") from err
-    logger.info("Loaded %d EfficientSAM image-encoder tensors from %s", len(enc_state), path)
+    ignored = len(state) - len(enc_state)
+    logger.info(
+        "Loaded %d EfficientSAM image-encoder tensors from %s%s",
+        len(enc_state),
+        path,
+        f" ({ignored} tensors of the neck, prompt encoder and mask decoder not used)" if ignored else "",
+    )
+    provenance = checkpoint.get(PROVENANCE) if "model" in checkpoint else None
+    if not isinstance(provenance, dict):
+        return None
+    logger.info("%s was pre-trained by pretraining/train_encoder.py: %s", path.name, provenance)
+    trained_size = provenance.get("image_size")
+    if image_size is not None and trained_size is not None and trained_size != image_size:
+        logger.warning(
+            "%s was pre-trained at image size %s, the config uses data.image_size %d: its position grid is "
+            "resampled to the new size and its features may transfer less well",
+            path,
+            trained_size,
+            image_size,
+        )
+    return provenance

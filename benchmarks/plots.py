@@ -19,13 +19,28 @@ from figures import new_figure, save
 
 logger = logging.getLogger("benchmarks.plots")
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
-LABELS = {"dcg": "DCG (fixed prior)", "diffmic": "DiffMIC-v2", "resnet18": "ResNet-18", "diffmic_v1": "DiffMIC (v1)"}
-COLOURS = {"dcg": "tab:grey", "diffmic": "tab:blue", "resnet18": "tab:orange", "diffmic_v1": "tab:green"}
+LABELS = {
+    "dcg": "DCG (fixed prior)",
+    "diffmic": "DiffMIC-v2",
+    "resnet18": "ResNet-18",
+    "diffmic_v1": "DiffMIC (v1)",
+    "encoder": "pre-trained encoder's classifier",
+    "diffmic_pretrained": "DiffMIC-v2, pre-trained encoder",
+}
+COLOURS = {
+    "dcg": "tab:grey",
+    "diffmic": "tab:blue",
+    "resnet18": "tab:orange",
+    "diffmic_v1": "tab:green",
+    "encoder": "tab:purple",
+    "diffmic_pretrained": "tab:red",
+}
 
 
-def learning_curves_figure(report: dict, path: Path) -> None:
+def learning_curves_figure(report: dict, path: Path, fixed: tuple[str, ...] = ("dcg",)) -> None:
     """Validation accuracy and macro F1 per epoch (benchmarks/learning_curves.py): each seed as a thin line, the
-    mean over seeds as a thick one; the fixed DCG as a dashed line at its mean with its seed spread shaded."""
+    mean over seeds as a thick one; the `fixed` methods (the DCG, which does not train further) as dashed lines at
+    their mean with their seed spread shaded."""
     epochs = report["epochs"]
     fig = new_figure(11, 4.2)
     axes = fig.subplots(1, 2)
@@ -33,7 +48,7 @@ def learning_curves_figure(report: dict, path: Path) -> None:
         for method, entry in report["summary"].items():
             colour, label = COLOURS.get(method, None), LABELS.get(method, method)
             mean = entry["curves"][key]["mean"]
-            if method == "dcg":
+            if method in fixed:
                 spread = entry["curves"][key]["std"][0]
                 ax.axhline(mean[0], color=colour, linestyle="--", label=f"{label}, {len(entry['seeds'])} seeds")
                 ax.axhspan(mean[0] - spread, mean[0] + spread, color=colour, alpha=0.15, linewidth=0)
@@ -57,6 +72,14 @@ def learning_curves_figure(report: dict, path: Path) -> None:
     fig.suptitle(f"{report['dataset']}: thin lines are single seeds", fontsize=10)
     save(fig, path)
     logger.info("wrote %s", path)
+
+
+def pretrained_curves_figure(report: dict, path: Path) -> None:
+    """benchmarks/pretrained.py's plot: the validation curves of DiffMIC-v2 from random init and from the pre-trained
+    encoder, against the DCG and the pre-trained encoder's classifier (dashed: their best validation epoch)."""
+    shown = ("dcg", "encoder", "diffmic", "diffmic_pretrained")
+    summary = {m: report["summary"][m] for m in shown if "curves" in report["summary"].get(m, {})}
+    learning_curves_figure({**report, "summary": summary}, path, fixed=("dcg", "encoder"))
 
 
 UNCERTAINTY_LABELS = {
@@ -227,7 +250,7 @@ def draw_speed(report: dict, path: Path) -> None:
 
 
 # result file name pattern -> the function drawing the figures of the report <stem>.json
-FIGURES = {"_long": learning_curves_figure}
+FIGURES = {"_long": learning_curves_figure, "_pretrained": pretrained_curves_figure}
 PREFIXES = {"uncertainty_": draw_uncertainty, "speed_": draw_speed}
 
 

@@ -88,7 +88,7 @@ def test_overrides_parse_types():
     "override, needle",
     [
         ("optim.learning_rate=1", "unknown config key optim.learning_rate"),
-        ("lr=1", "did you mean dcg.lr or optim.lr"),
+        ("lr=1", "did you mean dcg.lr or encoder_pretraining.lr or optim.lr"),
         ("trainer.max_epochs=1.5", "trainer.max_epochs"),
         ("data.vertical_flip=1", "data.vertical_flip"),
         ("data.dataset=imagenet", "data.dataset"),
