@@ -266,7 +266,8 @@ def test_the_roi_branch_ablation_trains_under_ddp_and_logs_the_global_batch(tmp_
         )
     )
     assert "training on 2 processes (1 machine(s) x 2): global batch 2 x 16 = 32 images a step" in result.stderr
-    assert "learning rate 0.001 (optim.lr, not scaled" in result.stderr
+    lr = load_config(None)["optim"]["lr"]
+    assert f"learning rate {lr:g} (optim.lr, not scaled with the processes)" in result.stderr
 
 
 def test_the_progress_bar_reads_the_loss_only_at_logging_steps_on_a_gpu():
