@@ -53,14 +53,18 @@ class DiffMICv2(GuidedSystem):
             for module in (self.dcg, self.denoiser.image_encoder, self.denoiser.patch_encoder):
                 module.compile()
 
-    def load_initial_weights(self) -> None:
+    def load_initial_weights(
+        self, parts: tuple[str, ...] = GuidedSystem.WEIGHTS_BEFORE_DCG + GuidedSystem.WEIGHTS_AFTER_DCG
+    ) -> None:
         """EfficientSAM's image encoder and the ROI patch encoder, as model.efficientsam_weights and
-        model.patch_encoder_weights say (random init where they are null)."""
+        model.patch_encoder_weights say (random init where they are null); `parts`: which of the two."""
         model = self.cfg["model"]
-        with errors_of("model.efficientsam_weights"):
-            self.denoiser.load_image_encoder(model["efficientsam_weights"], self.cfg["data"]["image_size"])
-        with errors_of("model.patch_encoder_weights"):
-            self.denoiser.load_patch_encoder(model["patch_encoder_weights"], self.dcg.local_trunk)
+        if "image_encoder" in parts:
+            with errors_of("model.efficientsam_weights"):
+                self.denoiser.load_image_encoder(model["efficientsam_weights"], self.cfg["data"]["image_size"])
+        if "patch_encoder" in parts:  # may copy the trained DCG's local trunk (model.patch_encoder_weights: dcg)
+            with errors_of("model.patch_encoder_weights"):
+                self.denoiser.load_patch_encoder(model["patch_encoder_weights"], self.dcg.local_trunk)
 
     @torch.no_grad()
     def guide(self, image: torch.Tensor) -> DCGOutput:

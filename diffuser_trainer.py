@@ -206,9 +206,10 @@ def run(
         # and takes its version folder (faults.exclusive), then finds the DCG file and takes the next version
         with run_folder_lock(Path(cfg["trainer"]["log_dir"]) / cfg["name"], "setting up a fit in this run folder"):
             if ckpt is None:  # a new run: the DCG (pre-trained first if missing) and the encoders' initial weights
+                system.load_initial_weights(system.WEIGHTS_BEFORE_DCG)  # a bad file is refused before any work
                 dcg_path = pretrain_dcg(cfg, data.datasets, reuse=True)  # on every machine of the run
                 system.load_dcg_file(dcg_path, data.datasets["train"])
-                system.load_initial_weights()
+                system.load_initial_weights(system.WEIGHTS_AFTER_DCG)
             trainer, best = build_trainer(
                 cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
             )

@@ -76,8 +76,13 @@ class GuidedSystem(EvaluatedSystem):
             )
         super()._finish(stage)
 
-    def load_initial_weights(self) -> None:
-        """A new run: load the pre-trained weights the config names into the denoiser."""
+    # the parts of load_initial_weights: those that need nothing of the DCG (loaded, and so checked, before the DCG
+    # pre-trains: a bad file is refused before any work), and those made from the trained DCG
+    WEIGHTS_BEFORE_DCG = ("image_encoder",)
+    WEIGHTS_AFTER_DCG = ("patch_encoder",)
+
+    def load_initial_weights(self, parts: tuple[str, ...] = WEIGHTS_BEFORE_DCG + WEIGHTS_AFTER_DCG) -> None:
+        """A new run: load the pre-trained weights the config names into the denoiser (`parts` of them)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the DCG file and checkpoints

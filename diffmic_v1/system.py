@@ -52,7 +52,7 @@ class DiffMICv1(GuidedSystem):
             self.dcg.requires_grad_(True)
             self.dcg_frozen = False
 
-    def load_initial_weights(self) -> None:
+    def load_initial_weights(self, parts: tuple[str, ...] = ()) -> None:
         """Nothing to load: the authors' v1 encoder starts from random weights."""
 
     def priors(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -123,6 +123,7 @@ def test_a_file_of_the_other_vit_size_is_refused_with_exit_2(trained, tmp_path):
     assert len(errors) == 1
     assert "model.efficientsam_weights" in errors[0] and "looks like vit_t (width 192)" in errors[0]
     assert "vit_s (width 384)" in errors[0]
+    assert not (logs / "demo" / "dcg.pt").exists(), "refused before the DCG pre-training: before any work"
 
 
 @pytest.mark.parametrize(
