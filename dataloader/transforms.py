@@ -84,7 +84,9 @@ def rotate(pixels: torch.Tensor, angle: float, hflip: bool = False, vflip: bool 
     torch.add((sy * sin) * u, (sy * cos) * v, out=grid[..., 1])
     inside = grid.abs().amax(dim=-1) < 1
     out = F.grid_sample(pixels[None], grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0]
-    return out.floor_().mul_(inside)
+    # float32 weights may land a hair below a whole level that PIL's double arithmetic reaches exactly (a flat region,
+    # a pixel centre): rounded down from there it would be one level darker
+    return out.add_(2**-14).floor_().mul_(inside)
 
 
 def decode_side(cfg: dict, train: bool) -> int | None:
