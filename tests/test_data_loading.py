@@ -100,6 +100,11 @@ def test_loaders_use_the_resolved_workers_persistently_and_log_them(monkeypatch,
     logged = [r.getMessage() for r in caplog.records if "worker process" in r.getMessage()]
     assert len(logged) == 1 and logged[0].startswith("data loading: 3 worker process(es) per process"), logged
     assert "8 CPUs usable, 2 process(es)" in logged[0]
+    # a persistent loader seeds its workers once, at its first epoch: not from the global generator, or a resumed
+    # fit (a new loader, seeding again) would draw once more than the uninterrupted one
+    state = torch.get_rng_state()
+    list(loaders[1])
+    assert torch.equal(state, torch.get_rng_state())
 
     data = DiffMICDataModule(load_config(None, [*TINY_SET, "data.num_workers=0"]))
     loader = data.train_dataloader()
