@@ -1,5 +1,6 @@
 """The training data path's cost (`python -m benchmarks.speed --data-path`): CPU time per training image, decoding,
-augmenting and batching included, as one loader worker spends it (one thread), at the config's size (224 px for
+augmenting and batching included, read from the CPU clock of one loader worker (a process of one thread), at the
+config's size (224 px for
 configs/isic.yml) from 600 x 450 JPEGs, the size of the HAM10000 / ISIC 2018 originals. The path before the reduced
 decoding and the tensor augmentation ("PIL", kept here as it was) and the current one are timed side by side, every
 repeat running each once; medians. From the cost: images a second per core, and the workers that 2,000 images a
@@ -32,13 +33,13 @@ import pandas as pd
 import PIL
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from config import ConfigError, load_config
 from dataloader.datamodule import build_datasets
 from dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD, SquareCenterCrop, decode_side
-from dataloader.workers import PILLOW_BLOCKS, start_worker, usable_cpus
+from dataloader.workers import usable_cpus
 
 logger = logging.getLogger("benchmarks.speed")
 ORIGINAL_SIZE = (600, 450)  # HAM10000 / ISIC 2018 Task 3 originals, width x height
@@ -89,12 +90,32 @@ def pil_path(cfg: dict) -> Callable[[Path], torch.Tensor]:
     return load
 
 
-def cpu_ms_per_image(fetch: Callable[[int], torch.Tensor], count: int, batch_size: int) -> float:
-    """CPU milliseconds per image of fetching `count` images and collating them into batches, as a worker does."""
-    start = time.process_time()
-    for first in range(0, count, batch_size):
-        default_collate([fetch(i) for i in range(first, min(first + batch_size, count))])
-    return (time.process_time() - start) / count * 1000
+class PILPath(Dataset):
+    """The images through the path of before, as a data set."""
+
+    def __init__(self, cfg: dict, paths: list[Path]) -> None:
+        self.load, self.paths = pil_path(cfg), paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.load(self.paths[index]), "index": index}
+
+
+def with_worker_clock(samples: list) -> tuple[dict, float]:
+    """default_collate (into shared memory, in a worker), and the worker's CPU clock when the batch is made."""
+    return default_collate(samples), time.process_time()
+
+
+def worker_ms_per_image(dataset: Dataset, batch_size: int) -> float:
+    """CPU milliseconds one loader worker spends per image in its steady state: from the end of its first batch to the
+    end of its last (decoding, augmenting, batching into shared memory, handing batches over), its start excluded."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=1, collate_fn=with_worker_clock)
+    clocks = [clock for _, clock in loader]
+    if len(clocks) < 2:
+        raise ConfigError(f"--count {len(dataset)}: the data path needs at least two batches of {batch_size} images")  # type: ignore[arg-type]
+    return (clocks[-1] - clocks[0]) / (len(dataset) - batch_size) * 1000  # type: ignore[arg-type]
 
 
 def draft_difference(paths: list[Path], side: int) -> dict[str, float]:
@@ -116,7 +137,7 @@ def draft_difference(paths: list[Path], side: int) -> dict[str, float]:
 
 
 def measure(cfg: dict, paths: list[Path], repeats: int, batch_size: int) -> dict:
-    """Median CPU ms per image of each path over the repeats, interleaved; one warm-up each."""
+    """Median CPU ms per image of each path over the repeats, interleaved."""
     cfg = copy.deepcopy(cfg)
     labels = pd.DataFrame({"image_id": [p.stem for p in paths], "label": np.arange(len(paths)) % 2})
     listing = paths[0].parent / "data_path.csv"
@@ -131,32 +152,12 @@ def measure(cfg: dict, paths: list[Path], repeats: int, batch_size: int) -> dict
         class_names=None,
         verify_images="off",
     )
-    train: Dataset = build_datasets(cfg)["train"]
-    old = pil_path(cfg)
-    runs: dict[str, Callable[[], float]] = {
-        # as the workers ran it: no reuse of Pillow's buffers
-        "pil": lambda: cpu_ms_per_image(lambda i: old(paths[i]), len(paths), batch_size),
-        "current_without_buffer_reuse": lambda: cpu_ms_per_image(lambda i: train[i]["image"], len(paths), batch_size),
-        "current": lambda: cpu_ms_per_image(lambda i: train[i]["image"], len(paths), batch_size),
-    }
-    blocks = {"pil": 0, "current_without_buffer_reuse": 0, "current": PILLOW_BLOCKS}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what a loader worker runs with
-    try:
-        for r in range(repeats + 1):
-            for name, run in runs.items():
-                Image.core.set_blocks_max(0)
-                if blocks[name]:
-                    start_worker(0)
-                ms = run()
-                if r:  # the first round warms caches up
-                    times[name].append(ms)
-            if r:
-                logger.info("repeat %d/%d: %s ms per image", r, repeats, {k: round(v[-1], 3) for k, v in times.items()})
-    finally:
-        Image.core.set_blocks_max(0)
-        torch.set_num_threads(threads)
+    datasets: dict[str, Dataset] = {"pil": PILPath(cfg, paths), "current": build_datasets(cfg)["train"]}
+    times: dict[str, list[float]] = {name: [] for name in datasets}
+    for r in range(repeats):
+        for name, dataset in datasets.items():
+            times[name].append(worker_ms_per_image(dataset, batch_size))
+        logger.info("repeat %d/%d: %s ms per image", r + 1, repeats, {k: round(v[-1], 3) for k, v in times.items()})
     out: dict = {}
     for name, values in times.items():
         ms = statistics.median(values)
@@ -235,9 +236,10 @@ def write_report(out_dir: Path, report: dict, label: str) -> tuple[Path, Path]:
     lines = [
         "# The training data path on the CPU",
         "",
-        "CPU time per training image (decoding, augmentation, normalisation, batching) in one process with one torch",
-        f"thread, as a loader worker runs it; medians over the repeats, each path run once per repeat. Workers for "
-        f"{TARGET_RATE:,} images/s: the cost times {TARGET_RATE:,}, one worker a core. One section a machine.",
+        "CPU time per training image (decoding, augmentation, normalisation, batching into shared memory) on the CPU",
+        "clock of one loader worker, from the end of its first batch to the end of its last; medians over the repeats,",
+        f"each path run once per repeat. Workers for {TARGET_RATE:,} images/s: the cost times {TARGET_RATE:,}, one "
+        "worker a core. One section a machine.",
         "",
     ]
     for name, r in entries.items():
@@ -259,8 +261,7 @@ def write_report(out_dir: Path, report: dict, label: str) -> tuple[Path, Path]:
         ]
         for key, what in (
             ("pil", "before: full decoding, PIL transforms"),
-            ("current_without_buffer_reuse", "now, without Pillow's buffer reuse"),
-            ("current", "now, as a worker runs it"),
+            ("current", "now: reduced decoding, one tensor resampling"),
         ):
             t = r["timings"][key]
             lines.append(

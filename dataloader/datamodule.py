@@ -17,7 +17,7 @@ from dataloader.lists import ImageList, SplitList, read_list
 from dataloader.medmnist import MedMNISTSplit, ensure_medmnist
 from dataloader.synthetic import NUM_TEXTURES, SyntheticPatterns
 from dataloader.transforms import build_transform, decode_side
-from dataloader.workers import SeededAugmentation, SeededIndices, resolve_num_workers, start_worker, usable_cpus
+from dataloader.workers import SeededAugmentation, SeededIndices, resolve_num_workers, usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class DiffMICDataModule(pl.LightningDataModule):
             # workers live for the whole fit, so the seed a loader gives them is drawn once, at its first epoch: from
             # torch's global generator that draw would make a resumed fit's random stream part from the uninterrupted
             # one's. Nothing draws from the workers' own generators (training images are seeded one by one)
-            common |= {"generator": torch.Generator().manual_seed(self.cfg["seed"]), "worker_init_fn": start_worker}
+            common["generator"] = torch.Generator().manual_seed(self.cfg["seed"])
         if not train:
             if len(dataset) < world:
                 raise ConfigError(f"the {split} split has {len(dataset)} image(s), fewer than the {world} processes")

@@ -64,7 +64,7 @@ class FlipRotateNormalise:
         else:  # flips only: exact
             dims = [d for d, flip in ((2, hflip), (1, vflip)) if flip]
             pixels = pixels.flip(dims) if dims else pixels
-        return (pixels.div(255) - self.mean) / self.std  # ToTensor's scaling, then Normalize
+        return pixels.div_(255).sub_(self.mean).div_(self.std)  # ToTensor's scaling, then Normalize, in place
 
 
 def rotate(pixels: torch.Tensor, angle: float, hflip: bool = False, vflip: bool = False) -> torch.Tensor:
@@ -82,8 +82,8 @@ def rotate(pixels: torch.Tensor, angle: float, hflip: bool = False, vflip: bool 
     grid = torch.empty(height, width, 2, dtype=pixels.dtype)
     torch.add((sx * cos) * u, (-sx * sin) * v, out=grid[..., 0])
     torch.add((sy * sin) * u, (sy * cos) * v, out=grid[..., 1])
-    inside = grid.abs().amax(dim=-1) < 1
     out = F.grid_sample(pixels[None], grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0]
+    inside = grid.abs_().amax(dim=-1) < 1
     # float32 weights may land a hair below a whole level that PIL's double arithmetic reaches exactly (a flat region,
     # a pixel centre): rounded down from there it would be one level darker
     return out.add_(2**-14).floor_().mul_(inside)

@@ -1,4 +1,4 @@
-"""Loader worker processes: how many (`data.num_workers: auto`), how each starts, and the per-image seeds that make
+"""Loader worker processes: how many (`data.num_workers: auto`), and the per-image seeds that make
 training augmentations independent of the workers (their number, their persistence, a resume)."""
 
 from __future__ import annotations
@@ -7,16 +7,12 @@ import os
 from collections.abc import Iterator
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 # auto never starts more workers than this per process: 8 workers decode and augment about 4,000 training images a
 # second at 224 px from 600 x 450 JPEGs (docs/speed.md, "Data loading"), twice what one H100 trains; more would only
 # hold memory and lengthen the start
 MAX_AUTO_WORKERS = 8
-# freed image buffers Pillow keeps for reuse in a worker (16 MB blocks at most, most far smaller): a fresh buffer for
-# every decoded and resized image costs page faults, a third of a 600 x 450 JPEG's decoding time
-PILLOW_BLOCKS = 8
 
 
 def usable_cpus() -> int:
@@ -35,12 +31,6 @@ def resolve_num_workers(setting: int | str, processes_per_node: int) -> int:
         return int(setting)
     share = usable_cpus() // max(processes_per_node, 1)
     return max(0, min(MAX_AUTO_WORKERS, share - 1))
-
-
-def start_worker(worker_id: int) -> None:
-    """worker_init_fn of every loader with workers: Pillow reuses freed image buffers (no change to any pixel)."""
-    if hasattr(Image.core, "set_blocks_max"):
-        Image.core.set_blocks_max(PILLOW_BLOCKS)
 
 
 class SeededIndices(Sampler):
