@@ -10,7 +10,7 @@ The originals are not on this machine: the benchmark upscales HAM10000's 200 x 1
 600 x 450 (bicubic) and saves them as JPEGs of quality 90 in a temporary folder, unless --images names a folder of
 JPEGs. Upscaled images hold less fine detail than the originals, so their files are smaller and decode faster.
 
-Writes <out>/speed_data_path.{md,json}; a new run replaces only the measurement of the same machine."""
+Writes <out>/data_path.{md,json}; a new run replaces only the measurement of the same machine."""
 
 from __future__ import annotations
 
@@ -246,9 +246,9 @@ def run(args: argparse.Namespace, command: str, machine: dict, zip_path: Path) -
 
 
 def write_report(out_dir: Path, report: dict, label: str) -> tuple[Path, Path]:
-    """Add this run to <out>/speed_data_path.{json,md}, replacing an earlier one of the same machine."""
+    """Add this run to <out>/data_path.{json,md}, replacing an earlier one of the same machine."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / "speed_data_path"
+    stem = out_dir / "data_path"  # not speed_*: those are speed.py's reports, each drawn as a figure
     entries = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
     entries.pop(label, None)
     entries[label] = report

@@ -3,8 +3,8 @@ chest X-ray variant with RandomResizedCrop).
 
 Evaluation runs torchvision's PIL transforms as they are. Training crops and resizes in PIL too, then flips, rotates
 and normalises a float tensor in one resampling (`FlipRotateNormalise`), and for the standard transform its JPEGs may
-be decoded at a reduced scale first (`decode_side`): about half the CPU time of the PIL path per image, with the
-same augmentation parameters (docs/speed.md, "Data loading")."""
+be decoded at a reduced scale first (`decode_side`): 1.6x less CPU time per image than the PIL path, with the same
+augmentation parameters (docs/speed.md, "Data loading")."""
 
 from __future__ import annotations
 

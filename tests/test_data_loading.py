@@ -322,12 +322,12 @@ def test_training_decodes_jpegs_at_reduced_size_only_down_to_the_image_size(ham_
 def test_the_speed_benchmark_measures_the_data_path(tmp_path):
     argv = ["--data-path", "--count", "4", "--repeats", "1", "--batch-size", "2", "--out", str(tmp_path)]
     assert speed.main(argv) == 0
-    (entry,) = json.loads((tmp_path / "speed_data_path.json").read_text()).values()
+    (entry,) = json.loads((tmp_path / "data_path.json").read_text()).values()
     assert entry["settings"]["image_sizes"] == "600 x 450" and entry["settings"]["images"] == 4
     for path in ("pil", "current"):
         timing = entry["timings"][path]
         assert timing["cpu_ms_per_image"] > 0 and timing["workers_for_target"] >= 1
         assert timing["images_per_s_per_core"] == pytest.approx(1000 / timing["cpu_ms_per_image"])
     assert entry["timings"]["draft_difference_levels"]["max"] >= entry["timings"]["draft_difference_levels"]["mean"]
-    text = (tmp_path / "speed_data_path.md").read_text()
+    text = (tmp_path / "data_path.md").read_text()
     assert "upscaled" in text and "workers for 2,000 images/s" in text and "load average" in text
