@@ -15,6 +15,7 @@ Writes <out>/speed_<device>.md and .json with the command, machine, versions and
 
     python -m benchmarks.speed [--config configs/isic.yml ...] [--device cpu|cuda] [--precision 32-true bf16-mixed]
                                [--batch-size 4] [--repeats 3] [--steps 10] [--out benchmarks/results] [--profile]
+    python -m benchmarks.speed --data-path [--count 256] [--images DIR]  # the training data path alone (data_path.py)
 """
 
 from __future__ import annotations
