@@ -44,6 +44,7 @@ FOLDER_KEYS = ("data.root",)
 PATH_KEYWORDS = {"dcg.backbone_weights": ("imagenet",), "model.patch_encoder_weights": ("imagenet", "dcg")}
 # Keys that accept more than the type of their default.
 EXTRA_TYPES: dict[str, tuple[type, ...]] = {
+    "data.num_workers": (int,),  # auto or a number
     "trainer.devices": (str, list),  # Lightning's forms: 1, auto, "2", "0,1", [0, 1]
     "trainer.precision": (int,),  # Lightning's legacy 16 / 32 / 64
     "trainer.limit_train_batches": (int,),
@@ -312,10 +313,11 @@ def _check_values(cfg: dict) -> None:
         raise ConfigError(
             f"config key trainer.dist_timeout_s: must be > 0 seconds, got {cfg['trainer']['dist_timeout_s']}"
         )
-    if data["num_workers"] < 0:
-        raise ConfigError(
-            f"config key data.num_workers: must be >= 0 (0 loads in the main process), got {data['num_workers']}"
-        )
+    workers = data["num_workers"]
+    if isinstance(workers, str) and workers != "auto":
+        raise ConfigError(f"config key data.num_workers: auto or a number of worker processes, got {workers!r}")
+    if isinstance(workers, int) and workers < 0:
+        raise ConfigError(f"config key data.num_workers: must be >= 0 (0 loads in the main process), got {workers}")
     if data["rotation_degrees"] < 0:
         raise ConfigError(
             f"config key data.rotation_degrees: must be >= 0 (0: no rotation), got {data['rotation_degrees']}"

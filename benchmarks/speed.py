@@ -15,6 +15,7 @@ Writes <out>/speed_<device>.md and .json with the command, machine, versions and
 
     python -m benchmarks.speed [--config configs/isic.yml ...] [--device cpu|cuda] [--precision 32-true bf16-mixed]
                                [--batch-size 4] [--repeats 3] [--steps 10] [--out benchmarks/results] [--profile]
+    python -m benchmarks.speed --data-path [--count 256] [--images DIR]  # the training data path alone (data_path.py)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torchvision
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import data_path
 from config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from diffmic_v2 import DiffMICv2
@@ -299,7 +301,7 @@ def end_to_end(
     for batch in data.train_dataloader():
         images += batch["image"].shape[0]
     seconds = time.perf_counter() - start
-    out["loader"] = {"images_per_s": images / seconds, "images": images, "workers": cfg["data"]["num_workers"]}
+    out["loader"] = {"images_per_s": images / seconds, "images": images, "workers": data.num_workers}
     for p in precisions:
         system, clock = build_system(cfg, device), BatchClock()
         trainer = pl.Trainer(
@@ -680,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-end-to-end", action="store_true", help="skip Lightning's fit on the real data")
     parser.add_argument("--profile", action="store_true", help="profile one training step and one sampled batch")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "benchmarks" / "results"))
+    data_path.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="key.sub=value for every config")
     args = parse_args_with_overrides(parser, argv)
     setup_logging()
@@ -690,6 +693,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("--device cuda, but CUDA is not available on this machine")
         return 2
     command = "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.data_path:  # the CPU cost of the training data path alone
+        try:
+            return data_path.run(args, command, machine(torch.device("cpu")), HAM_ZIP)
+        except ConfigError as err:
+            logger.error("config error: %s", err)
+            return 2
     report = {"command": command, "machine": machine(device), "precisions": args.precision, "repeats": args.repeats}
     # what earlier runs measured on this device stays in the report, each with its own command and machine
     report["configs"] = earlier_entries(Path(args.out) / f"speed_{device.type}.json")

@@ -7,15 +7,17 @@ import logging
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from config import ConfigError
 from dataloader.checks import verify_images
 from dataloader.lists import ImageList, SplitList, read_list
 from dataloader.medmnist import MedMNISTSplit, ensure_medmnist
 from dataloader.synthetic import NUM_TEXTURES, SyntheticPatterns
-from dataloader.transforms import build_transform
+from dataloader.transforms import build_transform, decode_side
+from dataloader.workers import SeededAugmentation, SeededIndices, resolve_num_workers, usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def _list_datasets(cfg: dict, train_tf, eval_tf) -> dict[str, Dataset]:
         val = read(data["val_list"])
     test = read(data["test_list"])
     sets = {
-        "train": ImageList(train, data["root"], train_tf),
+        "train": ImageList(train, data["root"], train_tf, decode_side(cfg, train=True)),
         "val": ImageList(val, data["root"], eval_tf),
         "test": ImageList(test, data["root"], eval_tf),
     }
@@ -207,14 +209,38 @@ class DiffMICDataModule(pl.LightningDataModule):
         self.cfg = copy.deepcopy(cfg)
         self.batch_size = batch_size or cfg["data"]["batch_size"]
         self.datasets = datasets if datasets is not None else build_datasets(self.cfg)
+        self._workers_logged = False
+
+    @property
+    def num_workers(self) -> int:
+        """Loader workers of each process: data.num_workers, auto resolved for this machine and the processes the
+        trainer runs on it (one without a trainer)."""
+        per_node = self.trainer.num_devices if self.trainer is not None else 1
+        workers = resolve_num_workers(self.cfg["data"]["num_workers"], per_node)
+        if not self._workers_logged:
+            self._workers_logged = True
+            logger.info(
+                "data loading: %d worker process(es) per process (data.num_workers: %s; %d CPUs usable, %d process(es) "
+                "on this machine)",
+                workers,
+                self.cfg["data"]["num_workers"],
+                usable_cpus(),
+                per_node,
+            )
+        return workers
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset, workers = self.datasets[split], self.cfg["data"]["num_workers"]
+        dataset, workers = self.datasets[split], self.num_workers
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         # page-locked batches when the model is on a GPU: the copy to the device runs without staging (no change to
         # any number); on the CPU pinning would only cost time
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         common = {"num_workers": workers, "pin_memory": on_gpu}
+        if workers > 0:
+            # workers live for the whole fit, so the seed a loader gives them is drawn once, at its first epoch: from
+            # torch's global generator that draw would make a resumed fit's random stream part from the uninterrupted
+            # one's. Nothing draws from the workers' own generators (training images are seeded one by one)
+            common["generator"] = torch.Generator().manual_seed(self.cfg["seed"])
         if not train:
             check_evaluation_sizes({split: dataset}, world)
             # evaluation in a fixed order; on several processes each takes whole batches of the one-process
@@ -231,17 +257,21 @@ class DiffMICDataModule(pl.LightningDataModule):
                 len(dataset),
             )
         # several processes: each a shuffled share of the images (the same seed everywhere, reshuffled by epoch)
-        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.cfg["seed"]) if world > 1 else None
+        if world > 1:
+            order: Sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.cfg["seed"])
+        else:
+            order = RandomSampler(dataset)  # the one DataLoader(shuffle=True) makes
+        if workers > 0:
+            # each image's augmentations from a seed the main process draws with the epoch's order: the same images
+            # whatever the number of workers, and a resume repeats them although the workers persist (see README,
+            # resume). Without workers the transforms draw from the global generator, as they always have
+            dataset, order = SeededAugmentation(dataset), SeededIndices(order)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
+            sampler=order,
             drop_last=drop_last,
-            # training workers start afresh every epoch, seeded from the main process's random state, which a
-            # checkpoint restores: persistent ones would carry their random state across epochs, where no resume
-            # can put it back (see README, resume)
-            persistent_workers=False,
+            persistent_workers=workers > 0,
             **common,
         )
 

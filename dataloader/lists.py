@@ -252,10 +252,14 @@ def find_by_name(root: Path, names: list[str]) -> list[list[Path]]:
     return found
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image fully (a truncated file raises, naming it) and return it as 8-bit RGB."""
+def load_rgb(path: str | Path, draft_side: int | None = None) -> Image.Image:
+    """Open an image fully (a truncated file raises, naming it) and return it as 8-bit RGB. `draft_side`: a JPEG
+    may be decoded at 1/2, 1/4 or 1/8 of its size as long as both sides stay at least this (PIL's draft mode, which
+    changes the pixels: for training only, see transforms.decode_side)."""
     try:
         with Image.open(path) as image:
+            if draft_side is not None:
+                image.draft(image.mode, (draft_side, draft_side))
             image.load()
             if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: rescale to 8 bits
                 array = np.asarray(image, dtype=np.float64)
@@ -270,9 +274,10 @@ class ImageList(Dataset):
     """Images named by a split list, relative to `root`. A listed path that does not resolve there
     (the authors' lists carry their own folders, e.g. ./dataset/isic2018/images/ISIC_0032616.jpg) is
     found by its file name anywhere under root; a name matching two files is a ConfigError, and
-    missing files are a ConfigError that lists the first few and their count."""
+    missing files are a ConfigError that lists the first few and their count. `draft_side`: JPEGs decoded at reduced
+    size down to it (see load_rgb; the training split of the standard transform)."""
 
-    def __init__(self, split: SplitList, root: str | Path, transform=None) -> None:
+    def __init__(self, split: SplitList, root: str | Path, transform=None, draft_side: int | None = None) -> None:
         root = Path(root)
         resolved = [resolve_image(root, p) for p in split.paths]
         unresolved = [i for i, r in enumerate(resolved) if r is None]
@@ -287,7 +292,7 @@ class ImageList(Dataset):
                 "check data.root and the list"
             )
         self.paths, self.labels, self.ids = resolved, split.labels, list(split.paths)
-        self.transform = transform
+        self.transform, self.draft_side = transform, draft_side
 
     @staticmethod
     def _resolve_by_name(split: SplitList, root: Path, resolved: list[Path | None], rows: list[int]) -> None:
@@ -330,7 +335,7 @@ class ImageList(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        image = load_rgb(self.paths[index])
+        image = load_rgb(self.paths[index], self.draft_side)
         if self.transform is not None:
             image = self.transform(image)
         label = self.labels[index]
