@@ -83,8 +83,10 @@ class DivergenceGuard(Callback):
     on CUDA): the step's flag stays on the device, where fused Adam's `found_inf` skips the optimiser step (and every
     later one: the flag is sticky), and it is copied to the host without waiting. The host reads the flag of a step
     `lag` steps later, when the device has long finished it, or at the epoch's end, before a validation and before
-    any checkpoint is written, whichever comes first; the error names the step where the loss stopped being finite.
-    An optimiser that cannot skip a step on the device (not fused Adam) is checked before its step instead.
+    a full checkpoint is written (best.ckpt, weights only, follows a validation), whichever comes first; the error
+    names the step where the loss stopped being finite. An optimiser that cannot skip a step on the device (not fused
+    Adam) is checked before its step instead. Under 16-mixed the GradScaler sets found_inf itself: it skips the
+    non-finite step (its gradients are not finite either) but not the `lag` steps after it.
 
     The LightningModule may name the config key of its learning rate in `lr_key` (default optim.lr)."""
 
@@ -103,6 +105,9 @@ class DivergenceGuard(Callback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         loss = loss.detach().float()
+        scale = getattr(getattr(trainer.precision_plugin, "scaler", None), "_scale", None)
+        if scale is not None:  # 16-mixed hands the hooks the scaled loss; its scale stays on the device (no sync)
+            loss = loss / scale.reshape(())
         bad = (~torch.isfinite(loss)).float()
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             # every process takes the decision of all (a NaN on one poisons every gradient); torch's all-reduce, not
@@ -136,6 +141,18 @@ class DivergenceGuard(Callback):
             optimizer.found_inf = self._flag
         else:
             self._resolve(trainer, pl_module, upto=None)
+
+    def _drop_flags(self, trainer: pl.Trainer) -> None:
+        # the optimiser outlives the fit (a notebook may step it again): no stale flag may skip its steps
+        for optimizer in trainer.optimizers:
+            vars(getattr(optimizer, "_optimizer", optimizer)).pop("found_inf", None)
+        self._reset()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drop_flags(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drop_flags(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         # flags of steps the device finished long ago (lag steps back): waiting on them leaves the last step queued

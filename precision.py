@@ -8,8 +8,9 @@ trainer.float32_matmul_precision takes PyTorch's (and Lightning's) names:
 torch's own defaults differ between the two (matmuls 'highest', cuDNN convolutions TF32), so a run would otherwise
 compute its float32 convolutions in TF32 on a GPU while its matmuls take the slow IEEE path; the policy sets both.
 
-The layers the design keeps in float32 (the frozen DCG, the denoiser's first and last label-space layers) run under
-`ieee_float32()`, which switches TF32 off around them: their numbers do not depend on the policy.
+The layers the design keeps in float32 (the frozen DCG, the denoiser's first and last label-space layers) run their
+forward pass under `ieee_float32()`, which switches TF32 off around them: what they compute does not depend on the
+policy (their gradients, computed later by autograd, follow it). The DCG pre-trains under `highest`.
 """
 
 from __future__ import annotations
@@ -28,29 +29,30 @@ logger = logging.getLogger(__name__)
 def apply_float32_policy(policy: str) -> None:
     """Set the float32 policy for matmuls (every backend) and cuDNN convolutions alike, in this process."""
     assert policy in FLOAT32_POLICIES, f"float32 policy {policy!r}: use one of {', '.join(FLOAT32_POLICIES)}"
-    # the legacy setter keeps every matmul backend consistent (torch refuses to report a mixed state, and Lightning
-    # asks for it); the convolutions have only the per-backend setting
+    # torch's legacy switches for both: torch refuses to report a state set partly through the legacy and partly
+    # through the per-backend (fp32_precision) API, and Lightning and other code read the legacy getters
     torch.set_float32_matmul_precision(policy)
-    torch.backends.cudnn.conv.fp32_precision = "ieee" if policy == "highest" else "tf32"
+    torch.backends.cudnn.allow_tf32 = policy != "highest"
 
 
-def float32_policy() -> tuple[str, str]:
-    """(matmul policy, cuDNN convolution setting) in force in this process."""
-    return torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision
+def float32_policy() -> tuple[str, bool]:
+    """(matmul policy, whether cuDNN convolutions may use TF32) in force in this process."""
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
 
 
 @contextmanager
 def ieee_float32() -> Iterator[None]:
-    """IEEE float32 for the matmuls and convolutions inside, whatever the policy; the policy is back afterwards.
-    The switches are host-side flags read when a kernel is launched: no device synchronisation."""
-    matmul, conv = float32_policy()
-    if matmul == "highest" and conv == "ieee":
+    """IEEE float32 for the matmuls and convolutions of the forward pass inside, whatever the policy; the policy is
+    back afterwards (a backward pass runs later, under the policy). The switches are host-side flags read when a
+    kernel is launched: no device synchronisation."""
+    matmul, conv_tf32 = float32_policy()
+    if matmul == "highest" and not conv_tf32:
         yield
         return
     torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.conv.fp32_precision = conv
+        torch.backends.cudnn.allow_tf32 = conv_tf32

@@ -8,8 +8,8 @@
 #      per second of a training step (model only and Lightning's fit on HAM10000 JPEGs, data loading included),
 #      of a sampled batch, and the fraction of the measured matmul peak.
 # Everything it writes goes to benchmarks/results/ (gpu_check_tests.txt, gpu_check_speed.txt, speed_cuda.{md,json}).
-# Time limits, each stage its own (5 minutes in all): 130 s for the tests on one GPU, 50 s for the DDP-over-NCCL test,
-# 120 s for the speed run. `timeout -k` sends SIGKILL 10 s after SIGTERM: a process stuck in NCCL ignores SIGTERM and
+# Time limits, each stage its own (5 minutes in all): 130 s for the tests on one GPU, 60 s for the DDP-over-NCCL test,
+# 110 s for the speed run. `timeout -k` sends SIGKILL 10 s after SIGTERM: a process stuck in NCCL ignores SIGTERM and
 # would keep its GPUs through the next stage.
 #
 #   bash benchmarks/gpu_check.sh [WORKERS]      # WORKERS: data loader workers for the end-to-end fit (default 12)
@@ -32,11 +32,12 @@ start=$(date +%s)
 # each stage has its own time limit, so a hung NCCL rendezvous ends the script instead of stalling it; a failing test
 # does not stop the speed measurement, and the script's exit status is the tests' (then the speed run's)
 set +e
-timeout -k 10 130 "$python" -m pytest -q -p no:xdist -m cuda tests/test_cuda.py -k "not nccl" 2>&1 \
+# four pytest workers share the GPU (the tiny fits are mostly start-up); -n 0 for the NCCL test, which takes every GPU
+timeout -k 10 130 "$python" -m pytest -q -n 4 --dist load -m cuda tests/test_cuda.py -k "not nccl" 2>&1 \
     | tee "$results/gpu_check_tests.txt"
 tests_status=${PIPESTATUS[0]}
 echo "tests: exit $tests_status, $(( $(date +%s) - start )) s" | tee -a "$results/gpu_check_tests.txt"
-timeout -k 10 50 "$python" -m pytest -q -p no:xdist -m cuda tests/test_cuda.py -k "nccl" 2>&1 \
+timeout -k 10 60 "$python" -m pytest -q -n 0 -m cuda tests/test_cuda.py -k "nccl" 2>&1 \
     | tee -a "$results/gpu_check_tests.txt"
 ddp_status=${PIPESTATUS[0]}
 echo "DDP over NCCL: exit $ddp_status, $(( $(date +%s) - start )) s" | tee -a "$results/gpu_check_tests.txt"
@@ -46,7 +47,7 @@ echo "DDP over NCCL: exit $ddp_status, $(( $(date +%s) - start )) s" | tee -a "$
 end_to_end=()
 [ -f ../shared/data/ham10000_200x150/images.zip ] || end_to_end=(--no-end-to-end)
 # ${a[@]+"${a[@]}"}: an empty array under `set -u` is an error on bash before 4.4
-timeout -k 10 120 "$python" -m benchmarks.speed --config configs/isic.yml --device cuda --batch-size 64 --repeats 3 \
+timeout -k 10 110 "$python" -m benchmarks.speed --config configs/isic.yml --device cuda --batch-size 64 --repeats 3 \
     --workers "$workers" ${end_to_end[@]+"${end_to_end[@]}"} 2>&1 | tee "$results/gpu_check_speed.txt"
 speed_status=${PIPESTATUS[0]}
 echo "gpu_check: tests exit $tests_status, speed exit $speed_status, $(( $(date +%s) - start )) s; results in" \

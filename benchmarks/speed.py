@@ -50,6 +50,7 @@ from dataloader.datamodule import DiffMICDataModule, build_datasets
 from diffmic_v2 import DiffMICv2
 from model import reuse_pointwise_weights
 from pipeline import guided_prior_map
+from precision import apply_float32_policy
 from seeding import start_noise
 from utils import adam, setup_logging
 
@@ -416,7 +417,17 @@ def benchmark_config(args: argparse.Namespace, path: str, device: torch.device) 
     if args.workers is not None:
         cfg["data"]["num_workers"] = args.workers
     name = Path(path).stem
-    logger.info("=== %s: batch %d, %d DDIM steps, %s on %s ===", name, batch_size, steps, args.precision, device)
+    # the float32 policy a run of this config applies (its Trainer does), also for the model-only timings
+    apply_float32_policy(cfg["trainer"]["float32_matmul_precision"])
+    logger.info(
+        "=== %s: batch %d, %d DDIM steps, %s on %s, float32 policy %s ===",
+        name,
+        batch_size,
+        steps,
+        args.precision,
+        device,
+        cfg["trainer"]["float32_matmul_precision"],
+    )
     system = build_system(cfg, device)
     batch = synthetic_batch(cfg, batch_size, device)
     result: dict = {

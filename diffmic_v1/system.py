@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
 from diffmic_v1.card import CARDScheduler, card_sample, dual_guidance_loss
 from diffmic_v1.ema import EMA
@@ -90,6 +91,12 @@ class DiffMICv1(GuidedSystem):
         self.ema.update(self.denoiser)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # under 16-mixed Lightning leaves the gradients of a fused optimiser scaled (fused Adam unscales inside its
+        # step): unscale them first, so the clip applies to the true gradient norm (the scaler's step then skips its
+        # own unscaling and still skips a step whose gradients are not finite)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and _optimizer_handles_unscaling(optimizer):
+            scaler.unscale_(getattr(optimizer, "_optimizer", optimizer))
         # the authors clip the denoiser's gradient norm only, not the DCG's
         torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.cfg["v1"]["grad_clip"])
 

@@ -31,8 +31,8 @@ def configured_float32_policy():
     matmul, conv = float32_policy()
     apply_float32_policy(load_config(None)["trainer"]["float32_matmul_precision"])
     yield
-    torch.set_float32_matmul_precision(matmul)
-    torch.backends.cudnn.conv.fp32_precision = conv
+    apply_float32_policy(matmul)
+    torch.backends.cudnn.allow_tf32 = conv
 
 
 @pytest.mark.cuda
@@ -112,35 +112,58 @@ def test_the_layers_kept_in_float32_ignore_a_tf32_policy():
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "64-true"])
-def test_every_supported_precision_fits_on_cuda(tmp_path, precision):
+@pytest.mark.parametrize(
+    "method, precision",
+    [("diffmic_v2", p) for p in ("32-true", "bf16-mixed", "16-mixed", "64-true")]
+    + [("diffmic_v1", "16-mixed"), ("diffmic_v1", "64-true")],  # v1: gradient clipping under the GradScaler; float64
+)
+def test_every_supported_precision_fits_on_cuda(tmp_path, method, precision):
     ok(
         cli(
             "fit",
             *TINY,
             "trainer.max_epochs=1",
+            f"model.method={method}",
+            "v1.feature_dim=16",
+            "v1.warmup_epochs=0",
+            "v1.sampling_steps=20",
+            "diffusion.timesteps=20",
             f"trainer.log_dir={tmp_path}",
             "trainer.accelerator=gpu",
             f"trainer.precision={precision}",
         )
     )
+    metrics = json.loads((tmp_path / "demo" / "version_0" / "metrics.json").read_text())
+    assert all(v == v for k, v in metrics["test"].items() if not k.startswith(("recall/", "selective/")))
 
 
 @pytest.mark.cuda
 @needs_cuda
-def test_a_tiny_bf16_mixed_fit_on_cuda(tmp_path):
-    ok(
-        cli(
-            "fit",
-            *TINY,
-            f"trainer.log_dir={tmp_path}",
-            "trainer.accelerator=gpu",
-            "trainer.devices=1",
-            "trainer.precision=bf16-mixed",
-        )
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_the_guard_stops_a_gpu_fit_at_the_non_finite_step_without_a_sync(tmp_path, precision):
+    """The deferred check of a GPU (faults.DivergenceGuard): the flag stays on the device (found_inf), the host reads
+    it through a pinned copy; the error names the step, and no update was taken with the non-finite loss."""
+    from test_faults import _Diverging
+
+    from checkpoints import read_checkpoint
+    from faults import TrainingDiverged
+    from utils import build_trainer
+
+    cfg = load_config(
+        None,
+        [f"trainer.log_dir={tmp_path}", "trainer.accelerator=gpu", f"trainer.precision={precision}"]
+        + ["trainer.log_every_n_steps=1"],
     )
-    metrics = json.loads((tmp_path / "demo" / "version_0" / "metrics.json").read_text())
-    assert all(v == v for k, v in metrics["test"].items() if not k.startswith(("recall/", "selective/")))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=4)
+    trainer, _ = build_trainer(cfg, "guard", max_epochs=4, val_every=1)
+    model = _Diverging(at_step=9, fused_adam=True)
+    with pytest.raises(TrainingDiverged, match=r"step 9 \(epoch 1; last finite loss .* at step 8\)"):
+        trainer.fit(model, train_dataloaders=data, val_dataloaders=data)
+    if precision != "16-mixed":  # the GradScaler takes the steps after it (faults.DivergenceGuard)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value.cpu(), model.before_bad_step[key].cpu(), rtol=0, atol=0)
+    saved = read_checkpoint(tmp_path / "guard" / "version_0" / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 8, "the diverged epoch wrote no checkpoint"
 
 
 @pytest.mark.cuda
@@ -183,3 +206,26 @@ def test_the_gpu_check_says_it_needs_a_gpu():
     script = str(ROOT / "benchmarks" / "gpu_check.sh")
     result = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
     assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
+
+
+def test_the_gpu_check_collects_its_tests():
+    """The script's pytest command lines as written (its flags against pyproject's addopts), collected here: a usage
+    error would leave every CUDA test of a lent GPU unrun."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    commands = [line for line in text.splitlines() if '"$python" -m pytest' in line]
+    assert len(commands) == 2, commands
+    for line in commands:
+        words = shlex.split(re.search(r'"\$python" (-m pytest .*?) 2>&1', line).group(1))
+        result = subprocess.run(
+            [sys.executable, *words, "--collect-only", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        collected = re.search(r"tests/test_cuda\.py: (\d+)", result.stdout)
+        assert collected and int(collected.group(1)) > 0, result.stdout[-1000:]

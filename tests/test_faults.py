@@ -117,6 +117,7 @@ def test_the_deferred_guard_of_a_gpu_takes_no_step_after_the_non_finite_loss(tmp
         torch.testing.assert_close(value, model.before_bad_step[key], rtol=0, atol=0)
     saved = read_checkpoint(tmp_path / "guard" / "version_0" / "checkpoints" / "last.ckpt")
     assert saved["epoch"] == 0 and saved["global_step"] == 8, "the diverged epoch wrote no checkpoint"
+    assert all(not hasattr(o, "found_inf") for o in trainer.optimizers), "no flag left to skip a later step"
 
 
 def test_diverged_samples_score_uniform_in_both_methods():

@@ -256,5 +256,8 @@ def test_the_dcg_pretrains_in_float32_when_the_denoiser_trains_mixed():
     cfg = load_config(None, ["trainer.precision=bf16-mixed"])
     assert pretraining_precision(cfg)["trainer"]["precision"] == "32-true"
     assert cfg["trainer"]["precision"] == "bf16-mixed"  # the run's own config is left as it is
-    plain = load_config(None, ["trainer.precision=64-true"])
-    assert pretraining_precision(plain) is plain
+    plain = load_config(None, ["trainer.precision=64-true", "trainer.float32_matmul_precision=high"])
+    pretraining = pretraining_precision(plain)
+    assert pretraining["trainer"]["precision"] == "64-true", "a true precision is kept"
+    assert pretraining["trainer"]["float32_matmul_precision"] == "highest", "IEEE float32 under a TF32 policy too"
+    assert plain["trainer"]["float32_matmul_precision"] == "high"
