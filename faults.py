@@ -6,6 +6,7 @@ Exit codes of the command-line entry points (README, "Command line"):
     3    training diverged (a non-finite loss): the run stopped at that step
     4    the processes of a run could not reach each other within trainer.dist_timeout_s (a machine that never
          joined, a port in use, a process that died)
+    5    a file of the run could not be written (no space, a quota, permissions, an I/O error): durable.py
     130  interrupted by SIGINT (Ctrl-C)
     143  interrupted by SIGTERM (a scheduler's pre-emption)
 """
@@ -167,6 +168,46 @@ def interruptible(trainer: pl.Trainer, what: str, resumable: bool) -> Iterator[N
             saved = "nothing of it was kept: run the same command again"
         message = f"{what} interrupted by {signal_name}: {saved}"
         raise RunInterrupted(message, signal_name, trainer.global_rank) from None
+
+
+def _fit_saved(trainer: pl.Trainer) -> str:
+    """What a fit's last.ckpt holds and the command that resumes it, as interruptible says it."""
+    last = Path(trainer.log_dir or ".") / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return f"{last} holds the {trainer.current_epoch} finished epoch(s); resume with: {resume_command()}"
+    return "no epoch finished, so nothing to resume: run the same command again"
+
+
+@contextmanager
+def signals_end_run(trainer: pl.Trainer, what: str) -> Iterator[None]:
+    """After the training of a fit (its final validation and test, reading the best checkpoint, writing
+    metrics.json): SIGINT and SIGTERM end `what` at once with RunInterrupted, the one line of `interruptible` (130 /
+    143). Lightning's own handling covers only its passes, and between them a SIGTERM would kill the process without
+    a word and a Ctrl-C end in a traceback. Files are written atomically, so what was written stays whole. A signal
+    that Python swallowed where it landed (a __del__) ends the run when the block ends. A SIGINT ignored at start
+    stays ignored; outside the main thread nothing changes (signal handlers live there)."""
+    pending: list[str] = []
+
+    def stop(name: str) -> RunInterrupted:
+        message = f"{what} interrupted by {name}: {_fit_saved(trainer)} (it runs only what is left)"
+        return RunInterrupted(message, name, trainer.global_rank)
+
+    def on_signal(signum: int, frame: object) -> None:
+        pending.append(signal.Signals(signum).name)
+        raise stop(pending[-1])
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {signum: signal.signal(signum, on_signal) for signum in names}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if pending:
+        raise stop(pending[0])
 
 
 # ---------------------------------------------------------------------------------------------- one writer

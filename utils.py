@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
+from checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck
 from faults import DivergenceGuard, InterruptGuard
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ def build_trainer(
     evaluation needs) and, when `resumable`, `last.ckpt` (every epoch, with the optimiser state, for resuming); with
     `best_in_memory`, no checkpoint file but BestWeights. A non-finite training loss stops the fit at its step
     (faults.DivergenceGuard), a Ctrl-C by the next batch (faults.InterruptGuard); the processes of a run wait
-    trainer.dist_timeout_s for each other."""
+    trainer.dist_timeout_s for each other. Checkpoints are written atomically (checkpoint_io.AtomicCheckpointIO) after
+    a look at the free disk space (checkpoint_io.DiskSpaceCheck)."""
     t = cfg["trainer"]
     if best_in_memory:  # no checkpoint files at all
         best, checkpoints = BestWeights(selection_metric(cfg)), []
@@ -141,7 +143,10 @@ def build_trainer(
             LearningRateMonitor(logging_interval="epoch"),
             DivergenceGuard(),
             InterruptGuard(),
+            *([DiskSpaceCheck()] if checkpoints else []),
         ],
+        # checkpoints written atomically beside their destination, never through the system temp folder
+        plugins=[AtomicCheckpointIO()],
         enable_checkpointing=not best_in_memory,
         limit_train_batches=t["limit_train_batches"],
         limit_val_batches=t["limit_val_batches"],
