@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytorch_lightning as pl
 import torch
@@ -54,7 +54,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_open(Path(path), "wb", size=lambda: tensor_bytes(checkpoint)) as handle:
-            torch.save(checkpoint, handle)
+            self.serialise(checkpoint, handle)
+
+    def serialise(self, checkpoint: dict[str, Any], handle: BinaryIO) -> None:
+        """Write the checkpoint into the open temporary file (straight to disk: no copy of it in memory)."""
+        torch.save(checkpoint, handle)
 
 
 # ---------------------------------------------------------------------------------------------- free space

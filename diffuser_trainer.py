@@ -221,7 +221,7 @@ def run(
         with interruptible(trainer, "the fit", resumable=True):
             trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
         # a signal from here on ends with the same one line as during training (130 / 143)
-        with signals_end_run(trainer, "the final validation and test of the fit"):
+        with signals_end_run(trainer, "the final validation and test of the fit (training done: a resume runs them)"):
             final_evaluation(trainer, system, data, best, cfg, Path(out) if out else run_dir / "metrics.json")
         return
     # an evaluation takes the next version folder too: under the same lock, so that two commands (or a fit setting

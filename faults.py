@@ -178,6 +178,11 @@ def _fit_saved(trainer: pl.Trainer) -> str:
     return "no epoch finished, so nothing to resume: run the same command again"
 
 
+class _Signalled(BaseException):
+    """Raised by signals_end_run's handler: a BaseException, so that no `except Exception` on the way (a reader that
+    turns any error into its own message) takes it for an error of its own."""
+
+
 @contextmanager
 def signals_end_run(trainer: pl.Trainer, what: str) -> Iterator[None]:
     """After the training of a fit (its final validation and test, reading the best checkpoint, writing
@@ -188,13 +193,9 @@ def signals_end_run(trainer: pl.Trainer, what: str) -> Iterator[None]:
     stays ignored; outside the main thread nothing changes (signal handlers live there)."""
     pending: list[str] = []
 
-    def stop(name: str) -> RunInterrupted:
-        message = f"{what} interrupted by {name}: {_fit_saved(trainer)} (it runs only what is left)"
-        return RunInterrupted(message, name, trainer.global_rank)
-
     def on_signal(signum: int, frame: object) -> None:
         pending.append(signal.Signals(signum).name)
-        raise stop(pending[-1])
+        raise _Signalled
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -203,11 +204,15 @@ def signals_end_run(trainer: pl.Trainer, what: str) -> Iterator[None]:
     previous = {signum: signal.signal(signum, on_signal) for signum in names}
     try:
         yield
+    except _Signalled:
+        pass  # said below
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if pending:
-        raise stop(pending[0])
+        raise RunInterrupted(
+            f"{what} interrupted by {pending[0]}: {_fit_saved(trainer)}", pending[0], trainer.global_rank
+        )
 
 
 # ---------------------------------------------------------------------------------------------- one writer
