@@ -53,10 +53,11 @@ class SplitList:
         return SplitList(name, [self.paths[i] for i in rows], self.labels[rows], self.rows[rows])
 
 
-class ImageUnreadable(Exception):
+class ImageUnreadable(OSError):
     """An image of a list that could not be read while a run used it (deleted, truncated, a network file system
     that went away): the message names the file and its row in the list. Loaded in a DataLoader worker, it reaches
-    the main process inside torch's message (the worker's traceback); `one_line` takes it out."""
+    the main process inside torch's message (the worker's traceback); `one_line` takes it out. An OSError, as the
+    error of the image reader it replaces."""
 
     PREFIX = "image unreadable during the run: "
 
