@@ -19,7 +19,7 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from durable import EXIT_WRITE, atomic_open, free_space, human_size
+from durable import EXIT_WRITE, atomic_open, free_space, human_size, remove_leftovers
 
 logger = logging.getLogger(__name__)
 
@@ -99,22 +99,23 @@ class DiskSpaceCheck(Callback):
     """Before the first epoch of a fit: warns, in numbers, when the run folder cannot hold the checkpoints it will
     keep (each ModelCheckpoint's file: weights, plus the optimiser's state unless weights only) and one temporary
     copy of the largest, which a save writes beside it before the rename. The files already there count as free:
-    they are replaced. Only the first process writes checkpoints, so only it looks."""
+    they are replaced, and the temporary files a killed run left there are removed first. Only the first process
+    writes checkpoints, so only it looks."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
         if not trainer.is_global_zero or not checkpoints or checkpoints[0].dirpath is None:
             return
         folder = Path(checkpoints[0].dirpath)
+        names = [(c.filename or "checkpoint") + ModelCheckpoint.FILE_EXTENSION for c in checkpoints]
+        for name in names:  # a killed run's temporary files take space the next saves need
+            remove_leftovers(folder / name)
         free = free_space(folder)
         if free is None:
             return
         weights = weights_bytes(pl_module)
         full = weights + sum(optimizer_bytes(o) for o in trainer.optimizers)
-        sizes = {}
-        for callback in checkpoints:
-            name = (callback.filename or "checkpoint") + ModelCheckpoint.FILE_EXTENSION
-            sizes[name] = weights if callback.save_weights_only else full
+        sizes = {name: weights if c.save_weights_only else full for name, c in zip(names, checkpoints, strict=True)}
         existing = sum((folder / name).stat().st_size for name in sizes if (folder / name).is_file())
         needed = sum(sizes.values()) + max(sizes.values())
         if free + existing >= needed:
