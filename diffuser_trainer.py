@@ -5,7 +5,8 @@
                                [key.sub=value ...]
 
 A config error ends the command with exit code 2 and one line that names the key or the file; a diverged training
-with 3, Ctrl-C with 130 and SIGTERM with 143, each with one line that says what was kept (faults.py).
+with 3, a file that could not be written with 5 (durable.py), Ctrl-C with 130 and SIGTERM with 143, each with one
+line that says what was kept (faults.py).
 """
 
 from __future__ import annotations
