@@ -104,7 +104,11 @@ class DiskSpaceCheck(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-        if not trainer.is_global_zero or not checkpoints or checkpoints[0].dirpath is None:
+        if not checkpoints or checkpoints[0].dirpath is None:
+            return
+        # on every process: a module's on_save_checkpoint may ask the others (trainer.log_dir is a broadcast)
+        weights = weights_bytes(pl_module)
+        if not trainer.is_global_zero:
             return
         folder = Path(checkpoints[0].dirpath)
         names = [(c.filename or "checkpoint") + ModelCheckpoint.FILE_EXTENSION for c in checkpoints]
@@ -113,7 +117,6 @@ class DiskSpaceCheck(Callback):
         free = free_space(folder)
         if free is None:
             return
-        weights = weights_bytes(pl_module)
         full = weights + sum(optimizer_bytes(o) for o in trainer.optimizers)
         sizes = {name: weights if c.save_weights_only else full for name, c in zip(names, checkpoints, strict=True)}
         existing = sum((folder / name).stat().st_size for name in sizes if (folder / name).is_file())
