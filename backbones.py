@@ -1,12 +1,14 @@
 """CNN trunks from torchvision (ResNet / DenseNet) with their classifier removed, and their weights:
-none (random init), ImageNet through torchvision's weight API (random init, loudly warned, where
-they cannot be fetched), or a local state-dict file."""
+none (random init), ImageNet through torchvision's weight API, or a local state-dict file. ImageNet
+weights that cannot be fetched refuse the run before any work (config.check_imagenet_weights) unless
+the config opts into random init (imagenet_fallback: true): then the loaders below warn loudly."""
 
 from __future__ import annotations
 
 import logging
 import pickle
 import urllib.error
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -46,6 +48,22 @@ def _imagenet_state(name: str, key: str, tag: str = "DEFAULT") -> dict | None:
             key,
         )
         return None
+
+
+def imagenet_file(name: str, tag: str = "DEFAULT") -> Path:
+    """The file of torchvision's ImageNet weights `tag` of `name` in torch's cache (<torch hub dir>/checkpoints),
+    fetched there (hash-checked) when missing. Raises what the fetch raises offline: OSError (URLError is one) or
+    RuntimeError."""
+    weights = torchvision.models.get_model_weights(name)[tag]
+    path = imagenet_cache_path(weights.url)
+    if not path.is_file():
+        weights.get_state_dict(progress=False, check_hash=True)  # downloads beside its destination, then renames
+    return path
+
+
+def imagenet_cache_path(url: str) -> Path:
+    """Where torch's cache keeps the weights file of `url` (what torchvision looks up before any download)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
 
 
 class Trunk(nn.Module):

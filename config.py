@@ -580,6 +580,48 @@ def encoder_ckpt_path(cfg: dict) -> Path:
     return Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "encoder.pt"
 
 
+def check_imagenet_weights(cfg: dict, keys: list[str]) -> None:
+    """Of `keys` (dcg.backbone_weights, model.patch_encoder_weights), those set to imagenet must have torchvision's
+    weights in torch's cache or fetch them now; offline, a ConfigError says where to put the file, unless
+    imagenet_fallback is true (the run then warns and trains those trunks from random weights). Called before any
+    work, for the keys the command will read."""
+    # imported here: torchvision is slow to import, and the trunks' names and weight tags live with the models
+    from torchvision.models import get_model_weights
+
+    from backbones import imagenet_cache_path, imagenet_file
+    from pretraining.dcg import IMAGENET_WEIGHTS
+
+    trunks = {
+        "dcg.backbone_weights": ("dcg.backbone", IMAGENET_WEIGHTS),
+        "model.patch_encoder_weights": ("model.patch_encoder", "DEFAULT"),
+    }
+    for key in keys:
+        if _get(cfg, key) != "imagenet":
+            continue
+        name_key, tag = trunks[key]
+        name = _get(cfg, name_key)
+        try:
+            imagenet_file(name, tag)
+        except (OSError, RuntimeError) as err:
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            if cfg["imagenet_fallback"]:
+                logger.warning(
+                    "config key %s: imagenet, but the ImageNet weights of %s cannot be fetched (%s); "
+                    "imagenet_fallback is true: that trunk trains from random weights",
+                    key,
+                    name,
+                    reason,
+                )
+                continue
+            url = get_model_weights(name)[tag].url
+            raise ConfigError(
+                f"config key {key}: imagenet, but torchvision's ImageNet weights of {name} cannot be fetched "
+                f"({type(err).__name__}: {reason}); offline, download {url} elsewhere and put it at "
+                f"{imagenet_cache_path(url)}, or point {key} to a local state-dict file, or set "
+                "imagenet_fallback=true to train from random weights instead"
+            ) from None
+
+
 def dcg_ckpt_path(cfg: dict) -> Path:
     """Where the DCG weights live: dcg.ckpt, or <log_dir>/<name>/dcg.pt."""
     if cfg["dcg"]["ckpt"] is not None:

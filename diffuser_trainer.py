@@ -5,7 +5,8 @@
                                [key.sub=value ...]
 
 A config error ends the command with exit code 2 and one line that names the key or the file; a diverged training
-with 3, Ctrl-C with 130 and SIGTERM with 143, each with one line that says what was kept (faults.py).
+with 3, a file that could not be written with 5 (durable.py), Ctrl-C with 130 and SIGTERM with 143, each with one
+line that says what was kept (faults.py).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import pytorch_lightning as pl
 import yaml
 
 from checkpoints import read_checkpoint
-from config import ConfigError, check_paths, dcg_ckpt_path, load_config
+from config import ConfigError, check_imagenet_weights, check_paths, dcg_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule, check_evaluation_sizes
+from dataloader.lists import ImageUnreadable
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
+from durable import EXIT_WRITE, WriteFailed, atomic_open, write_atomically
 from evaluation import uncertainty_figures
 from explain_outputs import check_explain_folder, write_explanations
 from faults import (
@@ -38,6 +41,7 @@ from faults import (
     interruptible,
     report_fault,
     run_folder_lock,
+    signals_end_run,
 )
 from figures import save
 from methods import build_system
@@ -71,8 +75,8 @@ def version_of(ckpt: Path | None) -> int | None:
 
 
 def write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2, allow_nan=True))
+    """metrics.json, atomically: a reader (or a kill) never meets half a file."""
+    write_atomically(path, json.dumps(content, indent=2, allow_nan=True))
     logger.info("wrote %s", path)
 
 
@@ -99,9 +103,8 @@ def write_predictions(
         logger.info(
             "%s: %s undefined (nan): one sample per image (diffusion.eval_samples 1)", path, ", ".join(undefined)
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
     unreadable = 0
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:  # a reader (or a kill) never meets half a file
         writer = csv.writer(handle)
         writer.writerow(head)
         for row_index, (i, scores, spread, label, error) in enumerate(
@@ -196,6 +199,10 @@ def run(
         )
         data = DiffMICDataModule(cfg, datasets={"predict": images})
     check_evaluation_sizes(data.datasets, planned_world_size(cfg))
+    if command == "fit" and ckpt is None:  # a new run reads the ImageNet weights it asks for: offline, refused now
+        keys = [] if dcg_ckpt_path(cfg).is_file() else ["dcg.backbone_weights"]  # else the DCG is not pre-trained
+        keys += ["model.patch_encoder_weights"] if cfg["model"]["method"] == "diffmic_v2" else []
+        check_imagenet_weights(cfg, keys)
     system = build_system(cfg)
     names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
     if checkpoint is not None:  # evaluation, or a resume: the weights must fit the config before any file is written
@@ -219,26 +226,9 @@ def run(
         log_global_batch(trainer, cfg["data"]["batch_size"], cfg[section][name], "training", lr_key)
         with interruptible(trainer, "the fit", resumable=True):
             trainer.fit(system, datamodule=data, ckpt_path=ckpt, weights_only=True)  # several devices: every process
-        history = list(system.val_history)  # the validation metrics of each validated epoch: the learning curve
-        best_path = best.best_model_path or str(run_dir / "checkpoints" / "last.ckpt")
-        restore_best(trainer, system, best_path)
-        trainer.validate(system, datamodule=data, verbose=False)
-        result = {
-            "checkpoint": best_path,
-            "val": dict(system.last_metrics),
-            "selection": {
-                "monitor": selection_metric(cfg),
-                "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
-            },
-        }
-        result["temperature"] = system.temperature  # fitted on that validation pass, or 1
-        trainer.test(system, datamodule=data, verbose=False)
-        result["test"] = dict(system.last_metrics)
-        result["val_history"] = history
-        if trainer.is_global_zero:
-            path = Path(out) if out else run_dir / "metrics.json"
-            write_json(path, result)
-            write_uncertainty_figures(path.parent, "test", system)
+        # a signal from here on ends with the same one line as during training (130 / 143)
+        with signals_end_run(trainer, "the final validation and test of the fit (training done: a resume runs them)"):
+            final_evaluation(trainer, system, data, best, cfg, Path(out) if out else run_dir / "metrics.json")
         return
     # an evaluation takes the next version folder too: under the same lock, so that two commands (or a fit setting
     # up) never pick the same one and overwrite each other's config.yaml and metrics.json
@@ -268,6 +258,31 @@ def run(
             write_predictions(path, system.predictions, dataset, names, multilabel, system.temperature)
 
 
+def final_evaluation(trainer: pl.Trainer, system, data, best, cfg: dict, path: Path) -> None:
+    """After training: validate and test the best checkpoint and write `path` (metrics.json) with both, the
+    selection, the temperature and the learning curve."""
+    history = list(system.val_history)  # the validation metrics of each validated epoch: the learning curve
+    best_path = best.best_model_path or str(Path(trainer.log_dir) / "checkpoints" / "last.ckpt")
+    logger.info("training finished: validating and testing %s", best_path)
+    restore_best(trainer, system, best_path)
+    trainer.validate(system, datamodule=data, verbose=False)
+    result = {
+        "checkpoint": best_path,
+        "val": dict(system.last_metrics),
+        "selection": {
+            "monitor": selection_metric(cfg),
+            "best_score": float(best.best_model_score) if best.best_model_score is not None else None,
+        },
+    }
+    result["temperature"] = system.temperature  # fitted on that validation pass, or 1
+    trainer.test(system, datamodule=data, verbose=False)
+    result["test"] = dict(system.last_metrics)
+    result["val_history"] = history
+    if trainer.is_global_zero:
+        write_json(path, result)
+        write_uncertainty_figures(path.parent, "test", system)
+
+
 def restore_best(trainer: pl.Trainer, system, path: str) -> None:
     """The weights of the best checkpoint in `system` on every process: the first process reads the file (weights
     only) and sends its state dict over the process group, so the other machines need no copy of it. A frozen DCG,
@@ -284,7 +299,7 @@ def save_config(cfg: dict, trainer) -> Path:
     log_dir = Path(trainer.log_dir)
     if trainer.is_global_zero:
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        write_atomically(log_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         logger.info("run directory: %s", log_dir)
     return log_dir
 
@@ -323,6 +338,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except (TrainingDiverged, RunInterrupted) as err:  # one line, and the exit code faults.py documents
         return report_fault(err, args.debug)
+    except WriteFailed as err:  # a full disk, a quota, permissions: one line, the previous file kept
+        if args.debug:
+            raise
+        logger.error("%s", err)
+        return EXIT_WRITE
+    except ImageUnreadable as err:  # an image that went away during the run: one line naming it and its row
+        if args.debug:
+            raise
+        logger.error("%s", ImageUnreadable.one_line(err))
+        return EXIT_CONFIG
     except Exception as err:
         message = distributed_failure(err, cfg) if cfg is not None else None
         if message is None or args.debug:

@@ -6,6 +6,7 @@ Exit codes of the command-line entry points (README, "Command line"):
     3    training diverged (a non-finite loss): the run stopped at that step
     4    the processes of a run could not reach each other within trainer.dist_timeout_s (a machine that never
          joined, a port in use, a process that died)
+    5    a file of the run could not be written (no space, a quota, permissions, an I/O error): durable.py
     130  interrupted by SIGINT (Ctrl-C)
     143  interrupted by SIGTERM (a scheduler's pre-emption)
 """
@@ -274,6 +275,51 @@ def interruptible(trainer: pl.Trainer, what: str, resumable: bool) -> Iterator[N
             saved = "nothing of it was kept: run the same command again"
         message = f"{what} interrupted by {signal_name}: {saved}"
         raise RunInterrupted(message, signal_name, trainer.global_rank) from None
+
+
+def _fit_saved(trainer: pl.Trainer) -> str:
+    """What a fit's last.ckpt holds and the command that resumes it, as interruptible says it."""
+    last = Path(trainer.log_dir or ".") / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return f"{last} holds the {trainer.current_epoch} finished epoch(s); resume with: {resume_command()}"
+    return "no epoch finished, so nothing to resume: run the same command again"
+
+
+class _Signalled(BaseException):
+    """Raised by signals_end_run's handler: a BaseException, so that no `except Exception` on the way (a reader that
+    turns any error into its own message) takes it for an error of its own."""
+
+
+@contextmanager
+def signals_end_run(trainer: pl.Trainer, what: str) -> Iterator[None]:
+    """After the training of a fit (its final validation and test, reading the best checkpoint, writing
+    metrics.json): SIGINT and SIGTERM end `what` at once with RunInterrupted, the one line of `interruptible` (130 /
+    143). Lightning's own handling covers only its passes, and between them a SIGTERM would kill the process without
+    a word and a Ctrl-C end in a traceback. Files are written atomically, so what was written stays whole. A signal
+    that Python swallowed where it landed (a __del__) ends the run when the block ends. A SIGINT ignored at start
+    stays ignored; outside the main thread nothing changes (signal handlers live there)."""
+    pending: list[str] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        pending.append(signal.Signals(signum).name)
+        raise _Signalled
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {signum: signal.signal(signum, on_signal) for signum in names}
+    try:
+        yield
+    except _Signalled:
+        pass  # said below
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if pending:
+        raise RunInterrupted(
+            f"{what} interrupted by {pending[0]}: {_fit_saved(trainer)}", pending[0], trainer.global_rank
+        )
 
 
 # ---------------------------------------------------------------------------------------------- one writer

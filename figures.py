@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402  (the backend is chosen first)
 from matplotlib.figure import Figure  # noqa: E402
 
+from durable import atomic_open  # noqa: E402
 from uncertainty import reliability_bins  # noqa: E402
 
 DPI = 100
@@ -33,10 +34,10 @@ def to_image(fig: Figure) -> np.ndarray:
 
 
 def save(fig: Figure, path: str | Path) -> Path:
-    """Write the figure as a PNG (its folder created if needed)."""
+    """Write the figure as a PNG (its folder created if needed), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, dpi=DPI, format="png")
     return path
 
 

@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
+from checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck
 from faults import DivergenceGuard, InterruptGuard, prepare_process_group_env
 from precision import apply_float32_policy
 
@@ -121,7 +122,8 @@ def build_trainer(
     evaluation needs) and, when `resumable`, `last.ckpt` (every epoch, with the optimiser state, for resuming); with
     `best_in_memory`, no checkpoint file but BestWeights. A non-finite training loss stops the fit at its step
     (faults.DivergenceGuard), a Ctrl-C by the next batch (faults.InterruptGuard); the processes of a run wait
-    trainer.dist_timeout_s for each other."""
+    trainer.dist_timeout_s for each other. Checkpoints are written atomically (checkpoint_io.AtomicCheckpointIO) after
+    a look at the free disk space (checkpoint_io.DiskSpaceCheck)."""
     t = cfg["trainer"]
     # before the Trainer exists: Lightning reads the matmul policy when it sets up a CUDA device, and the process
     # group (formed at fit, in this process or the launcher's children) reads the NCCL settings
@@ -159,7 +161,10 @@ def build_trainer(
             TQDMProgressBar(refresh_rate=progress_refresh_rate(t)),
             DivergenceGuard(),
             InterruptGuard(),
+            *([DiskSpaceCheck()] if checkpoints else []),
         ],
+        # checkpoints written atomically beside their destination, never through the system temp folder
+        plugins=[AtomicCheckpointIO()],
         enable_checkpointing=not best_in_memory,
         limit_train_batches=t["limit_train_batches"],
         limit_val_batches=t["limit_val_batches"],

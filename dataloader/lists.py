@@ -34,17 +34,40 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 @dataclass
 class SplitList:
     """One split: image paths (relative to the data root) and their labels, (N,) int64 class
-    indices or (N, C) float32 multi-hot rows. `name` is what error messages call it."""
+    indices or (N, C) float32 multi-hot rows. `name` is what error messages call it; `rows` are the
+    images' rows in the list file (0 for its first image, as the list's other errors count them)."""
 
     name: str
     paths: list[str]
     labels: np.ndarray
+    rows: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = np.arange(len(self.paths))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, rows: np.ndarray, name: str) -> SplitList:
-        return SplitList(name, [self.paths[i] for i in rows], self.labels[rows])
+        return SplitList(name, [self.paths[i] for i in rows], self.labels[rows], self.rows[rows])
+
+
+class ImageUnreadable(OSError):
+    """An image of a list that could not be read while a run used it (deleted, truncated, a network file system
+    that went away): the message names the file and its row in the list. Loaded in a DataLoader worker, it reaches
+    the main process inside torch's message (the worker's traceback); `one_line` takes it out. An OSError, as the
+    error of the image reader it replaces."""
+
+    PREFIX = "image unreadable during the run: "
+
+    @classmethod
+    def one_line(cls, err: BaseException) -> str | None:
+        """The one line of an ImageUnreadable, raised here or in a DataLoader worker; None for another error."""
+        for line in reversed(str(err).splitlines()):
+            if cls.PREFIX in line:
+                return line[line.index(cls.PREFIX) :]
+        return None
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -292,6 +315,7 @@ class ImageList(Dataset):
                 "check data.root and the list"
             )
         self.paths, self.labels, self.ids = resolved, split.labels, list(split.paths)
+        self.list_name, self.rows = split.name, split.rows
         self.transform, self.draft_side = transform, draft_side
 
     @staticmethod
@@ -335,7 +359,15 @@ class ImageList(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        image = load_rgb(self.paths[index], self.draft_side)
+        try:
+            image = load_rgb(self.paths[index], self.draft_side)
+        except OSError as err:  # checked before the run, so it went away since: the whole run cannot go on
+            cause = err.__cause__ or err
+            raise ImageUnreadable(
+                f"{ImageUnreadable.PREFIX}{self.paths[index]} (row {int(self.rows[index])} of {self.list_name}): "
+                f"{getattr(cause, 'strerror', None) or cause}. Restore the file (or remove its row from the list) "
+                "and run again (a fit: resume with --ckpt last); the checkpoints written before are kept as they were"
+            ) from err
         if self.transform is not None:
             image = self.transform(image)
         label = self.labels[index]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from torch.utils.data import Dataset
 
 from checkpoints import read_checkpoint
 from config import ConfigError
+from durable import write_atomically
 from pretraining.dcg import DCG, dcg_backbone
 
 logger = logging.getLogger(__name__)
@@ -73,15 +72,6 @@ def save_dcg(dcg: DCG, cfg: dict, train_set: Dataset, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(content, buffer)
     write_atomically(path, buffer.getvalue())
-
-
-def write_atomically(path: Path, content: bytes) -> None:
-    """Write `content` to a temporary file beside `path` (named for this process, so that two writers never share
-    one), then rename it over `path`: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
-    partial.write_bytes(content)
-    os.replace(partial, path)
 
 
 def load_dcg(dcg: DCG, cfg: dict, path: Path, train_set: Dataset | None = None) -> None:

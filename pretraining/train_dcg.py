@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from config import ConfigError, check_paths, dcg_ckpt_path, errors_of, load_config
+from config import ConfigError, check_imagenet_weights, check_paths, dcg_ckpt_path, errors_of, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
+from dataloader.lists import ImageUnreadable
+from durable import EXIT_WRITE, WriteFailed, write_atomically
 from evaluation import EvaluatedSystem
 from faults import (
     EXIT_CONFIG,
@@ -34,7 +36,7 @@ from faults import (
     run_folder_lock,
 )
 from pretraining.dcg import build_dcg
-from pretraining.dcg_file import save_dcg, write_atomically
+from pretraining.dcg_file import save_dcg
 from utils import adam, build_trainer, cosine_schedule, log_global_batch, selection_metric, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg, need_dcg=False)
         datasets = build_datasets(cfg)
+        check_imagenet_weights(cfg, ["dcg.backbone_weights"])  # offline: refused before any work
         with run_folder_lock(dcg_ckpt_path(cfg).parent, "pre-training the DCG"):
             pretrain_dcg(cfg, datasets)
     except ConfigError as err:
@@ -188,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except (TrainingDiverged, RunInterrupted) as err:
         return report_fault(err, args.debug)
+    except WriteFailed as err:  # a full disk, a quota, permissions: one line, the previous file kept
+        if args.debug:
+            raise
+        logger.error("%s", err)
+        return EXIT_WRITE
+    except ImageUnreadable as err:  # an image that went away during the run: one line naming it and its row
+        if args.debug:
+            raise
+        logger.error("%s", ImageUnreadable.one_line(err))
+        return EXIT_CONFIG
     except Exception as err:  # processes that cannot reach each other: one line and exit 4, as diffuser_trainer
         message = distributed_failure(err, cfg) if cfg is not None else None
         if message is None or args.debug:
