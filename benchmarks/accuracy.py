@@ -151,12 +151,13 @@ def evaluate_dcg(cfg: dict, datasets: dict, path: Path) -> dict:
     return {"val": val, "test": dict(system.last_metrics)}
 
 
-def run_diffmic(cfg: dict, dcg_seconds: float) -> dict:
-    """DiffMIC-v2's own `fit`. Its time includes the DCG pre-training it builds on: `dcg_seconds` when the
-    DCG was trained by the `dcg` method of this seed, else `fit` pre-trains it inside the timed call."""
+def run_diffmic(cfg: dict, dcg_seconds: float, ckpt: str | None = None) -> dict:
+    """DiffMIC-v2's own `fit` (`ckpt`: a last.ckpt to resume). Its time includes the DCG pre-training it builds on:
+    `dcg_seconds` when the DCG was trained by the `dcg` method of this seed, else `fit` pre-trains it inside the timed
+    call."""
     out = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "diffmic_metrics.json"
     start = time.perf_counter()
-    diffuser_trainer.run("fit", cfg, None, str(out))
+    diffuser_trainer.run("fit", cfg, ckpt, str(out))
     seconds = time.perf_counter() - start
     metrics = json.loads(out.read_text())
     return {

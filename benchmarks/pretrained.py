@@ -2,7 +2,8 @@
 
 No EfficientSAM weights exist here, so the image encoder is pre-trained on the benchmark's own training split
 (pretraining/train_encoder.py: supervised, in-domain, small images; a stand-in, not SAM's pre-training). For each
-seed, in this order (every row is written to the report as it ends; --resume skips the rows already there):
+seed, in this order (every row is written to the report as it ends; --resume skips the rows already there, and a
+DiffMIC-v2 row cut off mid-way resumes from its run's last.ckpt, exactly as `fit --ckpt last` does):
   encoder             the pre-trained encoder's own classifier (linear head, cross-entropy, encoder_pretraining.epochs)
   dcg                 the DCG guidance model (dcg.epochs), shared by both DiffMIC-v2 rows
   diffmic_pretrained  DiffMIC-v2 with model.efficientsam_weights = that seed's encoder file, --epochs epochs
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from benchmarks.accuracy import (
     METRICS,
@@ -126,6 +128,20 @@ def run_dcg_row(cfg: dict, datasets: dict, names: list[str]) -> dict:
     return result
 
 
+def unfinished_run(run_cfg: dict) -> Path | None:
+    """The last.ckpt of an earlier attempt at this very run (the same resolved config.yaml beside it) that was cut off
+    (a stopped session, a kill): resumed instead of trained again from its start. Resume is exact at the epoch
+    boundary and the checkpoint carries the validation history, so the row is the one an uninterrupted run gives (its
+    train_s counts the resumed part only)."""
+    base = Path(run_cfg["trainer"]["log_dir"]) / run_cfg["name"]
+    versions = sorted(base.glob("version_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]), reverse=True)
+    for version in versions:
+        last, config = version / "checkpoints" / "last.ckpt", version / "config.yaml"
+        if last.is_file() and config.is_file() and yaml.safe_load(config.read_text()) == run_cfg:
+            return last
+    return None
+
+
 def run_diffmic_row(cfg: dict, datasets: dict, names: list[str], method: str, epochs: int) -> dict:
     """Rows 4 and 5: DiffMIC-v2 trained `epochs` epochs, validated every epoch, guided by the seed's DCG; row 5 starts
     its image encoder from the seed's encoder file (model.efficientsam_weights)."""
@@ -135,7 +151,12 @@ def run_diffmic_row(cfg: dict, datasets: dict, names: list[str], method: str, ep
         if not path.is_file():
             raise ConfigError(f"{path}: the encoder method of this seed must run before diffmic_pretrained")
         run_cfg["model"]["efficientsam_weights"] = str(path)
-    result = run_diffmic(run_cfg, 0.0)
+    last = unfinished_run(run_cfg)
+    if last is not None:
+        logger.info("%s: resuming the cut-off run from %s", run_cfg["name"], last)
+    result = run_diffmic(run_cfg, 0.0, ckpt=None if last is None else str(last))
+    if last is not None:
+        result["resumed_from"] = str(last)
     result["best_epoch"] = best_epoch(result["val_history"])
     samples = run_cfg["diffusion"]["eval_samples"]
     outputs = outputs_of("diffmic", samples, run_cfg, datasets, {"diffmic": result["checkpoint"]})

@@ -208,3 +208,24 @@ def test_pretrained_benchmark_smoke(tmp_path):
     assert pretrained.main(again) == 0
     reused = json.loads((tmp_path / "reused.json").read_text())["runs"]
     assert [r["reused_from"] for r in reused] == ["long.json"]
+
+
+def test_a_cut_off_diffmic_row_resumes_from_its_own_last_checkpoint(tmp_path):
+    """benchmarks.pretrained.unfinished_run: an earlier attempt's last.ckpt is resumed only when the config.yaml
+    beside it is this very run's (another epoch count or encoder file is another run)."""
+    import yaml
+
+    from benchmarks.learning_curves import long_config
+    from benchmarks.pretrained import unfinished_run
+
+    run_cfg = long_config(tiny_config(tmp_path), "diffmic_pretrained", 2)
+    assert unfinished_run(run_cfg) is None
+    version = Path(run_cfg["trainer"]["log_dir"]) / run_cfg["name"] / "version_0"
+    (version / "checkpoints").mkdir(parents=True)
+    (version / "checkpoints" / "last.ckpt").write_bytes(b"stand-in")
+    (version / "config.yaml").write_text(yaml.safe_dump(run_cfg, sort_keys=False))
+    assert unfinished_run(run_cfg) == version / "checkpoints" / "last.ckpt"
+    assert unfinished_run(long_config(tiny_config(tmp_path), "diffmic_pretrained", 3)) is None
+    other = json.loads(json.dumps(run_cfg))
+    other["model"]["efficientsam_weights"] = str(tmp_path / "another_encoder.pt")
+    assert unfinished_run(other) is None
