@@ -26,20 +26,14 @@ import yaml
 from checkpoints import read_checkpoint
 from config import ConfigError, check_imagenet_weights, check_paths, dcg_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule, check_evaluation_sizes
-from dataloader.lists import ImageUnreadable
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
-from durable import EXIT_WRITE, WriteFailed, atomic_open, write_atomically
+from durable import atomic_open, write_atomically
 from evaluation import uncertainty_figures
 from explain_outputs import check_explain_folder, write_explanations
 from faults import (
-    EXIT_CONFIG,
-    EXIT_DISTRIBUTED,
-    RunInterrupted,
-    TrainingDiverged,
-    distributed_failure,
+    exit_code,
     interruptible,
-    report_fault,
     run_folder_lock,
     signals_end_run,
 )
@@ -333,27 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.words)
         run(args.command, cfg, args.ckpt, args.out, args.input, args.explain, args.explain_max)
-    except ConfigError as err:
-        logger.error("config error: %s", err)
-        return EXIT_CONFIG
-    except (TrainingDiverged, RunInterrupted) as err:  # one line, and the exit code faults.py documents
-        return report_fault(err, args.debug)
-    except WriteFailed as err:  # a full disk, a quota, permissions: one line, the previous file kept
-        if args.debug:
-            raise
-        logger.error("%s", err)
-        return EXIT_WRITE
-    except ImageUnreadable as err:  # an image that went away during the run: one line naming it and its row
-        if args.debug:
-            raise
-        logger.error("%s", ImageUnreadable.one_line(err))
-        return EXIT_CONFIG
-    except Exception as err:
-        message = distributed_failure(err, cfg) if cfg is not None else None
-        if message is None or args.debug:
-            raise
-        logger.error("%s", message)
-        return EXIT_DISTRIBUTED
+    except Exception as err:  # one line and the documented exit code (faults.exit_code)
+        return exit_code(err, cfg, args.debug)
     return 0
 
 

@@ -31,6 +31,10 @@ from filelock import FileLock, Timeout
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from config import ConfigError
+from dataloader.lists import ImageUnreadable
+from durable import EXIT_WRITE, WriteFailed
+
 logger = logging.getLogger(__name__)
 EXIT_CONFIG, EXIT_DIVERGED, EXIT_DISTRIBUTED, EXIT_SIGINT, EXIT_SIGTERM = 2, 3, 4, 130, 143
 # what gloo / NCCL say when a peer never came or went away (they raise RuntimeError, not torch's DistError), or when
@@ -373,6 +377,30 @@ def report_fault(err: TrainingDiverged | RunInterrupted, debug: bool) -> int:
     if err.rank == 0:
         logger.error("%s", err)
     return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else err.exit_code
+
+
+def exit_code(err: Exception, cfg: dict | None, debug: bool) -> int:
+    """The one line and the exit code (the table above) of an error that ends a command-line entry point; `cfg` is
+    None when the config itself could not be read. `debug` raises the error again with its traceback instead (a
+    config error is always one line), and so does any error that is not one of these."""
+    if isinstance(err, ConfigError):
+        logger.error("config error: %s", err)
+        return EXIT_CONFIG
+    if isinstance(err, (TrainingDiverged, RunInterrupted)):
+        return report_fault(err, debug)
+    if debug:
+        raise err
+    if isinstance(err, WriteFailed):  # a full disk, a quota, permissions: the previous file kept
+        logger.error("%s", err)
+        return EXIT_WRITE
+    if isinstance(err, ImageUnreadable):  # an image that went away during the run, raised here or in a worker
+        logger.error("%s", ImageUnreadable.one_line(err))
+        return EXIT_CONFIG
+    message = distributed_failure(err, cfg) if cfg is not None else None
+    if message is None:
+        raise err
+    logger.error("%s", message)
+    return EXIT_DISTRIBUTED
 
 
 def distributed_failure(err: BaseException, cfg: dict) -> str | None:

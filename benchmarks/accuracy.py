@@ -340,7 +340,7 @@ def resumed_report(path: Path, fresh: dict) -> dict:
     old, new = report["config"], json.loads(json.dumps(fresh["config"]))
     changed = config_changes(old, new)
     # keys the project gained after the report was written: its runs had no such setting, so they do not conflict
-    added = [key for key in changed if not _has_key(old, key)]
+    added = [key for key in changed if not has_key(old, key)]
     if len(added) < len(changed):
         different = ", ".join(k for k in changed if k not in added)
         raise ConfigError(f"{path} was written with another config (differs in {different})")
@@ -355,7 +355,8 @@ def resumed_report(path: Path, fresh: dict) -> dict:
     return report
 
 
-def _has_key(tree: dict, dotted: str) -> bool:
+def has_key(tree: dict, dotted: str) -> bool:
+    """Whether the nested config `tree` has the dotted key."""
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
             return False

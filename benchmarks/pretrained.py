@@ -36,6 +36,7 @@ import yaml
 from benchmarks.accuracy import (
     METRICS,
     config_changes,
+    has_key,
     machine,
     per_class_recall_table,
     provenance_lines,
@@ -48,7 +49,7 @@ from benchmarks.accuracy import (
 )
 from benchmarks.learning_curves import best_epoch, curves, long_config
 from benchmarks.plots import pretrained_curves_figure
-from benchmarks.uncertainty import measure, outputs_of, split_outputs
+from benchmarks.uncertainty import cell, measure, outputs_of, split_outputs
 from config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
 from dataloader.datamodule import build_datasets
 from pretraining.train_encoder import load_classifier, pretrain_encoder, sidecar_path, trained_from
@@ -184,20 +185,12 @@ def reusable_rows(path: Path, base: dict, epochs: int) -> list[dict]:
     differ = [
         k
         for k in config_changes(old["config"], base)
-        if k not in REUSE_IGNORED and _has(old["config"], k) and not k.startswith("encoder_pretraining.")
+        if k not in REUSE_IGNORED and has_key(old["config"], k) and not k.startswith("encoder_pretraining.")
     ]
     if differ:
         logger.warning("not reusing %s: its config differs in %s", path, ", ".join(differ))
         return []
     return [{**r, "reused_from": path.name} for r in old["runs"] if r["method"] == "diffmic"]
-
-
-def _has(tree: dict, dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return False
-        tree = tree[part]
-    return True
 
 
 def summarise(report: dict) -> dict:
@@ -233,12 +226,6 @@ def summarise(report: dict) -> dict:
     return summary
 
 
-def _cell(entry: dict, key: str) -> str:
-    if key not in entry or not np.isfinite(entry[key]["mean"]):
-        return "–"
-    return f"{entry[key]['mean']:.3f} ± {entry[key]['std']:.3f}"
-
-
 def write_report(out_dir: Path, name: str, report: dict) -> None:
     """<name>.json, <name>.md and the validation-curve plot <name>.png."""
     report["summary"] = summarise(report)
@@ -268,7 +255,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, e in s.items():
-        cells = [_cell(e, k) for k in (*METRICS, "ece_after_t", *(f"eaurc/{sc}" for sc in SCORES))]
+        cells = [cell(e, k) for k in (*METRICS, "ece_after_t", *(f"eaurc/{sc}" for sc in SCORES))]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     lines += per_class_recall_table({LABELS[m]: e for m, e in s.items()})
     lines += [

@@ -149,7 +149,8 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
-def _cell(entry: dict, key: str) -> str:
+def cell(entry: dict, key: str) -> str:
+    """A summary entry's 'mean ± std' to three places, '–' where it is missing or not finite."""
     if key not in entry or not np.isfinite(entry[key]["mean"]):
         return "–"
     return f"{entry[key]['mean']:.3f} ± {entry[key]['std']:.3f}"
@@ -176,9 +177,9 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     ]
     for label, e in s.items():
         lines.append(
-            f"| {label} | {_cell(e, 'acc')} | {_cell(e, 'test:calib/ece')} | {_cell(e, 'test_scaled:calib/ece')} | "
-            f"{_cell(e, 'temperature')} | {_cell(e, 'test:calib/brier')} | {_cell(e, 'test:calib/nll')} | "
-            f"{_cell(e, 'test_scaled:calib/nll')} |"
+            f"| {label} | {cell(e, 'acc')} | {cell(e, 'test:calib/ece')} | {cell(e, 'test_scaled:calib/ece')} | "
+            f"{cell(e, 'temperature')} | {cell(e, 'test:calib/brier')} | {cell(e, 'test:calib/nll')} | "
+            f"{cell(e, 'test_scaled:calib/nll')} |"
         )
     lines += [
         "",
@@ -192,8 +193,8 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
             key = f"test_scaled:selective/aurc/{score}"
             if key not in e or not np.isfinite(e[key]["mean"]):
                 continue
-            cells = [_cell(e, f"test_scaled:selective/{m}/{score}") for m in ("aurc", "eaurc")]
-            cells += [_cell(e, f"test_scaled:selective/acc@{c:g}/{score}") for c in (0.8, *COVERAGES[:1], 0.7)]
+            cells = [cell(e, f"test_scaled:selective/{m}/{score}") for m in ("aurc", "eaurc")]
+            cells += [cell(e, f"test_scaled:selective/acc@{c:g}/{score}") for c in (0.8, *COVERAGES[:1], 0.7)]
             lines.append(f"| {label} | {score} | " + " | ".join(cells) + " |")
     votes = [(label, e) for label, e in s.items() if "val_votes:calib/ece" in e]
     if votes:
@@ -206,14 +207,14 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         ]
         for label, e in votes:
             lines.append(
-                f"| {label} | mean grid on the simplex | {_cell(e, 'val:calib/ece')} | "
-                f"{_cell(e, 'val_scaled:calib/ece')} | {_cell(e, 'val:calib/brier')} | {_cell(e, 'val:calib/nll')} | "
-                f"{_cell(e, 'val_scaled:calib/nll')} |"
+                f"| {label} | mean grid on the simplex | {cell(e, 'val:calib/ece')} | "
+                f"{cell(e, 'val_scaled:calib/ece')} | {cell(e, 'val:calib/brier')} | {cell(e, 'val:calib/nll')} | "
+                f"{cell(e, 'val_scaled:calib/nll')} |"
             )
             lines.append(
-                f"| {label} | share of cell votes | {_cell(e, 'val_votes:calib/ece')} | "
-                f"{_cell(e, 'val_votes_scaled:calib/ece')} | {_cell(e, 'val_votes:calib/brier')} | "
-                f"{_cell(e, 'val_votes:calib/nll')} | {_cell(e, 'val_votes_scaled:calib/nll')} |"
+                f"| {label} | share of cell votes | {cell(e, 'val_votes:calib/ece')} | "
+                f"{cell(e, 'val_votes_scaled:calib/ece')} | {cell(e, 'val_votes:calib/brier')} | "
+                f"{cell(e, 'val_votes:calib/nll')} | {cell(e, 'val_votes_scaled:calib/nll')} |"
             )
     lines += [
         "",

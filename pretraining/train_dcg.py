@@ -20,19 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from config import ConfigError, check_imagenet_weights, check_paths, dcg_ckpt_path, errors_of, load_config
+from config import check_imagenet_weights, check_paths, dcg_ckpt_path, errors_of, load_config, unified_precision
 from dataloader.datamodule import DiffMICDataModule, build_datasets
-from dataloader.lists import ImageUnreadable
-from durable import EXIT_WRITE, WriteFailed, write_atomically
+from durable import write_atomically
 from evaluation import EvaluatedSystem
 from faults import (
-    EXIT_CONFIG,
-    EXIT_DISTRIBUTED,
-    RunInterrupted,
-    TrainingDiverged,
-    distributed_failure,
+    exit_code,
     interruptible,
-    report_fault,
     run_folder_lock,
 )
 from pretraining.dcg import build_dcg
@@ -113,8 +107,7 @@ def pretraining_precision(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     # the DCG is one of the layers kept in IEEE float32 (precision.py): it pre-trains so under a TF32 policy too
     cfg["trainer"]["float32_matmul_precision"] = "highest"
-    precision = str(cfg["trainer"]["precision"])
-    if precision.endswith("-mixed") or precision in ("16", "bf16"):  # Lightning's legacy names of mixed
+    if unified_precision(cfg["trainer"]["precision"]).endswith("-mixed"):  # Lightning's legacy names too
         cfg["trainer"]["precision"] = "32-true"
     return cfg
 
@@ -186,27 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         check_imagenet_weights(cfg, ["dcg.backbone_weights"])  # offline: refused before any work
         with run_folder_lock(dcg_ckpt_path(cfg).parent, "pre-training the DCG"):
             pretrain_dcg(cfg, datasets)
-    except ConfigError as err:
-        logger.error("config error: %s", err)
-        return EXIT_CONFIG
-    except (TrainingDiverged, RunInterrupted) as err:
-        return report_fault(err, args.debug)
-    except WriteFailed as err:  # a full disk, a quota, permissions: one line, the previous file kept
-        if args.debug:
-            raise
-        logger.error("%s", err)
-        return EXIT_WRITE
-    except ImageUnreadable as err:  # an image that went away during the run: one line naming it and its row
-        if args.debug:
-            raise
-        logger.error("%s", ImageUnreadable.one_line(err))
-        return EXIT_CONFIG
-    except Exception as err:  # processes that cannot reach each other: one line and exit 4, as diffuser_trainer
-        message = distributed_failure(err, cfg) if cfg is not None else None
-        if message is None or args.debug:
-            raise
-        logger.error("%s", message)
-        return EXIT_DISTRIBUTED
+    except Exception as err:  # one line and the documented exit code (faults.exit_code)
+        return exit_code(err, cfg, args.debug)
     return 0
 
 

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from config import ConfigError, check_paths, encoder_ckpt_path, load_config
+from config import check_paths, encoder_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
 from EfficientSAM.weights import PROVENANCE
 from evaluation import EvaluatedSystem
-from faults import EXIT_CONFIG, RunInterrupted, TrainingDiverged, interruptible, report_fault, run_folder_lock
+from faults import exit_code, interruptible, run_folder_lock
 from pretraining.dcg_file import split_fingerprint, write_atomically
 from utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging
 
@@ -190,17 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="a diverged or interrupted run shows its traceback")
     args = parser.parse_intermixed_args(argv)
     setup_logging()
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg, need_dcg=False)
         datasets = build_datasets(cfg)
         with run_folder_lock(encoder_ckpt_path(cfg).parent, "pre-training the image encoder"):
             pretrain_encoder(cfg, datasets)
-    except ConfigError as err:
-        logger.error("config error: %s", err)
-        return EXIT_CONFIG
-    except (TrainingDiverged, RunInterrupted) as err:
-        return report_fault(err, args.debug)
+    except Exception as err:  # one line and the documented exit code (faults.exit_code)
+        return exit_code(err, cfg, args.debug)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,21 @@ def cli(
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
+
+
+def start_fit(args: list[str], log: Path) -> subprocess.Popen:
+    """`diffuser_trainer.py fit <args>` (on the CPU) started in the background as from a terminal, its log lines
+    written to `log`, for a test that signals it. A shell's background job (CI's, `cmd &`) starts with SIGINT ignored,
+    and Python then keeps it ignored: the child gets the default a terminal's Ctrl-C meets."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "diffuser_trainer.py"), "fit", *args, "trainer.accelerator=cpu"],
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, cli, ok, write_image_lists
+from helpers import ROOT, TINY, cli, ok, start_fit, write_image_lists
 
 import diffuser_trainer
 from checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck, tensor_bytes
@@ -354,17 +354,8 @@ def test_imagenet_fallback_or_a_cached_file_lets_the_run_go_on(tmp_path, monkeyp
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_the_final_validation_and_test_ends_with_one_line(tmp_path, signum, code):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    args = ["fit", f"trainer.log_dir={tmp_path}", *TINY]
     log = tmp_path / "fit.log"
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "diffuser_trainer.py"), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=handle,
-            env=env,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
-        )
+    process = start_fit([f"trainer.log_dir={tmp_path}", *TINY], log)
     deadline = time.monotonic() + 600
     while "training finished: validating and testing" not in log.read_text() and process.poll() is None:
         assert time.monotonic() < deadline

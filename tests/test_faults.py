@@ -14,7 +14,7 @@ import time
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import ROOT, TINY, cli, ok
+from helpers import ROOT, TINY, cli, ok, start_fit
 
 from checkpoints import read_checkpoint
 from config import load_config
@@ -47,6 +47,32 @@ def test_a_diverging_demo_stops_at_the_step_with_one_line(tmp_path):
     assert "(epoch 0;" in lines[0] and "optim.lr (now 100000000.0)" in lines[0]
     assert "Traceback" not in result.stderr
     assert "val (epoch" not in result.stderr.split("DCG saved to")[-1], "stopped before the first validation"
+
+
+def test_every_entry_point_maps_its_errors_to_the_documented_exit_codes(caplog):
+    """faults.exit_code, shared by diffuser_trainer.py, train_dcg.py and train_encoder.py: one line and the code of the
+    table in faults.py; --debug (and any other error) raises instead, a config error stays one line."""
+    from pathlib import Path
+
+    from config import ConfigError
+    from dataloader.lists import ImageUnreadable
+    from durable import WriteFailed
+    from faults import exit_code
+
+    cfg = load_config(None)
+    unreadable = ImageUnreadable(f"{ImageUnreadable.PREFIX}/data/a.png (row 3 of train.csv): gone")
+    peer = RuntimeError("Connection closed by peer")
+    cases = [(ConfigError("bad key"), 2), (WriteFailed("could not write x", Path("x")), 5), (unreadable, 2), (peer, 4)]
+    for err, code in cases:
+        caplog.clear()
+        assert exit_code(err, cfg, debug=False) == code
+        assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1, err
+    assert exit_code(ConfigError("bad key"), None, debug=True) == 2
+    for err in (WriteFailed("could not write x", Path("x")), unreadable, peer, ValueError("a bug")):
+        with pytest.raises(type(err)):
+            exit_code(err, cfg, debug=True)
+    with pytest.raises(ValueError):
+        exit_code(ValueError("a bug"), cfg, debug=False)
 
 
 def test_debug_shows_the_traceback_instead_of_the_line():
@@ -169,19 +195,8 @@ def test_two_fits_of_one_run_folder_both_finish_with_one_whole_dcg_file(tmp_path
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_during_fit_says_what_was_saved_and_how_to_resume(tmp_path, signum, code):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    args = ["fit", f"trainer.log_dir={tmp_path}", *TINY, "trainer.max_epochs=50"]
     log = tmp_path / "fit.log"
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "diffuser_trainer.py"), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=handle,
-            env=env,
-            # a shell's background job (CI's, `cmd &`) starts with SIGINT ignored, and Python then keeps it ignored:
-            # the child gets the default a terminal's Ctrl-C meets
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+    process = start_fit([f"trainer.log_dir={tmp_path}", *TINY, "trainer.max_epochs=50"], log)
     last = tmp_path / "demo" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 600
     while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
