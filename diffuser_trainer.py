@@ -23,25 +23,25 @@ import numpy as np
 import pytorch_lightning as pl
 import yaml
 
-from checkpoints import read_checkpoint
-from config import ConfigError, check_imagenet_weights, check_paths, dcg_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule, check_evaluation_sizes
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
-from durable import atomic_open, write_atomically
-from evaluation import uncertainty_figures
-from explain_outputs import check_explain_folder, write_explanations
-from faults import (
+from diffmic.checkpoints import read_checkpoint
+from diffmic.config import ConfigError, check_imagenet_weights, check_paths, dcg_ckpt_path, load_config
+from diffmic.durable import atomic_open, write_atomically
+from diffmic.evaluation.evaluator import uncertainty_figures
+from diffmic.evaluation.figures import save
+from diffmic.evaluation.uncertainty import SAMPLE_SCORES, apply_temperature, entropy
+from diffmic.explain.outputs import check_explain_folder, write_explanations
+from diffmic.faults import (
     exit_code,
     interruptible,
     run_folder_lock,
     signals_end_run,
 )
-from figures import save
-from methods import build_system
+from diffmic.methods import build_system
+from diffmic.utils import build_trainer, log_global_batch, planned_world_size, selection_metric, setup_logging
 from pretraining.train_dcg import pretrain_dcg
-from uncertainty import SAMPLE_SCORES, apply_temperature, entropy
-from utils import build_trainer, log_global_batch, planned_world_size, selection_metric, setup_logging
 
 logger = logging.getLogger("diffuser_trainer")
 COMMANDS = ("fit", "validate", "test", "predict")

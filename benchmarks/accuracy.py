@@ -34,13 +34,13 @@ import yaml
 
 import diffuser_trainer
 from benchmarks.speed import cpu_name
-from config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
 from dataloader.datamodule import DiffMICDataModule, build_datasets
-from evaluation import EvaluatedSystem
+from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
+from diffmic.evaluation.evaluator import EvaluatedSystem
+from diffmic.utils import build_trainer, setup_logging
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg
 from pretraining.train_dcg import DCGSystem, dcg_optimizer, pretrain_dcg
-from utils import build_trainer, setup_logging
 
 logger = logging.getLogger("benchmarks.accuracy")
 # DiffMIC-v2 with one part of SPEC.md switched off, trained like `diffmic` (same DCG, seed and epochs).

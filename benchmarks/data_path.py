@@ -36,10 +36,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
-from config import ConfigError, load_config
 from dataloader.datamodule import build_datasets
 from dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD, SquareCenterCrop, decode_side
 from dataloader.workers import usable_cpus
+from diffmic.config import ConfigError, load_config
 
 logger = logging.getLogger("benchmarks.speed")
 ORIGINAL_SIZE = (600, 450)  # HAM10000 / ISIC 2018 Task 3 originals, width x height

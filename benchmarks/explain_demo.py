@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from config import PROJECT_ROOT, ConfigError, check_paths, dcg_ckpt_path, load_config, parse_args_with_overrides
 from dataloader.datamodule import build_datasets
-from explain import box_centres, pointing_hits, roi_boxes
+from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, dcg_ckpt_path, load_config, parse_args_with_overrides
+from diffmic.explain.explanation import box_centres, pointing_hits, roi_boxes
+from diffmic.utils import setup_logging
 from pretraining.dcg import DCG, build_dcg, roi_score
 from pretraining.dcg_file import load_dcg
 from pretraining.train_dcg import pretrain_dcg
-from utils import setup_logging
 
 logger = logging.getLogger("benchmarks.explain_demo")
 QUESTIONS = ("saliency", "roi_any", "roi_top")

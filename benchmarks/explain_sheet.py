@@ -25,9 +25,9 @@ import pandas as pd
 from PIL import Image
 
 import diffuser_trainer
-from config import ConfigError, load_config, parse_args_with_overrides
-from explain_outputs import figure_names
-from utils import setup_logging
+from diffmic.config import ConfigError, load_config, parse_args_with_overrides
+from diffmic.explain.outputs import figure_names
+from diffmic.utils import setup_logging
 
 logger = logging.getLogger("benchmarks.explain_sheet")
 

@@ -35,9 +35,9 @@ from benchmarks.accuracy import (
     seed_spread,
 )
 from benchmarks.plots import learning_curves_figure
-from config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
 from dataloader.datamodule import build_datasets
-from utils import setup_logging
+from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
+from diffmic.utils import setup_logging
 
 logger = logging.getLogger("benchmarks.learning_curves")
 METHODS = ("dcg", "diffmic", "resnet18")

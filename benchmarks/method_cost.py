@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.speed import count_flops, machine, sample_once, sample_reencoding, timed
-from config import PROJECT_ROOT, load_config, parse_args_with_overrides
-from diffmic_v1 import DiffMICv1
-from diffmic_v1.card import card_sample
-from diffmic_v2 import DiffMICv2
-from seeding import start_noise
-from utils import setup_logging
+from diffmic.config import PROJECT_ROOT, load_config, parse_args_with_overrides
+from diffmic.seeding import start_noise
+from diffmic.utils import setup_logging
+from diffmic.v1 import DiffMICv1
+from diffmic.v1.card import card_sample
+from diffmic.v2.system import DiffMICv2
 
 logger = logging.getLogger("benchmarks.method_cost")
 

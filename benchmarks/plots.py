@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from config import PROJECT_ROOT
-from figures import new_figure, save
+from diffmic.config import PROJECT_ROOT
+from diffmic.evaluation.figures import new_figure, save
 
 logger = logging.getLogger("benchmarks.plots")
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"

@@ -50,11 +50,11 @@ from benchmarks.accuracy import (
 from benchmarks.learning_curves import best_epoch, curves, long_config
 from benchmarks.plots import pretrained_curves_figure
 from benchmarks.uncertainty import cell, measure, outputs_of, split_outputs
-from config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
 from dataloader.datamodule import build_datasets
+from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
+from diffmic.evaluation.uncertainty import SAMPLE_SCORES
+from diffmic.utils import setup_logging
 from pretraining.train_encoder import load_classifier, pretrain_encoder, sidecar_path, trained_from
-from uncertainty import SAMPLE_SCORES
-from utils import setup_logging
 
 logger = logging.getLogger("benchmarks.pretrained")
 METHODS = ("encoder", "dcg", "diffmic_pretrained", "resnet18", "diffmic")

@@ -24,14 +24,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.accuracy import seed_config
-from config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from dataloader.datamodule import build_datasets
 from dataloader.transforms import build_transform
-from metrics import classification_metrics
-from pipeline import focal_weight, one_hot
+from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
+from diffmic.evaluation.metrics import classification_metrics
+from diffmic.utils import setup_logging
+from diffmic.v2.pipeline import focal_weight, one_hot
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg
-from utils import setup_logging
 
 logger = logging.getLogger("benchmarks.prior_fit")
 

@@ -27,11 +27,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.accuracy import seed_config
-from config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from dataloader.datamodule import build_datasets
-from diffmic_v2 import DiffMICv2
-from metrics import classification_metrics
-from utils import setup_logging
+from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
+from diffmic.evaluation.metrics import classification_metrics
+from diffmic.utils import setup_logging
+from diffmic.v2.system import DiffMICv2
 
 logger = logging.getLogger("benchmarks.prior_use")
 

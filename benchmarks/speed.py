@@ -45,14 +45,14 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import data_path
-from config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from dataloader.datamodule import DiffMICDataModule, build_datasets
-from diffmic_v2 import DiffMICv2
-from model import reuse_pointwise_weights
-from pipeline import guided_prior_map
-from precision import apply_float32_policy
-from seeding import start_noise
-from utils import adam, setup_logging
+from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
+from diffmic.precision import apply_float32_policy
+from diffmic.seeding import start_noise
+from diffmic.utils import adam, setup_logging
+from diffmic.v2.model import reuse_pointwise_weights
+from diffmic.v2.pipeline import guided_prior_map
+from diffmic.v2.system import DiffMICv2
 
 logger = logging.getLogger("benchmarks.speed")
 DEFAULT_CONFIGS = ("configs/isic.yml", "configs/bench_breastmnist.yml", "configs/demo.yml")

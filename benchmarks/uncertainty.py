@@ -34,14 +34,11 @@ from benchmarks.accuracy import (
     seed_config,
 )
 from benchmarks.plots import uncertainty_figures
-from checkpoints import read_checkpoint
-from config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
 from dataloader.datamodule import DiffMICDataModule, build_datasets
-from figures import save
-from methods import build_system
-from pretraining.dcg_file import load_dcg
-from pretraining.train_dcg import DCGSystem
-from uncertainty import (
+from diffmic.checkpoints import read_checkpoint
+from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
+from diffmic.evaluation.figures import save
+from diffmic.evaluation.uncertainty import (
     COVERAGES,
     SAMPLE_SCORES,
     apply_temperature,
@@ -52,7 +49,10 @@ from uncertainty import (
     risk_coverage,
     uncertainty_metrics,
 )
-from utils import build_trainer, setup_logging
+from diffmic.methods import build_system
+from diffmic.utils import build_trainer, setup_logging
+from pretraining.dcg_file import load_dcg
+from pretraining.train_dcg import DCGSystem
 
 logger = logging.getLogger("benchmarks.uncertainty")
 # (label, method, samples): the methods compared, DiffMIC-v2 at the paper's one sample and at 16

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from PIL import Image, ImageFile
 
-from config import ConfigError
+from diffmic.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

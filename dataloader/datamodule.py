@@ -11,13 +11,13 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
-from config import ConfigError
 from dataloader.checks import verify_images
 from dataloader.lists import ImageList, SplitList, read_list
 from dataloader.medmnist import MedMNISTSplit, ensure_medmnist
 from dataloader.synthetic import NUM_TEXTURES, SyntheticPatterns
 from dataloader.transforms import build_transform, decode_side
 from dataloader.workers import SeededAugmentation, SeededIndices, resolve_num_workers, usable_cpus
+from diffmic.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from config import ConfigError
+from diffmic.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from config import ConfigError
 from dataloader.lists import IMAGE_SUFFIXES, PATH_COLUMNS, load_rgb, resolve_image
+from diffmic.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from durable import EXIT_WRITE, atomic_open, free_space, human_size, remove_leftovers
+from diffmic.durable import EXIT_WRITE, atomic_open, free_space, human_size, remove_leftovers
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from config import ConfigError
+from diffmic.config import ConfigError
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:

@@ -19,7 +19,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/ lives beside the package
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yml"
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yml"
 
@@ -588,7 +588,7 @@ def check_imagenet_weights(cfg: dict, keys: list[str]) -> None:
     # imported here: torchvision is slow to import, and the trunks' names and weight tags live with the models
     from torchvision.models import get_model_weights
 
-    from backbones import imagenet_cache_path, imagenet_file
+    from diffmic.backbones import imagenet_cache_path, imagenet_file
     from pretraining.dcg import IMAGENET_WEIGHTS
 
     trunks = {

@@ -31,9 +31,9 @@ from filelock import FileLock, Timeout
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from config import ConfigError
 from dataloader.lists import ImageUnreadable
-from durable import EXIT_WRITE, WriteFailed
+from diffmic.config import ConfigError
+from diffmic.durable import EXIT_WRITE, WriteFailed
 
 logger = logging.getLogger(__name__)
 EXIT_CONFIG, EXIT_DIVERGED, EXIT_DISTRIBUTED, EXIT_SIGINT, EXIT_SIGTERM = 2, 3, 4, 130, 143

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from checkpoints import dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
-from config import ConfigError, dcg_ckpt_path
-from evaluation import EvaluatedSystem
+from diffmic.checkpoints import dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
+from diffmic.config import ConfigError, dcg_ckpt_path
+from diffmic.evaluation.evaluator import EvaluatedSystem
 from pretraining.dcg import build_dcg, dcg_backbone
 from pretraining.dcg_file import load_dcg
 
@@ -174,7 +174,9 @@ class GuidedSystem(EvaluatedSystem):
 
     def configure_callbacks(self) -> list:
         """TensorBoard's val/explain/<i> at every validation of a fit (explain.val_images; explain_outputs.py)."""
-        from explain_outputs import ExplainValidation  # the explanation's figure code, loaded when a Trainer asks
+        from diffmic.explain.outputs import (
+            ExplainValidation,  # the explanation's figure code, loaded when a Trainer asks
+        )
 
         return [ExplainValidation(self.cfg)]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from diffmic_v1 import DiffMICv1
-from diffmic_v2 import DiffMICv2
-from guided import GuidedSystem
+from diffmic.guided import GuidedSystem
+from diffmic.v1 import DiffMICv1
+from diffmic.v2.system import DiffMICv2
 
 METHODS: dict[str, type[GuidedSystem]] = {"diffmic_v2": DiffMICv2, "diffmic_v1": DiffMICv1}
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from config import FLOAT32_POLICIES
+from diffmic.config import FLOAT32_POLICIES
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck
-from faults import DivergenceGuard, InterruptGuard, prepare_process_group_env
-from precision import apply_float32_policy
+from diffmic.checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck
+from diffmic.faults import DivergenceGuard, InterruptGuard, prepare_process_group_env
+from diffmic.precision import apply_float32_policy
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def build_trainer(
 def planned_world_size(cfg: dict) -> int:
     """How many processes the run's Trainer will have (trainer.num_nodes x the devices of each), known before any
     process starts: Lightning's own resolution of trainer.devices (auto, lists) and of a launcher's variables."""
-    from config import quiet_lightning
+    from diffmic.config import quiet_lightning
 
     t = cfg["trainer"]
     with quiet_lightning():

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from checkpoints import read_checkpoint
-from config import ConfigError
-from durable import write_atomically
+from diffmic.checkpoints import read_checkpoint
+from diffmic.config import ConfigError
+from diffmic.durable import write_atomically
 from pretraining.dcg import DCG, dcg_backbone
 
 logger = logging.getLogger(__name__)

@@ -20,18 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from config import check_imagenet_weights, check_paths, dcg_ckpt_path, errors_of, load_config, unified_precision
 from dataloader.datamodule import DiffMICDataModule, build_datasets
-from durable import write_atomically
-from evaluation import EvaluatedSystem
-from faults import (
+from diffmic.config import check_imagenet_weights, check_paths, dcg_ckpt_path, errors_of, load_config, unified_precision
+from diffmic.durable import write_atomically
+from diffmic.evaluation.evaluator import EvaluatedSystem
+from diffmic.faults import (
     exit_code,
     interruptible,
     run_folder_lock,
 )
+from diffmic.utils import adam, build_trainer, cosine_schedule, log_global_batch, selection_metric, setup_logging
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import save_dcg
-from utils import adam, build_trainer, cosine_schedule, log_global_batch, selection_metric, setup_logging
 
 logger = logging.getLogger(__name__)
 

@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from config import check_paths, encoder_ckpt_path, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
+from diffmic.config import check_paths, encoder_ckpt_path, load_config
+from diffmic.evaluation.evaluator import EvaluatedSystem
+from diffmic.faults import exit_code, interruptible, run_folder_lock
+from diffmic.utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging
 from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
 from EfficientSAM.weights import PROVENANCE
-from evaluation import EvaluatedSystem
-from faults import exit_code, interruptible, run_folder_lock
 from pretraining.dcg_file import split_fingerprint, write_atomically
-from utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging
 
 logger = logging.getLogger(__name__)
 

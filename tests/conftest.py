@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import ConditionalModel
+from diffmic.v2.model import ConditionalModel
 from pretraining.dcg import DCG
 
 # One intra-op thread: on a small shared CPU box, oversubscribed threads make the tiny

@@ -317,7 +317,7 @@ def test_uncertainty_benchmark_smoke(tmp_path):
 
 
 def test_resuming_a_report_tolerates_keys_added_since_but_not_changed_values(tmp_path):
-    from config import ConfigError
+    from diffmic.config import ConfigError
 
     base = {"name": "b", "dcg": {"epochs": 4}, "trainer": {"max_epochs": 4}}
     path = tmp_path / "r.json"

@@ -7,8 +7,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from config import load_config
-from utils import build_trainer
+from diffmic.config import load_config
+from diffmic.utils import build_trainer
 
 
 class ScriptedScore(pl.LightningModule):

@@ -16,10 +16,10 @@ from helpers import TINY, cli
 from PIL import Image
 
 import diffuser_trainer
-from checkpoints import read_checkpoint
-from config import ConfigError, load_config
 from dataloader.synthetic import SyntheticPatterns
-from diffmic_v2 import DiffMICv2
+from diffmic.checkpoints import read_checkpoint
+from diffmic.config import ConfigError, load_config
+from diffmic.v2.system import DiffMICv2
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg, save_dcg
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from config import ConfigError
 from dataloader.checks import verify_images
+from diffmic.config import ConfigError
 
 RNG = np.random.default_rng(0)
 # Noise keeps the compressed data large, so a cut removes image data and not just the trailer.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config import (
+from diffmic.config import (
     PATH_KEYS,
     PROJECT_ROOT,
     ConfigError,

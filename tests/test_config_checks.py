@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from config import PROJECT_ROOT, ConfigError, check_paths, check_trainer, load_config
+from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, check_trainer, load_config
 
 NO_GPU = not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
@@ -339,7 +339,7 @@ def test_an_input_the_system_denies_is_refused_even_as_root(tmp_path, monkeypatc
 def test_num_nodes_and_the_timeout_reach_lightning(tmp_path):
     from datetime import timedelta
 
-    from utils import build_trainer
+    from diffmic.utils import build_trainer
 
     cfg = load_config(
         None,

@@ -14,10 +14,10 @@ import pytest
 import torch
 from helpers import TINY, cli, ok
 
-from config import load_config
-from diffmic_v2 import DiffMICv2
-from pipeline import DDIMScheduler
-from precision import apply_float32_policy, float32_policy
+from diffmic.config import load_config
+from diffmic.precision import apply_float32_policy, float32_policy
+from diffmic.v2.pipeline import DDIMScheduler
+from diffmic.v2.system import DiffMICv2
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
 ATOL, RTOL = 1e-4, 1e-4
@@ -145,9 +145,9 @@ def test_the_guard_stops_a_gpu_fit_at_the_non_finite_step_without_a_sync(tmp_pat
     it through a pinned copy; the error names the step, and no update was taken with the non-finite loss."""
     from test_faults import _Diverging
 
-    from checkpoints import read_checkpoint
-    from faults import TrainingDiverged
-    from utils import build_trainer
+    from diffmic.checkpoints import read_checkpoint
+    from diffmic.faults import TrainingDiverged
+    from diffmic.utils import build_trainer
 
     cfg = load_config(
         None,

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from config import ConfigError, load_config
 from dataloader.datamodule import build_datasets, carve_validation
 from dataloader.lists import ImageList, SplitList, load_rgb, read_list
 from dataloader.synthetic import SyntheticPatterns
 from dataloader.transforms import build_transform
+from diffmic.config import ConfigError, load_config
 
 
 def make_images(folder, count: int, size=(40, 30)):

@@ -21,12 +21,12 @@ from scipy import stats
 from torchvision import transforms as T
 
 from benchmarks import speed
-from config import ConfigError, load_config
 from dataloader import workers
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from dataloader.lists import load_rgb
 from dataloader.transforms import FlipRotateNormalise, SquareCenterCrop, build_transform, rotate
 from dataloader.unlabelled import unlabelled_images
+from diffmic.config import ConfigError, load_config
 
 HAM_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000_200x150" / "images.zip"
 needs_ham = pytest.mark.skipif(not HAM_ZIP.is_file(), reason=f"{HAM_ZIP} is absent")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import read_checkpoint
-from config import ConfigError, load_config
 from dataloader.synthetic import SyntheticPatterns
+from diffmic.checkpoints import read_checkpoint
+from diffmic.config import ConfigError, load_config
 from pretraining.dcg import (
     DCG,
     GatedAttentionMIL,
@@ -377,7 +377,7 @@ def test_imagenet_weights_of_either_trunk(make_dcg, monkeypatch, caplog, backbon
 
 
 def test_dcg_backbone_is_a_checked_choice():
-    from config import CHOICES
+    from diffmic.config import CHOICES
     from pretraining.dcg import BACKBONES
 
     assert CHOICES["dcg.backbone"] == BACKBONES  # config.py does not import the model: the two lists must agree
@@ -401,7 +401,7 @@ def test_dcg_backbone_is_a_checked_choice():
     ],
 )
 def test_v1_configs_use_the_authors_v1_dcg_and_v2_configs_resnet18(name, backbone):
-    from config import PROJECT_ROOT
+    from diffmic.config import PROJECT_ROOT
 
     assert load_config(PROJECT_ROOT / "configs" / f"{name}.yml")["dcg"]["backbone"] == backbone
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import TINY, cli, ok
 
-from config import ConfigError, load_config
-from diffmic_v1 import DiffMICv1
-from diffmic_v1.card import CARDScheduler, card_sample, gaussian_kernel, mmd
-from diffmic_v1.ema import EMA
-from diffmic_v1.model import DenoiserV1
-from methods import METHODS, build_system
+from diffmic.config import ConfigError, load_config
+from diffmic.methods import METHODS, build_system
+from diffmic.v1 import DiffMICv1
+from diffmic.v1.card import CARDScheduler, card_sample, gaussian_kernel, mmd
+from diffmic.v1.ema import EMA
+from diffmic.v1.model import DenoiserV1
 
 V1 = ["model.method=diffmic_v1", "v1.feature_dim=16", "data.num_classes=3", "data.class_names=null"]
 

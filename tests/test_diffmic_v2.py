@@ -4,10 +4,10 @@ path (encoders once per image, S samples averaged) of the LightningModule."""
 import pytest
 import torch
 
-import diffmic_v2
-from config import load_config
-from diffmic_v2 import DiffMICv2
-from pipeline import guided_prior_map
+import diffmic.v2.system as diffmic_v2
+from diffmic.config import load_config
+from diffmic.v2.pipeline import guided_prior_map
+from diffmic.v2.system import DiffMICv2
 from pretraining.dcg import DCGOutput
 
 SMALL = ["model.feature_dim=16", "data.num_classes=3", "data.class_names=null"]
@@ -97,7 +97,7 @@ def test_the_dcg_stays_frozen_in_eval_mode_through_fit(tmp_path):
     import pytorch_lightning as pl
 
     from dataloader.datamodule import DiffMICDataModule
-    from utils import build_trainer
+    from diffmic.utils import build_trainer
 
     tiny = [
         "data.synthetic.num_train=32",

@@ -18,7 +18,7 @@ from helpers import ROOT, ok
 from helpers import TINY as DEMO
 from helpers import cli as run_cli
 
-from seeding import rank_seed, start_noise
+from diffmic.seeding import rank_seed, start_noise
 
 # odd-sized validation and test splits: two processes cannot split them evenly
 TINY = [*DEMO, "data.synthetic.num_val=33", "data.synthetic.num_test=25", "trainer.accelerator=cpu"]
@@ -142,8 +142,8 @@ def test_each_process_of_a_fit_reseeds_with_its_own_seed(world, rank):
     """A fit on one process keeps the seeded stream; on several, process r continues from rank_seed(seed, r)."""
     from types import SimpleNamespace
 
-    from config import load_config
-    from evaluation import EvaluatedSystem
+    from diffmic.config import load_config
+    from diffmic.evaluation.evaluator import EvaluatedSystem
 
     system = EvaluatedSystem(load_config(None, []))
     system._trainer = SimpleNamespace(world_size=world, global_rank=rank)

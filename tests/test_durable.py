@@ -24,12 +24,12 @@ import torch
 from helpers import ROOT, TINY, cli, ok, start_fit, write_image_lists
 
 import diffuser_trainer
-from checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck, tensor_bytes
-from checkpoints import read_checkpoint
-from config import ConfigError, check_imagenet_weights, load_config
 from dataloader.lists import ImageList, ImageUnreadable, SplitList
-from durable import EXIT_WRITE, WriteFailed, atomic_open, partial_path, write_atomically
-from utils import build_trainer
+from diffmic.checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck, tensor_bytes
+from diffmic.checkpoints import read_checkpoint
+from diffmic.config import ConfigError, check_imagenet_weights, load_config
+from diffmic.durable import EXIT_WRITE, WriteFailed, atomic_open, partial_path, write_atomically
+from diffmic.utils import build_trainer
 
 
 def error_lines(text: str) -> list[str]:
@@ -102,7 +102,7 @@ def test_a_write_that_fails_leaves_the_previous_file_and_says_so(tmp_path, monke
     def io_error(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr("durable.os.fsync", io_error)
+    monkeypatch.setattr("diffmic.durable.os.fsync", io_error)
     with pytest.raises(WriteFailed, match=r"could not write .*metrics\.json \(Input/output error\).* needed about"):
         diffuser_trainer.write_json(metrics, {"test": {"acc": 0.9}, "long": list(range(1000))})
     assert metrics.read_bytes() == before and not leftovers(tmp_path)
@@ -125,7 +125,7 @@ def test_a_write_that_fails_leaves_the_previous_file_and_says_so(tmp_path, monke
         renames.append((Path(src).read_text(), Path(dst).read_text()))
         real_replace(src, dst)
 
-    monkeypatch.setattr("durable.os.replace", rename)
+    monkeypatch.setattr("diffmic.durable.os.replace", rename)
     diffuser_trainer.write_predictions(out, predictions, dataset, ["x", "y"], multilabel=False)
     ((new, old),) = renames
     assert old == "old,complete\n" and new == out.read_text() and len(new.splitlines()) == 4
@@ -140,7 +140,7 @@ def test_a_writer_killed_mid_file_leaves_the_previous_checkpoint(tmp_path):
         """
         import io, os, sys, time
         import torch
-        from checkpoint_io import AtomicCheckpointIO
+        from diffmic.checkpoint_io import AtomicCheckpointIO
 
         writer = AtomicCheckpointIO()
         writer.save_checkpoint({"state_dict": {"w": torch.arange(1000.0)}, "epoch": 0}, sys.argv[1])
@@ -225,19 +225,19 @@ def test_free_space_warning_in_numbers_and_the_estimate_matches_the_files(tmp_pa
     real_check = DiskSpaceCheck.on_train_start
 
     def spy(self, trainer, pl_module):
-        from checkpoint_io import optimizer_bytes, weights_bytes
+        from diffmic.checkpoint_io import optimizer_bytes, weights_bytes
 
         estimates["weights"] = weights_bytes(pl_module)
         estimates["full"] = estimates["weights"] + sum(optimizer_bytes(o) for o in trainer.optimizers)
         real_check(self, trainer, pl_module)
 
     monkeypatch.setattr(DiskSpaceCheck, "on_train_start", spy)
-    monkeypatch.setattr("checkpoint_io.free_space", lambda folder: 300_000)
+    monkeypatch.setattr("diffmic.checkpoint_io.free_space", lambda folder: 300_000)
     trainer, _ = build_trainer(cfg, "space", max_epochs=1, val_every=1)
-    with caplog.at_level(logging.WARNING, logger="checkpoint_io"):
+    with caplog.at_level(logging.WARNING, logger="diffmic.checkpoint_io"):
         trainer.fit(Model(), train_dataloaders=data, val_dataloaders=data)
     folder = tmp_path / "space" / "version_0" / "checkpoints"
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "checkpoint_io"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "diffmic.checkpoint_io"]
     assert f"disk space: {folder} has 300 KB free" in warning
     assert "best.ckpt about 263 KB, last.ckpt about 790 KB" in warning and "need 1.84 MB" in warning, warning
     # the estimate is what the files weigh, within torch.save's few kilobytes of pickle
@@ -323,7 +323,7 @@ def test_imagenet_weights_offline_refuse_the_fit_before_any_work(tmp_path, monke
 def test_imagenet_fallback_or_a_cached_file_lets_the_run_go_on(tmp_path, monkeypatch, caplog):
     import urllib.error
 
-    import backbones
+    import diffmic.backbones as backbones
 
     def offline(name, tag="DEFAULT"):
         raise urllib.error.URLError("no network")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import CHOICES, ConfigError, load_config
+from diffmic.config import CHOICES, ConfigError, load_config
 from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
 
 # SPEC facts of the EfficientSAM variants: token width, attention heads per block, number of blocks.

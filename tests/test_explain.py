@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from config import load_config
 from dataloader.synthetic import PALETTE, SyntheticPatterns, _texture, make_image, make_image_with_boxes
-from diffmic_v1 import DiffMICv1
-from diffmic_v1.card import CARDScheduler, card_sample
-from diffmic_v2 import DiffMICv2
-from explain import cell_boxes, explain_batch, pointing_hits, roi_boxes
-from explain_figure import box_line_width, display_scale, explanation_figure
-from figures import save
-from pipeline import DDIMScheduler, ddim_sample, guided_prior_map
-from recording import record_steps
+from diffmic.config import load_config
+from diffmic.evaluation.figures import save
+from diffmic.explain.explanation import cell_boxes, explain_batch, pointing_hits, roi_boxes
+from diffmic.explain.figure import box_line_width, display_scale, explanation_figure
+from diffmic.recording import record_steps
+from diffmic.v1 import DiffMICv1
+from diffmic.v1.card import CARDScheduler, card_sample
+from diffmic.v2.pipeline import DDIMScheduler, ddim_sample, guided_prior_map
+from diffmic.v2.system import DiffMICv2
 
 SMALL = ["model.feature_dim=16", "data.num_classes=3", "data.class_names=null"]
 NAMES = ["a", "b", "c"]
@@ -321,7 +321,7 @@ def test_explain_demo_benchmark_computes_its_numbers(tmp_path):
     ],
 )
 def test_figure_names_never_repeat(ids, expected):
-    from explain_outputs import figure_names
+    from diffmic.explain.outputs import figure_names
 
     names = figure_names(ids)
     assert names == expected and len(set(names)) == len(names)

@@ -69,10 +69,10 @@ def test_predict_explain_writes_figures_whose_scores_are_the_csvs(explained_run,
     # reproduces the CSV's scores
     import pytorch_lightning as pl
 
-    from config import load_config
     from dataloader.datamodule import build_datasets
-    from diffmic_v2 import DiffMICv2
-    from explain_outputs import explain_items
+    from diffmic.config import load_config
+    from diffmic.explain.outputs import explain_items
+    from diffmic.v2.system import DiffMICv2
 
     cfg = load_config(None, args)
     system = DiffMICv2.load_from_checkpoint(next((logs / "demo").glob("version_0/checkpoints/best.ckpt")))

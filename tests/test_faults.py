@@ -16,10 +16,9 @@ import pytorch_lightning as pl
 import torch
 from helpers import ROOT, TINY, cli, ok, start_fit
 
-from checkpoints import read_checkpoint
-from config import load_config
-from diffmic_v2 import DiffMICv2
-from faults import (
+from diffmic.checkpoints import read_checkpoint
+from diffmic.config import load_config
+from diffmic.faults import (
     EXIT_DIVERGED,
     DivergenceGuard,
     InterruptGuard,
@@ -28,7 +27,8 @@ from faults import (
     report_fault,
     resume_command,
 )
-from utils import build_trainer
+from diffmic.utils import build_trainer
+from diffmic.v2.system import DiffMICv2
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -54,10 +54,10 @@ def test_every_entry_point_maps_its_errors_to_the_documented_exit_codes(caplog):
     table in faults.py; --debug (and any other error) raises instead, a config error stays one line."""
     from pathlib import Path
 
-    from config import ConfigError
     from dataloader.lists import ImageUnreadable
-    from durable import WriteFailed
-    from faults import exit_code
+    from diffmic.config import ConfigError
+    from diffmic.durable import WriteFailed
+    from diffmic.faults import exit_code
 
     cfg = load_config(None)
     unreadable = ImageUnreadable(f"{ImageUnreadable.PREFIX}/data/a.png (row 3 of train.csv): gone")
@@ -266,7 +266,7 @@ def test_resume_command_replaces_any_ckpt():
     ],
 )
 def test_only_the_first_process_of_a_run_takes_the_run_folder_lock(monkeypatch, tmp_path, env, first):
-    from faults import RANK_VARIABLES, launched_as_rank_zero, run_folder_lock
+    from diffmic.faults import RANK_VARIABLES, launched_as_rank_zero, run_folder_lock
 
     for key in RANK_VARIABLES:
         monkeypatch.delenv(key, raising=False)

@@ -12,13 +12,13 @@ import pytest
 import torch
 from helpers import TINY, cli, ok
 
-from config import ConfigError, load_config, precision_refusal
 from dataloader.datamodule import evaluation_batches
-from diffmic_v1.system import DiffMICv1
-from diffmic_v2 import DiffMICv2
-from faults import EXIT_CONFIG, NCCL_ENV, prepare_process_group_env
-from precision import apply_float32_policy, float32_policy, ieee_float32
-from seeding import rng_state, set_rng_state
+from diffmic.config import ConfigError, load_config, precision_refusal
+from diffmic.faults import EXIT_CONFIG, NCCL_ENV, prepare_process_group_env
+from diffmic.precision import apply_float32_policy, float32_policy, ieee_float32
+from diffmic.seeding import rng_state, set_rng_state
+from diffmic.v1.system import DiffMICv1
+from diffmic.v2.system import DiffMICv2
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -177,7 +177,7 @@ def test_the_policy_sets_matmuls_and_convolutions_alike(restore_policy, policy, 
 
 
 def test_the_config_key_is_checked_and_applied_by_the_trainer(restore_policy, tmp_path):
-    from utils import build_trainer
+    from diffmic.utils import build_trainer
 
     with pytest.raises(ConfigError, match="config key trainer.float32_matmul_precision: 'fast' is not one of"):
         load_config(None, ["trainer.float32_matmul_precision=fast"])
@@ -213,7 +213,7 @@ def test_the_layers_kept_in_float32_run_in_ieee_whatever_the_policy(restore_poli
 def test_nccl_error_handling_is_set_before_any_process_group(monkeypatch, tmp_path):
     """torch's default NCCL error handling kills the process with SIGABRT; the project sets the mode that raises
     (faults.NCCL_ENV) when it builds a Trainer, before Lightning forms the process group or starts processes."""
-    from utils import build_trainer
+    from diffmic.utils import build_trainer
 
     for key in NCCL_ENV:
         monkeypatch.delenv(key, raising=False)
@@ -225,7 +225,7 @@ def test_nccl_error_handling_is_set_before_any_process_group(monkeypatch, tmp_pa
 
 
 def test_nccl_watchdog_errors_end_with_the_one_line():
-    from faults import distributed_failure
+    from diffmic.faults import distributed_failure
 
     cfg = load_config(None)
     err = torch.distributed.DistBackendError("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7)")
@@ -276,7 +276,7 @@ def test_the_roi_branch_ablation_trains_under_ddp_and_logs_the_global_batch(tmp_
 
 
 def test_the_progress_bar_reads_the_loss_only_at_logging_steps_on_a_gpu():
-    from utils import progress_refresh_rate
+    from diffmic.utils import progress_refresh_rate
 
     t = {"accelerator": "cpu", "log_every_n_steps": 10}
     assert progress_refresh_rate(t) == 1

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 import dataloader.lists as lists
-from config import ConfigError, load_config
 from dataloader.datamodule import build_datasets
 from dataloader.lists import ImageList, SplitList, read_list
+from diffmic.config import ConfigError, load_config
 
 LOGGER = "dataloader.lists"
 C = 14  # ChestX-ray14 findings; the authors' rows carry a 15th no-finding bit

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from config import PROJECT_ROOT, ConfigError, load_config
 from dataloader import medmnist
 from dataloader.medmnist import MEDMNIST_2D, MedMNISTSplit, ensure_medmnist, medmnist_path
+from diffmic.config import PROJECT_ROOT, ConfigError, load_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 COUNTS = {"train": 6, "val": 3, "test": 4}

@@ -7,13 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from figures import confusion_matrix_figure, confusion_matrix_image
-from metrics import classification_metrics, confusion_matrix, multilabel_metrics
+from diffmic.evaluation.figures import confusion_matrix_figure, confusion_matrix_image
+from diffmic.evaluation.metrics import classification_metrics, confusion_matrix, multilabel_metrics
 
 
 def metric_warnings(caplog) -> list[str]:
-    """Messages of the WARNING records that came from the `metrics` module's own logger."""
-    return [r.getMessage() for r in caplog.records if r.name == "metrics" and r.levelno == logging.WARNING]
+    """Messages of the WARNING records that came from the metrics module's own logger."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "diffmic.evaluation.metrics" and r.levelno == logging.WARNING
+    ]
 
 
 # N=8, C=3.  sample: true, pred (argmax), raw scores (s0, s1, s2)
@@ -28,7 +32,7 @@ S3 = np.array(
 
 
 def test_hand_example_three_classes(caplog):
-    with caplog.at_level(logging.WARNING, logger="metrics"):
+    with caplog.at_level(logging.WARNING, logger="diffmic.evaluation.metrics"):
         m = classification_metrics(Y3, S3)
     assert metric_warnings(caplog) == []  # every class has positives and negatives: no AUC is undefined
     per_class = {"recall/0", "recall/1", "recall/2"}
@@ -81,7 +85,7 @@ def test_absent_class_auc_mean_of_others_and_warns(caplog):
     # c1: pos {0,3} neg {0,1}: tie 0=0 counts 1/2, 0<1, 3>0, 3>1 -> 2.5/4
     y = np.array([0, 0, 1, 1])
     s = np.array([[2, 0, -1], [0, 1, -1], [1, 0, 0], [-1, 3, 0]], dtype=float)
-    with caplog.at_level(logging.WARNING, logger="metrics"):
+    with caplog.at_level(logging.WARNING, logger="diffmic.evaluation.metrics"):
         m = classification_metrics(y, s)
     assert m["auc"] == pytest.approx((0.75 + 0.625) / 2)
     (message,) = metric_warnings(caplog)  # exactly one, from the "metrics" logger
@@ -106,7 +110,7 @@ def test_binary_case():
 
 
 def test_single_class_degenerate_no_exception(caplog):
-    with caplog.at_level(logging.WARNING, logger="metrics"):
+    with caplog.at_level(logging.WARNING, logger="diffmic.evaluation.metrics"):
         m = classification_metrics(np.array([0, 0]), np.array([[1.0, 0.0], [2.0, 1.0]]))
     assert m["acc"] == 1.0
     assert m["balanced_acc"] == 1.0  # recall over the classes present (class 0 only)
@@ -122,7 +126,7 @@ def test_single_class_degenerate_no_exception(caplog):
 def test_multilabel_hand_example(caplog):
     y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
     p = np.array([[0.9, 0.2, 0.1], [0.4, 0.6, 0.3], [0.3, 0.7, 0.6], [0.2, 0.1, 0.2]])
-    with caplog.at_level(logging.WARNING, logger="metrics"):
+    with caplog.at_level(logging.WARNING, logger="diffmic.evaluation.metrics"):
         m = multilabel_metrics(y, p, names=["a", "b", "c"])
     # a: pos {.9,.3} neg {.4,.2}: 2 + 1 = 3/4;  b: pos {.6,.7} neg {.2,.1}: 4/4
     assert m["auc/a"] == pytest.approx(0.75)

@@ -6,9 +6,9 @@ import logging
 import pytest
 import torch
 
-from model import ConditionalConv2d, ConditionalModel, PatchEncoder, build_denoiser
-from pipeline import DDIMScheduler, diffusion_focal_loss, focal_weight, guided_prior_map, heterologous_noise
-from utils import adam
+from diffmic.utils import adam
+from diffmic.v2.model import ConditionalConv2d, ConditionalModel, PatchEncoder, build_denoiser
+from diffmic.v2.pipeline import DDIMScheduler, diffusion_focal_loss, focal_weight, guided_prior_map, heterologous_noise
 
 C, K, FEAT = 3, 3, 16
 
@@ -289,7 +289,7 @@ def test_identity_condition_init_passes_the_prior_through():
 def test_load_image_encoder(make_denoiser, tmp_path, caplog):
     model = make_denoiser(seed=1)
     before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="model"):
+    with caplog.at_level(logging.WARNING, logger="diffmic.v2.model"):
         model.load_image_encoder(None)
     assert [r.name for r in caplog.records] == ["model"] and "random init" in caplog.text
     assert all(torch.equal(v, before[k]) for k, v in model.image_encoder.state_dict().items())
@@ -321,7 +321,7 @@ def test_imagenet_weights_unreachable_fall_back_to_random_init_loudly(monkeypatc
 
     import torchvision
 
-    from backbones import Trunk
+    from diffmic.backbones import Trunk
 
     trunk = Trunk("resnet18")
     before = {k: v.clone() for k, v in trunk.state_dict().items()}

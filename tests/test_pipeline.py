@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import (
+from diffmic.v2.pipeline import (
     DDIMScheduler,
     ddim_sample,
     diffusion_focal_loss,

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 import diffuser_trainer
-from config import load_config
 from dataloader.datamodule import build_datasets
+from diffmic.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

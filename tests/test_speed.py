@@ -9,11 +9,18 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-import model
+import diffmic.v2.model as model
 from benchmarks import speed
-from config import load_config
-from diffmic_v2 import DiffMICv2
-from pipeline import DDIMScheduler, diffusion_focal_loss, focal_weight, guided_prior_map, heterologous_noise, one_hot
+from diffmic.config import load_config
+from diffmic.v2.pipeline import (
+    DDIMScheduler,
+    diffusion_focal_loss,
+    focal_weight,
+    guided_prior_map,
+    heterologous_noise,
+    one_hot,
+)
+from diffmic.v2.system import DiffMICv2
 from pretraining.train_dcg import pretraining_precision
 
 # a denoiser small enough for unit tests, at the demo's 64 px

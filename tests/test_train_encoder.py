@@ -12,11 +12,11 @@ import torch
 from helpers import TINY, cli
 from test_efficientsam import fake_encoder_state, official_shapes, save_official
 
-from config import ConfigError, load_config
 from dataloader.datamodule import DiffMICDataModule, build_datasets
-from methods import build_system
+from diffmic.config import ConfigError, load_config
+from diffmic.methods import build_system
+from diffmic.utils import build_trainer
 from pretraining.train_encoder import load_classifier, pretrain_encoder, sidecar_path
-from utils import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import uncertainty as u
-from figures import reliability_figure, risk_coverage_figure, to_image
+import diffmic.evaluation.uncertainty as u
+from diffmic.evaluation.figures import reliability_figure, risk_coverage_figure, to_image
 
 # ------------------------------------------------------------------------------------------------ calibration
 

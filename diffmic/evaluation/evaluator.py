@@ -14,10 +14,9 @@ import torch.distributed as dist
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
-from figures import confusion_matrix_image, reliability_figure, risk_coverage_figure, to_image
-from metrics import classification_metrics, confusion_matrix, multilabel_metrics
-from seeding import rank_seed, reseed, rng_state, set_rng_state
-from uncertainty import (
+from diffmic.evaluation.figures import confusion_matrix_image, reliability_figure, risk_coverage_figure, to_image
+from diffmic.evaluation.metrics import classification_metrics, confusion_matrix, multilabel_metrics
+from diffmic.evaluation.uncertainty import (
     SAMPLE_SCORES,
     apply_temperature,
     aurc,
@@ -27,6 +26,7 @@ from uncertainty import (
     risk_coverage,
     uncertainty_metrics,
 )
+from diffmic.seeding import rank_seed, reseed, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402  (the backend is chosen first)
 from matplotlib.figure import Figure  # noqa: E402
 
-from durable import atomic_open  # noqa: E402
-from uncertainty import reliability_bins  # noqa: E402
+from diffmic.durable import atomic_open  # noqa: E402
+from diffmic.evaluation.uncertainty import reliability_bins  # noqa: E402
 
 DPI = 100
 

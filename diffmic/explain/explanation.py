@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
-from recording import record_steps
+from diffmic.recording import record_steps
 
 
 @dataclass

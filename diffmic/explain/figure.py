@@ -12,8 +12,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from explain import Explanation
-from figures import new_figure
+from diffmic.evaluation.figures import new_figure
+from diffmic.explain.explanation import Explanation
 
 OVERLAY_SIDE = 256  # the overlay is scaled up by a whole factor to at least this many pixels
 SALIENCY_ALPHA = 0.45  # the saliency's share of an overlay pixel

@@ -22,12 +22,12 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import move_data_to_device
 from torch.utils.data import Dataset, default_collate
 
-from config import ConfigError
 from dataloader.datamodule import evaluation_batches
 from dataloader.lists import IMAGE_SUFFIXES
-from explain import Explanation, explain_batch
-from explain_figure import explanation_figure
-from figures import save, to_image
+from diffmic.config import ConfigError
+from diffmic.evaluation.figures import save, to_image
+from diffmic.explain.explanation import Explanation, explain_batch
+from diffmic.explain.figure import explanation_figure
 
 logger = logging.getLogger(__name__)
 

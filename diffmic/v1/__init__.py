@@ -7,6 +7,6 @@
 
 It shares the command line, the data, the DCG and its file, evaluation and checkpoints with DiffMIC-v2."""
 
-from diffmic_v1.system import DiffMICv1
+from diffmic.v1.system import DiffMICv1
 
 __all__ = ["DiffMICv1"]

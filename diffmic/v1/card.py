@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from recording import active_recorder
+from diffmic.recording import active_recorder
 
 
 class CARDScheduler(nn.Module):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones import Trunk
+from diffmic.backbones import Trunk
 
 
 class ConditionalLinear(nn.Module):

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
-from diffmic_v1.card import CARDScheduler, card_sample, dual_guidance_loss
-from diffmic_v1.ema import EMA
-from diffmic_v1.model import build_denoiser_v1
-from guided import GuidedSystem
-from pipeline import one_hot
-from precision import ieee_float32
-from seeding import start_noise
-from uncertainty import sample_statistics
-from utils import adam
+from diffmic.evaluation.uncertainty import sample_statistics
+from diffmic.guided import GuidedSystem
+from diffmic.precision import ieee_float32
+from diffmic.seeding import start_noise
+from diffmic.utils import adam
+from diffmic.v1.card import CARDScheduler, card_sample, dual_guidance_loss
+from diffmic.v1.ema import EMA
+from diffmic.v1.model import build_denoiser_v1
+from diffmic.v2.pipeline import one_hot
 
 
 class DiffMICv1(GuidedSystem):

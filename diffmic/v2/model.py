@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones import Trunk
+from diffmic.backbones import Trunk
+from diffmic.precision import ieee_float32
 from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
-from precision import ieee_float32
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from recording import active_recorder
+from diffmic.recording import active_recorder
 
 
 def guided_prior_map(y_global: torch.Tensor, y_local: torch.Tensor, grid_size: int) -> torch.Tensor:

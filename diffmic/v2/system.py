@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from config import errors_of
-from guided import GuidedSystem
-from model import build_denoiser, reuse_pointwise_weights
-from pipeline import (
+from diffmic.config import errors_of
+from diffmic.evaluation.uncertainty import multilabel_sample_statistics, sample_statistics, simplex_probabilities
+from diffmic.guided import GuidedSystem
+from diffmic.precision import ieee_float32
+from diffmic.seeding import start_noise
+from diffmic.utils import build_optimizer
+from diffmic.v2.model import build_denoiser, reuse_pointwise_weights
+from diffmic.v2.pipeline import (
     DDIMScheduler,
     ddim_sample,
     diffusion_focal_loss,
@@ -25,11 +29,7 @@ from pipeline import (
     heterologous_noise,
     one_hot,
 )
-from precision import ieee_float32
 from pretraining.dcg import DCGOutput
-from seeding import start_noise
-from uncertainty import multilabel_sample_statistics, sample_statistics, simplex_probabilities
-from utils import build_optimizer
 
 
 class DiffMICv2(GuidedSystem):
