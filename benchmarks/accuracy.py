@@ -19,28 +19,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
-import torchvision
-import yaml
 
 import diffuser_trainer
-from benchmarks.speed import cpu_name
+from benchmarks.common import (
+    METRICS,
+    benchmark_parser,
+    checked_config,
+    merge,
+    new_report,
+    parse,
+    per_class_recall_table,
+    provenance_lines,
+    resume_or_new,
+    seed_config,
+    seed_spread,
+    write_report_files,
+)
 from dataloader.datamodule import DiffMICDataModule, build_datasets
-from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
+from diffmic.config import ConfigError
 from diffmic.evaluation.evaluator import EvaluatedSystem
-from diffmic.utils import build_trainer, setup_logging
+from diffmic.methods import BASELINES
+from diffmic.utils import build_trainer
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg
-from pretraining.train_dcg import DCGSystem, dcg_optimizer, pretrain_dcg
+from pretraining.train_dcg import DCGSystem, pretrain_dcg
 
 logger = logging.getLogger("benchmarks.accuracy")
 # DiffMIC-v2 with one part of SPEC.md switched off, trained like `diffmic` (same DCG, seed and epochs).
@@ -54,35 +62,8 @@ ABLATIONS = {
 # DiffMIC (v1): the same trainer, data, DCG file, seed and epochs, with the method switched.
 VARIANTS = {"diffmic_v1": {"model": {"method": "diffmic_v1"}}, **ABLATIONS}
 METHODS = ("resnet18", "dcg", "diffmic", "diffmic_v1", *ABLATIONS)
-METRICS = ("acc", "f1", "auc", "kappa")
 # MedMNIST v2 (Yang et al., Scientific Data 2023), Table: ResNet-18 (28), test ACC / AUC.
 MEDMNIST_V2_RESNET18_28 = {"retinamnist": {"acc": 0.524, "auc": 0.717}, "breastmnist": {"acc": 0.863, "auc": 0.901}}
-
-
-class ResNetBaseline(EvaluatedSystem):
-    """torchvision ResNet-18 with a C-way head and cross-entropy, optimised like the DCG (a CNN trained the
-    same way): Adam at dcg.lr, annealed to dcg.min_lr_ratio * lr over its own trainer.max_epochs (in the accuracy
-    benchmark dcg.epochs, the same number; in benchmarks/learning_curves.py longer than the DCG's)."""
-
-    lr_key = "dcg.lr"
-
-    def __init__(self, cfg: dict) -> None:
-        super().__init__(cfg)
-        self.net = torchvision.models.resnet18(weights=None, num_classes=cfg["data"]["num_classes"])
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = F.cross_entropy(self.net(batch["image"]), batch["label"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
-
-    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        logits = self.net(batch["image"])
-        return {"scores": logits, "probs": torch.softmax(logits.float(), dim=1)}
-
-    def configure_optimizers(self):
-        return dcg_optimizer(
-            self.net.parameters(), merge(self.cfg, {"dcg": {"epochs": self.cfg["trainer"]["max_epochs"]}})
-        )
 
 
 def _evaluate_best(system: EvaluatedSystem, trainer: pl.Trainer, best: str, data) -> dict:
@@ -94,7 +75,7 @@ def _evaluate_best(system: EvaluatedSystem, trainer: pl.Trainer, best: str, data
 
 def run_resnet18(cfg: dict, datasets: dict) -> dict:
     pl.seed_everything(cfg["seed"], workers=True)
-    system, data = ResNetBaseline(cfg), DiffMICDataModule(cfg, datasets=datasets)
+    system, data = BASELINES["resnet18"](cfg), DiffMICDataModule(cfg, datasets=datasets)
     # validated every epoch, like the DCG pre-training (DiffMIC-v2's DDIM validation follows trainer.val_every)
     trainer, best = build_trainer(cfg, f"{cfg['name']}/resnet18", cfg["trainer"]["max_epochs"], val_every=1)
     start = time.perf_counter()
@@ -190,27 +171,11 @@ def reevaluations(args: argparse.Namespace) -> list[tuple[str, dict]]:
     ]
 
 
-def seed_config(base: dict, seed: int) -> dict:
-    """The config of one seed's runs: its own seed, run folder and DCG file (shared by dcg and diffmic)."""
-    cfg = json.loads(json.dumps(base))
-    cfg["seed"], cfg["name"] = seed, f"{base['name']}/seed_{seed}"
-    cfg["dcg"]["ckpt"] = str(Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "dcg.pt")
-    return cfg
-
-
 def ablation_config(cfg: dict, method: str) -> dict:
     """The config of DiffMIC v1 or an ablation of one seed: its own run folder, the seed's DCG file."""
     ablation = merge(cfg, VARIANTS[method])
     ablation["name"] = f"{cfg['name']}/{method}"
     return ablation
-
-
-def merge(cfg: dict, changes: dict) -> dict:
-    """A copy of `cfg` with the nested `changes` applied."""
-    cfg = json.loads(json.dumps(cfg))
-    for section, values in changes.items():
-        cfg[section].update(values)
-    return cfg
 
 
 def record(report: dict, result: dict, out_dir: Path, name: str) -> None:
@@ -225,22 +190,6 @@ def record(report: dict, result: dict, out_dir: Path, name: str) -> None:
     )
     report["summary"] = summarise(report["runs"])
     write_report(out_dir, name, report)
-
-
-def seed_spread(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation over the runs (seeds) of each test metric, and of each class's recall where
-    every run has it (reports written before it existed have none; NaN recalls, a class absent, are left out)."""
-    entry = {}
-    for key in METRICS:
-        values = np.array([r["test"][key] for r in rows])
-        entry[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
-    for key in (k for k in rows[0]["test"] if k.startswith("recall/") and all(k in r["test"] for r in rows)):
-        values = np.array([r["test"][key] for r in rows])
-        entry[key] = {
-            "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
-            "std": float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else 0.0,
-        }
-    return entry
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -258,8 +207,6 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def write_report(out_dir: Path, name: str, report: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
     lines = [
         f"# Accuracy benchmark: {name}",
         "",
@@ -293,93 +240,8 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
             + " |"
         )
     lines += provenance_lines(report)
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    write_report_files(out_dir, name, report, lines)
     logger.info("wrote %s and %s", out_dir / f"{name}.md", out_dir / f"{name}.json")
-
-
-def provenance_lines(report: dict, config_title: str = "Config (resolved):") -> list[str]:
-    """The end of every benchmark report: the command, the commands that resumed it, the machine, the config."""
-    return [
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        *[f"Resumed with: `{command}`\n" for command in report.get("resumed_with", [])],
-        f"Machine: {report['machine']}",
-        "",
-        config_title,
-        "",
-        "```yaml",
-        yaml.safe_dump(report["config"], sort_keys=False).rstrip(),
-        "```",
-        "",
-    ]
-
-
-def per_class_recall_table(summary: dict) -> list[str]:
-    """Markdown lines: test recall of each class (mean ± std over seeds), a row per method."""
-    names = [k.removeprefix("recall/") for k in next(iter(summary.values()), {}) if k.startswith("recall/")]
-    if not names:
-        return []
-    lines = ["", "Test recall per class (mean ± standard deviation over seeds):", ""]
-    lines += ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for method, e in summary.items():
-        cells = [
-            f"{e[f'recall/{n}']['mean']:.3f} ± {e[f'recall/{n}']['std']:.3f}" if f"recall/{n}" in e else "–"
-            for n in names
-        ]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def resumed_report(path: Path, fresh: dict) -> dict:
-    """The report at `path` to be continued by the run described by `fresh`: its runs are kept, so the config must be
-    the same (a run of another config would be mixed into one table)."""
-    if not path.is_file():
-        raise ConfigError(f"no report {path} to resume: run without --resume first")
-    report = json.loads(path.read_text())
-    old, new = report["config"], json.loads(json.dumps(fresh["config"]))
-    changed = config_changes(old, new)
-    # keys the project gained after the report was written: its runs had no such setting, so they do not conflict
-    added = [key for key in changed if not has_key(old, key)]
-    if len(added) < len(changed):
-        different = ", ".join(k for k in changed if k not in added)
-        raise ConfigError(f"{path} was written with another config (differs in {different})")
-    if added:
-        logger.warning("resuming %s: keys added to the project since it was written, kept as given: %s", path, added)
-        report.setdefault("keys_added_on_resume", {}).update({k: _get_key(new, k) for k in added})
-    logger.info("resuming %s: %d run(s) kept", path, len(report["runs"]))
-    report["seeds"] = list(dict.fromkeys([*report["seeds"], *fresh["seeds"]]))
-    if "methods" in fresh:  # the uncertainty benchmark's reports have no list of methods
-        report["methods"] = list(dict.fromkeys([*report.get("methods", []), *fresh["methods"]]))
-    report.setdefault("resumed_with", []).append(fresh["command"])
-    return report
-
-
-def has_key(tree: dict, dotted: str) -> bool:
-    """Whether the nested config `tree` has the dotted key."""
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return False
-        tree = tree[part]
-    return True
-
-
-def _get_key(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two configs."""
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}")
-    return changed
 
 
 def recorded_dcg_seconds(run: dict | None) -> float | None:
@@ -390,18 +252,18 @@ def recorded_dcg_seconds(run: dict | None) -> float | None:
     return run["train_s"]
 
 
-def machine() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu_name()}, {os.cpu_count()} CPU cores visible, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {device}"
-    )
+def same_epochs(base: dict) -> None:
+    if base["dcg"]["epochs"] != base["trainer"]["max_epochs"]:
+        raise ConfigError(
+            f"dcg.epochs ({base['dcg']['epochs']}) and trainer.max_epochs "
+            f"({base['trainer']['max_epochs']}) must agree: every method trains the same epochs"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="benchmark config, e.g. configs/bench_breastmnist.yml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = benchmark_parser(
+        __doc__, "benchmark config, e.g. configs/bench_breastmnist.yml", name_help="data.flag or the config's name"
+    )
     parser.add_argument(
         "--methods",
         nargs="*",
@@ -423,45 +285,20 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also evaluate each diffmic checkpoint with the mean of this many DDIM samples per image",
     )
-    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
-    parser.add_argument("--name", help="result file name (default: data.flag or the config's name)")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the runs of the report <out-dir>/<name>.json (same config) and run only the missing ones",
-    )
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parse_args_with_overrides(parser, argv)
-    setup_logging()
+    args = parse(parser, argv)
+    base = checked_config(args, same_epochs)
+    if base is None:
+        return 2
     try:
-        base = load_config(args.config, args.overrides)
-        if base["dcg"]["epochs"] != base["trainer"]["max_epochs"]:
-            raise ConfigError(
-                f"dcg.epochs ({base['dcg']['epochs']}) and trainer.max_epochs "
-                f"({base['trainer']['max_epochs']}) must agree: every method trains the same epochs"
-            )
-        check_paths(base, need_dcg=False)
         base_datasets = build_datasets(base)
     except ConfigError as err:
         logger.error("config error: %s", err)
         return 2
     name = args.name or base["data"]["flag"] or base["name"]
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    report = {
-        "dataset": name,
-        "seeds": args.seeds,
-        "methods": args.methods,
-        "runs": [],
-        "command": command,
-        "machine": machine(),
-        "config": base,
-    }
-    if args.resume:
-        try:
-            report = resumed_report(Path(args.out_dir) / f"{name}.json", report)
-        except ConfigError as err:
-            logger.error("cannot resume: %s", err)
-            return 2
+    report = new_report("benchmarks.accuracy", argv, name, base, seeds=args.seeds, methods=args.methods)
+    report = resume_or_new(args, name, report)
+    if report is None:
+        return 2
     done = {(r["method"], r["seed"]): r for r in report["runs"]}
     num_train = len(base_datasets["train"])
     for seed in args.seeds:

@@ -40,6 +40,7 @@ from dataloader.datamodule import build_datasets
 from dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD, SquareCenterCrop, decode_side
 from dataloader.workers import usable_cpus
 from diffmic.config import ConfigError, load_config
+from diffmic.durable import write_atomically
 
 logger = logging.getLogger("benchmarks.speed")
 ORIGINAL_SIZE = (600, 450)  # HAM10000 / ISIC 2018 Task 3 originals, width x height
@@ -252,7 +253,7 @@ def write_report(out_dir: Path, report: dict, label: str) -> tuple[Path, Path]:
     entries = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
     entries.pop(label, None)
     entries[label] = report
-    stem.with_suffix(".json").write_text(json.dumps(entries, indent=2))
+    write_atomically(stem.with_suffix(".json"), json.dumps(entries, indent=2))
     lines = [
         "# The training data path on the CPU",
         "",
@@ -305,6 +306,6 @@ def write_report(out_dir: Path, report: dict, label: str) -> tuple[Path, Path]:
                 f"8-bit levels on average (99th percentile {diff['p99']:.0f}, max {diff['max']:.0f}).",
             ]
         lines.append("")
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    write_atomically(stem.with_suffix(".md"), "\n".join(lines))
     logger.info("wrote %s and %s", stem.with_suffix(".md"), stem.with_suffix(".json"))
     return stem.with_suffix(".md"), stem.with_suffix(".json")

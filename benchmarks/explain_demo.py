@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from dataloader.datamodule import build_datasets
 from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, dcg_ckpt_path, load_config, parse_args_with_overrides
+from diffmic.durable import write_atomically
 from diffmic.explain.explanation import box_centres, pointing_hits, roi_boxes
 from diffmic.utils import setup_logging
 from pretraining.dcg import DCG, build_dcg, roi_score
@@ -186,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "trained": trained, "random": random}, indent=2))
-    (out / f"{args.name}.md").write_text(report(cfg, trained, random, meta))
+    write_atomically(
+        out / f"{args.name}.json", json.dumps({"meta": meta, "trained": trained, "random": random}, indent=2)
+    )
+    write_atomically(out / f"{args.name}.md", report(cfg, trained, random, meta))
     logger.info("wrote %s and %s", out / f"{args.name}.md", out / f"{args.name}.json")
     return 0
 

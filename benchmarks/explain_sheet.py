@@ -26,6 +26,7 @@ from PIL import Image
 
 import diffuser_trainer
 from diffmic.config import ConfigError, load_config, parse_args_with_overrides
+from diffmic.durable import write_atomically
 from diffmic.explain.outputs import figure_names
 from diffmic.utils import setup_logging
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command}`",
         "",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_atomically(out.with_suffix(".md"), "\n".join(lines))
     logger.info("wrote %s and %s", out, out.with_suffix(".md"))
     return 0
 

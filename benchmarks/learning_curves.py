@@ -12,32 +12,36 @@ and macro F1 of every epoch against the fixed DCG's, and the test metrics at the
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.accuracy import (
-    METRICS,
-    machine,
-    per_class_recall_table,
-    provenance_lines,
-    resumed_report,
     reuse_or_train_dcg,
     run_diffmic,
     run_resnet18,
+)
+from benchmarks.common import (
+    METRICS,
+    benchmark_parser,
+    checked_config,
+    new_report,
+    parse,
+    per_class_recall_table,
+    provenance_lines,
+    resume_or_new,
     seed_config,
     seed_spread,
 )
 from benchmarks.plots import learning_curves_figure
 from dataloader.datamodule import build_datasets
-from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
-from diffmic.utils import setup_logging
+from diffmic.config import ConfigError
+from diffmic.durable import write_atomically
 
 logger = logging.getLogger("benchmarks.learning_curves")
 METHODS = ("dcg", "diffmic", "resnet18")
@@ -106,7 +110,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     """<name>.json, <name>.md and the learning-curve plot <name>.png."""
     report["summary"] = summarise(report)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    write_atomically(out_dir / f"{name}.json", json.dumps(report, indent=2))
     learning_curves_figure(report, out_dir / f"{name}.png")
     epochs, summary = report["epochs"], report["summary"]
     lines = [
@@ -169,52 +173,34 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     lines += provenance_lines(
         report, "Config (resolved; trainer.max_epochs is --epochs for DiffMIC-v2 and the ResNet-18):"
     )
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    write_atomically(out_dir / f"{name}.md", "\n".join(lines))
     logger.info("wrote %s, .json and .png", out_dir / f"{name}.md")
 
 
+def at_least_one_epoch(epochs: int) -> Callable[[dict], None]:
+    def check(base: dict) -> None:
+        if epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {epochs}")
+
+    return check
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="benchmark config, e.g. configs/bench_ham10000.yml")
+    parser = benchmark_parser(
+        __doc__, "benchmark config, e.g. configs/bench_ham10000.yml", name_help="<config name>_long"
+    )
     parser.add_argument("--epochs", type=int, required=True, help="epochs of DiffMIC-v2 and the ResNet-18")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
-    parser.add_argument("--name", help="result file name (default: <config name>_long)")
-    parser.add_argument("--resume", action="store_true", help="keep the runs of <out-dir>/<name>.json (same config)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parse_args_with_overrides(parser, argv)
-    setup_logging()
-    try:
-        if args.epochs < 1:
-            raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
-        base = load_config(args.config, args.overrides)
-        check_paths(base, need_dcg=False)
-    except ConfigError as err:
-        logger.error("config error: %s", err)
+    args = parse(parser, argv)
+    base = checked_config(args, at_least_one_epoch(args.epochs))
+    if base is None:
         return 2
     name = args.name or f"{base['name']}_long"
-    command = "python -m benchmarks.learning_curves " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    report = {
-        "dataset": name,
-        "epochs": args.epochs,
-        "seeds": args.seeds,
-        "methods": args.methods,
-        "runs": [],
-        "command": command,
-        "machine": machine(),
-        "config": base,
-    }
+    fields = {"epochs": args.epochs, "seeds": args.seeds, "methods": args.methods}
+    report = resume_or_new(args, name, new_report("benchmarks.learning_curves", argv, name, base, **fields), ["epochs"])
+    if report is None:
+        return 2
     out_dir = Path(args.out_dir)
-    if args.resume:
-        try:
-            report = resumed_report(out_dir / f"{name}.json", report)
-        except ConfigError as err:
-            logger.error("cannot resume: %s", err)
-            return 2
-        if report["epochs"] != args.epochs:
-            logger.error("cannot resume: %s was run with --epochs %d", out_dir / f"{name}.json", report["epochs"])
-            return 2
     done = {(r["method"], r["seed"]) for r in report["runs"]}
     for seed in args.seeds:
         cfg = seed_config(base, seed)

@@ -29,6 +29,7 @@ import torch
 
 from benchmarks.speed import count_flops, machine, sample_once, sample_reencoding, timed
 from diffmic.config import PROJECT_ROOT, load_config, parse_args_with_overrides
+from diffmic.durable import write_atomically
 from diffmic.seeding import start_noise
 from diffmic.utils import setup_logging
 from diffmic.v1 import DiffMICv1
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"method_cost_{device.type}.json").write_text(json.dumps(report, indent=2))
+    write_atomically(out / f"method_cost_{device.type}.json", json.dumps(report, indent=2))
     lines = [
         f"# Cost of a sampled image: DiffMIC-v2 vs DiffMIC (v1), {device.type}",
         "",
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {e['gflop_per_image']:.1f} | {e['gflop_ratio_to_v2']:.2f} | {e['s_per_image']:.3f} | "
             f"{e['time_ratio_to_v2']:.2f} |"
         )
-    (out / f"method_cost_{device.type}.md").write_text("\n".join(lines) + "\n")
+    write_atomically(out / f"method_cost_{device.type}.md", "\n".join(lines) + "\n")
     logger.info("wrote %s", out / f"method_cost_{device.type}.md")
     return 0
 

@@ -22,10 +22,8 @@ DiffMIC-v2 rows).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,26 +32,31 @@ import numpy as np
 import yaml
 
 from benchmarks.accuracy import (
-    METRICS,
-    config_changes,
-    has_key,
-    machine,
-    per_class_recall_table,
-    provenance_lines,
-    resumed_report,
     reuse_or_train_dcg,
     run_diffmic,
     run_resnet18,
+)
+from benchmarks.common import (
+    METRICS,
+    benchmark_parser,
+    checked_config,
+    config_changes,
+    has_key,
+    new_report,
+    parse,
+    per_class_recall_table,
+    provenance_lines,
+    resume_or_new,
     seed_config,
     seed_spread,
 )
-from benchmarks.learning_curves import best_epoch, curves, long_config
+from benchmarks.learning_curves import at_least_one_epoch, best_epoch, curves, long_config
 from benchmarks.plots import pretrained_curves_figure
 from benchmarks.uncertainty import cell, measure, outputs_of, split_outputs
 from dataloader.datamodule import build_datasets
-from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
+from diffmic.config import ConfigError
+from diffmic.durable import write_atomically
 from diffmic.evaluation.uncertainty import SAMPLE_SCORES
-from diffmic.utils import setup_logging
 from pretraining.train_encoder import load_classifier, pretrain_encoder, sidecar_path, trained_from
 
 logger = logging.getLogger("benchmarks.pretrained")
@@ -230,7 +233,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     """<name>.json, <name>.md and the validation-curve plot <name>.png."""
     report["summary"] = summarise(report)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    write_atomically(out_dir / f"{name}.json", json.dumps(report, indent=2))
     pretrained_curves_figure(report, out_dir / f"{name}.png")
     s, cfg, epochs = report["summary"], report["config"], report["epochs"]
     encoder_epochs = cfg["encoder_pretraining"]["epochs"]
@@ -292,55 +295,33 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         "it to <trainer.log_dir>/<name>/seed_<seed>/encoder.pt, with encoder.pt.json beside it).",
     ]
     lines += provenance_lines(report)
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    write_atomically(out_dir / f"{name}.md", "\n".join(lines))
     logger.info("wrote %s, .json and .png", out_dir / f"{name}.md")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="benchmark config, e.g. configs/bench_ham10000.yml")
+    parser = benchmark_parser(
+        __doc__, "benchmark config, e.g. configs/bench_ham10000.yml", name_help="<config name>_pretrained"
+    )
     parser.add_argument("--epochs", type=int, default=12, help="epochs of both DiffMIC-v2 rows (default 12)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--reuse", help="a learning-curves report whose random-init DiffMIC-v2 rows to reuse")
-    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
-    parser.add_argument("--name", help="result file name (default: <config name>_pretrained)")
-    parser.add_argument("--resume", action="store_true", help="keep the runs of <out-dir>/<name>.json (same config)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parse_args_with_overrides(parser, argv)
-    setup_logging()
-    try:
-        if args.epochs < 1:
-            raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
-        base = load_config(args.config, args.overrides)
-        check_paths(base, need_dcg=False)
+    args = parse(parser, argv)
+
+    def check(base: dict) -> None:
+        at_least_one_epoch(args.epochs)(base)
         if args.reuse is not None and not Path(args.reuse).is_file():
             raise ConfigError(f"--reuse {args.reuse}: no such report")
-    except ConfigError as err:
-        logger.error("config error: %s", err)
+
+    base = checked_config(args, check)
+    if base is None:
         return 2
     name = args.name or f"{base['name']}_pretrained"
-    command = "python -m benchmarks.pretrained " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    report = {
-        "dataset": name,
-        "epochs": args.epochs,
-        "seeds": args.seeds,
-        "methods": args.methods,
-        "runs": [],
-        "command": command,
-        "machine": machine(),
-        "config": base,
-    }
+    fields = {"epochs": args.epochs, "seeds": args.seeds, "methods": args.methods}
+    report = resume_or_new(args, name, new_report("benchmarks.pretrained", argv, name, base, **fields), ["epochs"])
+    if report is None:
+        return 2
     out_dir = Path(args.out_dir)
-    if args.resume:
-        try:
-            report = resumed_report(out_dir / f"{name}.json", report)
-        except ConfigError as err:
-            logger.error("cannot resume: %s", err)
-            return 2
-        if report["epochs"] != args.epochs:
-            logger.error("cannot resume: %s was run with --epochs %d", out_dir / f"{name}.json", report["epochs"])
-            return 2
     done = {(r["method"], r["seed"]) for r in report["runs"]}
     if args.reuse is not None and "diffmic" in args.methods:
         for row in reusable_rows(Path(args.reuse), base, args.epochs):

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.accuracy import seed_config
+from benchmarks.common import seed_config
 from dataloader.datamodule import build_datasets
 from dataloader.transforms import build_transform
 from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
+from diffmic.durable import write_atomically
 from diffmic.evaluation.metrics import classification_metrics
 from diffmic.utils import setup_logging
 from diffmic.v2.pipeline import focal_weight, one_hot
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{base['data']['flag'] or base['name']}_prior_fit"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"config": args.config, "rows": rows}, indent=2))
+    write_atomically(out / f"{name}.json", json.dumps({"config": args.config, "rows": rows}, indent=2))
     lines = [
         f"# DCG prior fit: {name}",
         "",
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| mean | {split} | | {mean['acc']:.3f} | | {mean['p_true']:.3f} | | {mean['focal_weight']:.2f} | "
             f"{mean['wrong_weight_share']:.3f} |"
         )
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_atomically(out / f"{name}.md", "\n".join(lines) + "\n")
     logger.info("wrote %s", out / f"{name}.md")
     return 0
 

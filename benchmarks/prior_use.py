@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.accuracy import seed_config
+from benchmarks.common import seed_config
 from dataloader.datamodule import build_datasets
 from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
+from diffmic.durable import write_atomically
 from diffmic.evaluation.metrics import classification_metrics
 from diffmic.utils import setup_logging
 from diffmic.v2.system import DiffMICv2
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"{base['name']}_prior_use"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"command": sys.argv, "rows": rows}, indent=2))
+    write_atomically(out / f"{name}.json", json.dumps({"command": sys.argv, "rows": rows}, indent=2))
     names = base["data"]["class_names"]
     lines = [
         f"# Does DiffMIC-v2 read its prior? {name}",
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for who, counts in r["predicted_share"].items():
             lines.append(f"| {r['seed']} | {who} | " + " | ".join(map(str, counts)) + " |")
     lines += ["", f"Command: `python -m benchmarks.prior_use {' '.join(argv or sys.argv[1:])}`", ""]
-    (out / f"{name}.md").write_text("\n".join(lines))
+    write_atomically(out / f"{name}.md", "\n".join(lines))
     logger.info("wrote %s", out / f"{name}.md")
     return 0
 

@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import data_path
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
+from diffmic.durable import write_atomically
 from diffmic.precision import apply_float32_policy
 from diffmic.seeding import start_noise
 from diffmic.utils import adam, setup_logging
@@ -566,7 +567,7 @@ def loader_text(loader: dict) -> str:
 def write_report(out_dir: Path, device: torch.device, report: dict) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"speed_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    write_atomically(stem.with_suffix(".json"), json.dumps(report, indent=2))
     lines = [
         f"# Speed benchmark on {device.type}",
         "",
@@ -650,7 +651,7 @@ def write_report(out_dir: Path, device: torch.device, report: dict) -> tuple[Pat
                 lines += ["", "| module (forward) | ms | calls |", "|---|---|---|"]
                 lines += [f"| {o['name']} | {o['ms']:.1f} | {o['calls']} |" for o in pr["modules_forward"]]
         lines.append("")
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    write_atomically(stem.with_suffix(".md"), "\n".join(lines))
     logger.info("wrote %s and %s", stem.with_suffix(".md"), stem.with_suffix(".json"))
     return stem.with_suffix(".md"), stem.with_suffix(".json")
 

@@ -14,29 +14,32 @@ benchmarks/results/<name>.{json,md} and the plots <name>_reliability.png and <na
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.accuracy import (
-    ResNetBaseline,
-    machine,
-    provenance_lines,
-    resumed_report,
     reuse_or_train_dcg,
     run_diffmic,
     run_resnet18,
+)
+from benchmarks.common import (
+    benchmark_parser,
+    checked_config,
+    new_report,
+    parse,
+    provenance_lines,
+    resume_or_new,
     seed_config,
 )
 from benchmarks.plots import uncertainty_figures
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from diffmic.checkpoints import read_checkpoint
-from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
+from diffmic.config import ConfigError
+from diffmic.durable import write_atomically
 from diffmic.evaluation.figures import save
 from diffmic.evaluation.uncertainty import (
     COVERAGES,
@@ -49,8 +52,8 @@ from diffmic.evaluation.uncertainty import (
     risk_coverage,
     uncertainty_metrics,
 )
-from diffmic.methods import build_system
-from diffmic.utils import build_trainer, setup_logging
+from diffmic.methods import BASELINES, build_system
+from diffmic.utils import build_trainer
 from pretraining.dcg_file import load_dcg
 from pretraining.train_dcg import DCGSystem
 
@@ -83,7 +86,7 @@ def outputs_of(method: str, samples: int, cfg: dict, datasets: dict, trained: di
         system = DCGSystem(cfg)
         load_dcg(system.dcg, cfg, Path(trained["dcg"]))
     elif method == "resnet18":
-        system = ResNetBaseline(cfg)
+        system = BASELINES["resnet18"](cfg)
         system.load_state_dict(read_checkpoint(trained["resnet18"])["state_dict"])
     else:
         cfg = json.loads(json.dumps(cfg))
@@ -159,7 +162,7 @@ def cell(entry: dict, key: str) -> str:
 def write_report(out_dir: Path, name: str, report: dict) -> None:
     report["summary"] = summarise(report["runs"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    write_atomically(out_dir / f"{name}.json", json.dumps(report, indent=2))
     for kind, fig in uncertainty_figures(report).items():
         save(fig, out_dir / f"{name}_{kind}.png")
     s, seeds = report["summary"], report["seeds"]
@@ -221,7 +224,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         f"![reliability]({name}_reliability.png) ![risk-coverage]({name}_risk_coverage.png)",
         *provenance_lines(report),
     ]
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    write_atomically(out_dir / f"{name}.md", "\n".join(lines))
     logger.info("wrote %s, .json and the plots", out_dir / f"{name}.md")
 
 
@@ -240,35 +243,26 @@ def trained_models(cfg: dict, datasets: dict) -> dict[str, str]:
     return models
 
 
+def same_epochs(base: dict) -> None:
+    if base["dcg"]["epochs"] != base["trainer"]["max_epochs"]:
+        raise ConfigError("dcg.epochs and trainer.max_epochs must agree, as in the accuracy benchmark")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="benchmark config, e.g. configs/bench_breastmnist.yml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
-    parser.add_argument("--name", help="result file name (default: uncertainty_<data.flag or config name>)")
-    parser.add_argument("--resume", action="store_true", help="keep the runs of <out-dir>/<name>.json (same config)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parse_args_with_overrides(parser, argv)
-    setup_logging()
-    try:
-        base = load_config(args.config, args.overrides)
-        if base["dcg"]["epochs"] != base["trainer"]["max_epochs"]:
-            raise ConfigError("dcg.epochs and trainer.max_epochs must agree, as in the accuracy benchmark")
-        check_paths(base, need_dcg=False)
-    except ConfigError as err:
-        logger.error("config error: %s", err)
+    parser = benchmark_parser(
+        __doc__,
+        "benchmark config, e.g. configs/bench_breastmnist.yml",
+        name_help="uncertainty_<data.flag or config name>",
+    )
+    args = parse(parser, argv)
+    base = checked_config(args, same_epochs)
+    if base is None:
         return 2
     name = args.name or f"uncertainty_{base['data']['flag'] or base['name']}"
-    command = "python -m benchmarks.uncertainty " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    report = {"dataset": name, "seeds": args.seeds, "runs": [], "command": command, "machine": machine()}
-    report["config"] = base
+    report = resume_or_new(args, name, new_report("benchmarks.uncertainty", argv, name, base, seeds=args.seeds))
+    if report is None:
+        return 2
     out_dir = Path(args.out_dir)
-    if args.resume:
-        try:
-            report = resumed_report(out_dir / f"{name}.json", report)
-        except ConfigError as err:
-            logger.error("cannot resume: %s", err)
-            return 2
     names = base["data"]["class_names"] or [str(c) for c in range(base["data"]["num_classes"])]
     for seed in args.seeds:
         if all(any(r["seed"] == seed and r["label"] == v[0] for r in report["runs"]) for v in VARIANTS):

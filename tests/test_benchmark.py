@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import write_image_lists
 
-from benchmarks import accuracy, prior_fit
+from benchmarks import accuracy, common, prior_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -323,13 +323,13 @@ def test_resuming_a_report_tolerates_keys_added_since_but_not_changed_values(tmp
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"config": base, "runs": [{"method": "dcg"}], "seeds": [0], "methods": ["dcg"]}))
     grown = {"name": "b", "dcg": {"epochs": 4, "backbone": "resnet18"}, "trainer": {"max_epochs": 4}, "explain": {}}
-    report = accuracy.resumed_report(path, {"config": grown, "seeds": [1], "methods": ["dcg"], "command": "c"})
+    report = common.resumed_report(path, {"config": grown, "seeds": [1], "methods": ["dcg"], "command": "c"})
     assert report["runs"] == [{"method": "dcg"}] and report["seeds"] == [0, 1]
     assert report["keys_added_on_resume"] == {"dcg.backbone": "resnet18", "explain": {}}
     changed = {**grown, "dcg": {"epochs": 5, "backbone": "resnet18"}}
     with pytest.raises(ConfigError, match=r"differs in dcg\.epochs\)"):
-        accuracy.resumed_report(path, {"config": changed, "seeds": [1], "methods": ["dcg"], "command": "c"})
+        common.resumed_report(path, {"config": changed, "seeds": [1], "methods": ["dcg"], "command": "c"})
     # the uncertainty benchmark's reports list no methods: resumed as they are
     path.write_text(json.dumps({"config": base, "runs": [{"label": "dcg"}], "seeds": [0]}))
-    report = accuracy.resumed_report(path, {"config": base, "seeds": [0, 1], "command": "c"})
+    report = common.resumed_report(path, {"config": base, "seeds": [0, 1], "command": "c"})
     assert "methods" not in report and report["seeds"] == [0, 1] and report["resumed_with"] == ["c"]
