@@ -320,7 +320,7 @@ AT_LEAST_ONE = Rule(low=1)
 POSITIVE = Rule(low=0, open_low=True)
 NOT_NEGATIVE = Rule(low=0)
 LR_FRACTION = Rule(low=0, high=1, why="a fraction of the learning rate")
-BATCH_LIMIT = Rule(low=0, high=1, open_low=True, or_count=1, types=(int,), why="a fraction of the batches or their number")
+BATCH_LIMIT = Rule(low=0, high=1, open_low=True, or_count=1, types=(int,), why="a fraction of the batches, or a count")
 # The range pl.seed_everything (numpy's legacy seeding) accepts.
 MAX_SEED = 2**32 - 1
 
