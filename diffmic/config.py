@@ -242,16 +242,18 @@ def upgrade_config(stored: dict, source: str) -> dict:
         raise ConfigError(f"{source}: the stored config is a {type(stored).__name__}, not a mapping of keys")
     cfg = copy.deepcopy(_read_yaml(DEFAULT_CONFIG))
     defaults = _flatten(cfg)
-    given, dropped = set(), []
+    given, renamed, dropped = set(), [], []
     for old, value in _flatten(stored).items():
         key = RENAMED_KEYS[old] if old in RENAMED_KEYS else old
+        if key != old:
+            renamed.append(f"{old} -> {key}")
         if key in RETIRED_KEYS:
             if value != RETIRED_KEYS[key]:
                 raise ConfigError(
                     f"config key {key}: {source} was trained with {value!r}, a feature this version no longer has "
                     f"(only {RETIRED_KEYS[key]!r} loads); use the version that wrote it"
                 )
-            dropped.append(key)
+            dropped.append(f"{key} (at {value!r})")
             continue
         if key not in defaults:
             raise ConfigError(
@@ -261,23 +263,13 @@ def upgrade_config(stored: dict, source: str) -> dict:
         given.add(key)
     filled = [key for key in defaults if key not in given]
     _resolve_default_paths(cfg, [key for key in filled if key in PATH_KEYS])
-    renamed = [f"{old} -> {new}" for old, new in RENAMED_KEYS.items() if old in _flatten(stored)]
-    if filled or dropped or renamed:
-        logger.info(
-            "%s was stored by an older version: %s",
-            source,
-            "; ".join(
-                part
-                for part in (
-                    "default.yml's values filled in for " + ", ".join(f"{k}={_get(cfg, k)!r}" for k in filled)
-                    if filled
-                    else "",
-                    "renamed " + ", ".join(renamed) if renamed else "",
-                    "dropped " + ", ".join(f"{k} (at {RETIRED_KEYS[k]!r})" for k in dropped) if dropped else "",
-                )
-                if part
-            ),
-        )
+    notes = (
+        [f"default.yml's values filled in for {', '.join(f'{k}={_get(cfg, k)!r}' for k in filled)}"] if filled else []
+    )
+    notes += [f"renamed {', '.join(renamed)}"] if renamed else []
+    notes += [f"dropped {', '.join(dropped)}"] if dropped else []
+    if notes:
+        logger.info("%s was stored by an older version: %s", source, "; ".join(notes))
     return cfg
 
 

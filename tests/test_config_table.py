@@ -239,6 +239,20 @@ def test_retired_and_unknown_stored_keys(caplog):
         upgrade_config(newer, "checkpoint n.ckpt")
 
 
+def test_a_renamed_key_takes_its_new_name(monkeypatch, caplog):
+    """default.yml's history has no rename yet; the mechanism a rename would use, with a made-up old name."""
+    from diffmic import config
+
+    monkeypatch.setitem(config.RENAMED_KEYS, "trainer.nodes", "trainer.num_nodes")
+    stored = load_config(None, SMALL)
+    del stored["trainer"]["num_nodes"]
+    stored["trainer"]["nodes"] = 3
+    with caplog.at_level(logging.INFO, logger="diffmic.config"):
+        assert upgrade_config(stored, "checkpoint r.ckpt")["trainer"]["num_nodes"] == 3
+    (line,) = upgrade_logs(caplog)
+    assert "renamed trainer.nodes -> trainer.num_nodes" in line and "filled in" not in line
+
+
 def test_a_checkpoint_stores_its_config_under_either_name_and_is_upgraded_once(caplog):
     cfg = load_config(None, SMALL)
     stored, expected = first_version_config(cfg)
