@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from benchmarks.accuracy import (
     reuse_or_train_dcg,
@@ -54,7 +53,7 @@ from benchmarks.learning_curves import at_least_one_epoch, best_epoch, curves, l
 from benchmarks.plots import pretrained_curves_figure
 from benchmarks.uncertainty import cell, measure, outputs_of, split_outputs
 from dataloader.datamodule import build_datasets
-from diffmic.config import ConfigError
+from diffmic.config import ConfigError, read_run_config
 from diffmic.durable import write_atomically
 from diffmic.evaluation.uncertainty import SAMPLE_SCORES
 from pretraining.train_encoder import load_classifier, pretrain_encoder, sidecar_path, trained_from
@@ -141,7 +140,14 @@ def unfinished_run(run_cfg: dict) -> Path | None:
     versions = sorted(base.glob("version_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]), reverse=True)
     for version in versions:
         last, config = version / "checkpoints" / "last.ckpt", version / "config.yaml"
-        if last.is_file() and config.is_file() and yaml.safe_load(config.read_text()) == run_cfg:
+        if not (last.is_file() and config.is_file()):
+            continue
+        try:
+            stored = read_run_config(config)  # an older version's: its later keys filled in from default.yml
+        except ConfigError as err:  # a feature this version lacks: not this run
+            logger.warning("not resuming %s: %s", last, err)
+            continue
+        if stored == run_cfg:
             return last
     return None
 

@@ -145,22 +145,12 @@ def check_labels(cfg: dict, sets: dict[str, Dataset]) -> None:
 
 
 def check_synthetic(data: dict) -> None:
-    """The demo set's sizes, which its generator would otherwise refuse with an assertion."""
+    """The demo set's class count, which its generator would otherwise refuse with an assertion (its sizes are rows
+    of config.RULES, checked when the config is loaded)."""
     if data["num_classes"] > NUM_TEXTURES:
         raise ConfigError(
             f"config key data.num_classes: the synthetic demo set has {NUM_TEXTURES} class textures, "
             f"got {data['num_classes']}"
-        )
-    syn = data["synthetic"]
-    if syn["num_train"] < 2:  # a training batch of one image cannot train BatchNorm
-        raise ConfigError(f"config key data.synthetic.num_train: need at least 2, got {syn['num_train']}")
-    for key in ("num_val", "num_test"):
-        if syn[key] < 1:
-            raise ConfigError(f"config key data.synthetic.{key}: must be at least 1, got {syn[key]}")
-    if not 0 < syn["pattern_size"] < data["image_size"]:
-        raise ConfigError(
-            f"config key data.synthetic.pattern_size: must be in 1..data.image_size - 1 ({data['image_size'] - 1}), "
-            f"got {syn['pattern_size']}"
         )
 
 

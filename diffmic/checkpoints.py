@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from diffmic.config import ConfigError
+from diffmic.config import ConfigError, upgrade_config
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
@@ -43,6 +43,22 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     if not isinstance(content, dict):
         raise ConfigError(f"{what} {path} holds a {type(content).__name__}, not a checkpoint dictionary")
     return content
+
+
+def checkpoint_config(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The config a checkpoint of this project was trained with, upgraded to this version's keys
+    (config.upgrade_config). It is stored as hyper_parameters.cfg; checkpoints written before commit 969c8be named it
+    hyper_parameters.config. The upgraded config replaces the stored one in `checkpoint`, so that a second reader of
+    the same content (load_from_checkpoint, then load_checkpoint_file) finds nothing to upgrade and logs nothing."""
+    hparams = checkpoint.get("hyper_parameters")
+    name = next((k for k in ("cfg", "config") if isinstance(hparams, dict) and k in hparams), None)
+    if name is None:
+        raise ConfigError(
+            f"checkpoint {path} stores no config (hyper_parameters.cfg): not a checkpoint written by this project"
+        )
+    cfg = upgrade_config(hparams.pop(name), f"checkpoint {path}")
+    hparams["cfg"] = cfg
+    return cfg
 
 
 def _first_sentence(err: Exception) -> str:

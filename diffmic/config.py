@@ -1,10 +1,16 @@
 """Configuration: YAML files merged over `configs/default.yml`, dotted command-line overrides,
-strict validation. Every number the code uses comes from here; `ConfigError` names the bad key or path."""
+strict validation. Every number the code uses comes from here; `ConfigError` names the bad key or path.
+
+The checks are data: RULES holds, per key, the range, choices (or the registry that lists them) and extra types, and
+CROSS_CHECKS the few constraints between keys. A config stored by an older version (a checkpoint's hyper-parameters,
+a run's config.yaml) enters the code through `upgrade_config` only, which fills in the keys added since from
+default.yml, so that the code reads every key as cfg[section][key]."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import logging
 import math
 import os
@@ -12,6 +18,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +49,6 @@ PATH_KEYS = (
 FOLDER_KEYS = ("data.root",)
 # Keys whose value may be a keyword instead of a path.
 PATH_KEYWORDS = {"dcg.backbone_weights": ("imagenet",), "model.patch_encoder_weights": ("imagenet", "dcg")}
-# Keys that accept more than the type of their default.
-EXTRA_TYPES: dict[str, tuple[type, ...]] = {
-    "data.num_workers": (int,),  # auto or a number
-    "trainer.devices": (str, list),  # Lightning's forms: 1, auto, "2", "0,1", [0, 1]
-    "trainer.precision": (int,),  # Lightning's legacy 16 / 32 / 64
-    "trainer.limit_train_batches": (int,),
-    "trainer.dist_timeout_s": (float,),
-    "trainer.limit_val_batches": (int,),
-}
-FLOAT32_POLICIES = ("highest", "high", "medium")
 # Lightning precisions a run may use, by the unified name Lightning gives each ("16" is "16-mixed", 32 "32-true")
 SUPPORTED_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
 _LEGACY_PRECISIONS = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
@@ -80,24 +77,6 @@ def precision_refusal(value: str | int) -> str | None:
         return None
     why = _REFUSED_PRECISIONS.get(name, "is not one this project is tested with")
     return f"{value!r} {why}; use bf16-mixed (bf16 arithmetic, float32 weights; or 16-mixed), 32-true or 64-true"
-
-
-CHOICES = {
-    "data.dataset": ("list", "medmnist", "synthetic"),
-    "data.task": ("multiclass", "multilabel"),
-    "data.transform": ("standard", "chest"),
-    "data.verify_images": ("fast", "full", "off"),
-    "data.medmnist_size": (28, 64, 128, 224),
-    "model.method": ("diffmic_v2", "diffmic_v1"),
-    "dcg.backbone": ("resnet18", "resnet50"),
-    "model.image_encoder": ("vit_s", "vit_t"),
-    "v1.encoder": ("resnet18", "resnet50", "densenet121"),
-    "model.patch_encoder": ("resnet18", "resnet50", "densenet121", "densenet169"),
-    "model.condition_init": ("default", "identity"),
-    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
-    "evaluation.temperature": ("none", "fit"),
-    "trainer.float32_matmul_precision": FLOAT32_POLICIES,
-}
 
 
 class ConfigError(Exception):
@@ -145,7 +124,7 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"config key {key}: expected a string, a list or null, got {value!r}")
     if value is None and key in PATH_KEYS:
         return None
-    if isinstance(value, EXTRA_TYPES.get(key, ())) and not isinstance(value, bool):
+    if key in RULES and isinstance(value, RULES[key].types) and not isinstance(value, bool):
         return value
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -228,57 +207,302 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if key in PATH_KEYS and isinstance(value, str) and value not in PATH_KEYWORDS.get(key, ()):
             value = str((base / Path(value).expanduser()).resolve())
         _set(cfg, key, value)
-    for key in PATH_KEYS:  # paths left at their default.yml value are relative to the repository too
-        value = _get(cfg, key)
-        if isinstance(value, str) and value not in PATH_KEYWORDS.get(key, ()) and not Path(value).is_absolute():
-            _set(cfg, key, str((PROJECT_ROOT / Path(value).expanduser()).resolve()))
-    for key, choices in CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"config key {key}: {_get(cfg, key)!r} is not one of {', '.join(map(str, choices))}")
-    _check_values(cfg)
+    _resolve_default_paths(cfg, PATH_KEYS)
+    check_values(cfg)
     check_trainer(cfg)
-    _check_encoder_pretraining(cfg)
     return cfg
 
 
-def _check_encoder_pretraining(cfg: dict) -> None:
-    """The encoder_pretraining section (pretraining/train_encoder.py)."""
-    section = cfg["encoder_pretraining"]
-    for key in ("epochs", "batch_size"):
-        if section[key] < 1:
-            raise ConfigError(f"config key encoder_pretraining.{key}: must be at least 1, got {section[key]}")
-    if section["lr"] <= 0.0:
-        raise ConfigError(f"config key encoder_pretraining.lr: must be > 0, got {section['lr']}")
-    if not 0.0 <= section["min_lr_ratio"] <= 1.0:
-        raise ConfigError(
-            "config key encoder_pretraining.min_lr_ratio: must be in [0, 1] (a fraction of the learning rate), "
-            f"got {section['min_lr_ratio']}"
-        )
-    if section["weight_decay"] < 0.0:
-        raise ConfigError(f"config key encoder_pretraining.weight_decay: must be >= 0, got {section['weight_decay']}")
+def _resolve_default_paths(cfg: dict, keys: tuple[str, ...] | list[str]) -> None:
+    """Paths of `keys` left at their default.yml value are relative to the repository too."""
+    for key in keys:
+        value = _get(cfg, key)
+        if isinstance(value, str) and value not in PATH_KEYWORDS.get(key, ()) and not Path(value).is_absolute():
+            _set(cfg, key, str((PROJECT_ROOT / Path(value).expanduser()).resolve()))
 
 
-# Counts that must be at least 1.
-AT_LEAST_ONE = (
-    "dcg.batch_size",
-    "dcg.epochs",
-    "trainer.max_epochs",
-    "trainer.num_nodes",
-    "trainer.val_every",
-    "trainer.log_every_n_steps",
-    "model.feature_dim",
-    "diffusion.timesteps",
-    "diffusion.eval_samples",
-    "v1.feature_dim",
-)
+# Keys an older version stored under another name (a move to another section included): stored name -> today's.
+# default.yml's history (git log -p configs/default.yml) has renamed none so far; a rename adds its row here.
+RENAMED_KEYS: dict[str, str] = {}
+# Keys an older version stored that this one has dropped, with the value under which that run did what this version
+# does; a stored config with another value needed the dropped feature and is refused by name.
+RETIRED_KEYS: dict[str, Any] = {
+    "dcg.cross_fit_folds": 0,  # k >= 2 trained k DCGs, each without one fold (dropped in commit fff457e)
+}
+
+
+def upgrade_config(stored: dict, source: str) -> dict:
+    """A config stored by this project (a checkpoint's hyper-parameters, a run folder's config.yaml), maybe by an
+    older version, as this version reads it: the keys added since get default.yml's values (logged once, at INFO,
+    naming them), renamed keys their new names, and retired keys are dropped where their value is what this version
+    does. The one place a stored config enters the code, so that the code reads every key as cfg[section][key]. A
+    key this version does not know, or a retired feature in use, is a ConfigError naming `source`. The stored values
+    are kept as they are: the run that stored them checked them, and this version's checks may be stricter."""
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{source}: the stored config is a {type(stored).__name__}, not a mapping of keys")
+    cfg = copy.deepcopy(_read_yaml(DEFAULT_CONFIG))
+    defaults = _flatten(cfg)
+    given, renamed, dropped = set(), [], []
+    for old, value in _flatten(stored).items():
+        key = RENAMED_KEYS[old] if old in RENAMED_KEYS else old
+        if key != old:
+            renamed.append(f"{old} -> {key}")
+        if key in RETIRED_KEYS:
+            if value != RETIRED_KEYS[key]:
+                raise ConfigError(
+                    f"config key {key}: {source} was trained with {value!r}, a feature this version no longer has "
+                    f"(only {RETIRED_KEYS[key]!r} loads); use the version that wrote it"
+                )
+            dropped.append(f"{key} (at {value!r})")
+            continue
+        if key not in defaults:
+            raise ConfigError(
+                f"config key {key}: {source} stores a key this version does not know (written by a newer version?)"
+            )
+        _set(cfg, key, value)
+        given.add(key)
+    filled = [key for key in defaults if key not in given]
+    _resolve_default_paths(cfg, [key for key in filled if key in PATH_KEYS])
+    notes = (
+        [f"default.yml's values filled in for {', '.join(f'{k}={_get(cfg, k)!r}' for k in filled)}"] if filled else []
+    )
+    notes += [f"renamed {', '.join(renamed)}"] if renamed else []
+    notes += [f"dropped {', '.join(dropped)}"] if dropped else []
+    if notes:
+        logger.info("%s was stored by an older version: %s", source, "; ".join(notes))
+    return cfg
+
+
+def read_run_config(path: str | Path) -> dict:
+    """The config.yaml of a run folder (the resolved config its run wrote), upgraded to this version's keys."""
+    return upgrade_config(_read_yaml(Path(path)), f"run config {path}")
+
+
+# --- the values a key may take: one row per key, from which check_values runs the checks and words the messages ---
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What the value of one config key may be. Numbers: `low` / `high`, each a number or another key whose value is
+    the bound, excluded when `open_low` / `open_high`; `multiple`: a positive multiple of it; `items`: a list of that
+    many numbers, each in the range; `or_count`: an int value is a count instead (of batches), at least this, a float
+    is checked against the range; `keywords`: words the key takes besides a number. `choices`: the values the key
+    takes, or "module:NAME", the registry that lists them (a dict: its keys), imported when a config is checked.
+    `types`: the types load_config accepts besides the default's. `when`: (key, value): the row applies only when
+    that key has that value. A message says `unit` after the bound and `why` in brackets."""
+
+    low: float | str | None = None
+    high: float | str | None = None
+    open_low: bool = False
+    open_high: bool = False
+    multiple: int | None = None
+    items: int | None = None
+    or_count: int | None = None
+    keywords: tuple[str, ...] = ()
+    choices: tuple[Any, ...] | str | None = None
+    types: tuple[type, ...] = ()
+    when: tuple[str, Any] | None = None
+    unit: str = ""
+    why: str = ""
+
+
+V1_ONLY = ("model.method", "diffmic_v1")  # the v1 keys are read, and checked, only for DiffMIC v1
+SYNTHETIC_ONLY = ("data.dataset", "synthetic")
+AT_LEAST_ONE = Rule(low=1)
+POSITIVE = Rule(low=0, open_low=True)
+NOT_NEGATIVE = Rule(low=0)
+LR_FRACTION = Rule(low=0, high=1, why="a fraction of the learning rate")
+BATCH_LIMIT = Rule(low=0, high=1, open_low=True, or_count=1, types=(int,), why="a fraction of the batches, or a count")
 # The range pl.seed_everything (numpy's legacy seeding) accepts.
 MAX_SEED = 2**32 - 1
 
+# Every key of default.yml whose value is constrained beyond its type, in default.yml's order (the checks run in this
+# order). Paths are checked by check_paths (PATH_KEYS), the keys in LIGHTNING_KEYS by Lightning itself (check_trainer),
+# and the constraints between keys by CROSS_CHECKS below.
+RULES: dict[str, Rule] = {
+    "seed": Rule(low=0, high=MAX_SEED, why="what Lightning seeds with"),
+    "data.dataset": Rule(choices=("list", "medmnist", "synthetic")),
+    "data.task": Rule(choices=("multiclass", "multilabel")),
+    "data.val_fraction": Rule(low=0, high=1, open_low=True, open_high=True),
+    "data.verify_images": Rule(choices=("fast", "full", "off")),
+    "data.medmnist_size": Rule(choices="dataloader.medmnist:SIZES"),
+    "data.num_classes": Rule(low=2, why="classes to tell apart"),
+    "data.image_size": Rule(multiple=32, why="the CAM side is image_size / 32 and the ViT patch is 16"),
+    "data.transform": Rule(choices=("standard", "chest")),
+    "data.rotation_degrees": Rule(low=0, why="0: no rotation"),
+    # the denoiser's BatchNorm1d of the image features, which would only fail after the DCG pre-training
+    "data.batch_size": Rule(low=2, why="BatchNorm cannot train on one image"),
+    "data.num_workers": Rule(low=0, keywords=("auto",), types=(int,), why="0 loads in the main process"),
+    "data.synthetic.num_train": Rule(low=2, when=SYNTHETIC_ONLY, why="BatchNorm cannot train on one image"),
+    "data.synthetic.num_val": Rule(low=1, when=SYNTHETIC_ONLY),
+    "data.synthetic.num_test": Rule(low=1, when=SYNTHETIC_ONLY),
+    "data.synthetic.pattern_size": Rule(low=1, high="data.image_size", open_high=True, when=SYNTHETIC_ONLY),
+    "dcg.num_rois": AT_LEAST_ONE,  # and no more than the CAM's cells: _check_rois
+    "dcg.roi_size": Rule(low=1, high="data.image_size"),
+    "dcg.percent_t": Rule(low=0, high=1, open_low=True),
+    "dcg.backbone": Rule(choices="pretraining.dcg:BACKBONES"),
+    "dcg.epochs": AT_LEAST_ONE,
+    "dcg.batch_size": AT_LEAST_ONE,
+    "dcg.lr": POSITIVE,
+    "dcg.min_lr_ratio": LR_FRACTION,
+    "encoder_pretraining.epochs": AT_LEAST_ONE,
+    "encoder_pretraining.batch_size": AT_LEAST_ONE,
+    "encoder_pretraining.lr": POSITIVE,
+    "encoder_pretraining.min_lr_ratio": LR_FRACTION,
+    "encoder_pretraining.weight_decay": NOT_NEGATIVE,
+    "model.method": Rule(choices="diffmic.methods:METHODS"),
+    "model.image_encoder": Rule(choices="EfficientSAM:ENCODERS"),
+    "model.patch_encoder": Rule(choices="diffmic.backbones:TRUNK_WIDTH"),
+    "model.feature_dim": AT_LEAST_ONE,
+    "model.condition_init": Rule(choices="diffmic.v2.model:CONDITION_INITS"),
+    "diffusion.timesteps": AT_LEAST_ONE,
+    # the scheduler's linear betas: each step must add some noise, and alpha_bar = prod(1 - beta) stay positive
+    "diffusion.beta_start": Rule(low=0, high=1, open_low=True, open_high=True),
+    "diffusion.beta_end": Rule(low="diffusion.beta_start", high=1, open_high=True),
+    "diffusion.sampling_steps": Rule(low=1, high="diffusion.timesteps"),
+    "diffusion.eval_samples": AT_LEAST_ONE,
+    # w = 1 + alpha (1 - p)^gamma must stay >= 1
+    "diffusion.focal_alpha": Rule(low=0, why="0 turns the focal weight off"),
+    "diffusion.focal_gamma": Rule(low=0, why="0 turns the focal weight off"),
+    "v1.encoder": Rule(choices="diffmic.v1.model:ENCODERS"),
+    "v1.feature_dim": AT_LEAST_ONE,
+    "v1.sampling_steps": Rule(low=1, high="diffusion.timesteps", when=V1_ONLY),
+    "v1.mmd_weight": Rule(low=0, when=V1_ONLY),
+    "v1.ema_decay": Rule(low=0, high=1, open_high=True, when=V1_ONLY),
+    "v1.grad_clip": Rule(low=0, open_low=True, when=V1_ONLY),
+    "v1.warmup_epochs": Rule(low=0, when=V1_ONLY),  # and below trainer.max_epochs: _check_v1_warmup
+    "evaluation.temperature": Rule(choices=("none", "fit")),
+    "optim.lr": POSITIVE,
+    "optim.betas": Rule(low=0, high=1, open_high=True, items=2, why="e.g. [0.9, 0.999]"),
+    "optim.eps": POSITIVE,
+    "optim.weight_decay": NOT_NEGATIVE,
+    "optim.min_lr_ratio": LR_FRACTION,
+    "explain.val_images": Rule(low=0, high=8, why="0: off"),
+    "trainer.max_epochs": AT_LEAST_ONE,
+    "trainer.val_every": AT_LEAST_ONE,
+    "trainer.accelerator": Rule(choices=("auto", "cpu", "gpu", "cuda", "mps")),
+    "trainer.devices": Rule(types=(str, list)),  # Lightning's forms: 1, auto, "2", "0,1", [0, 1]
+    "trainer.num_nodes": AT_LEAST_ONE,
+    "trainer.dist_timeout_s": Rule(low=0, open_low=True, types=(float,), unit=" seconds"),
+    "trainer.precision": Rule(types=(int,)),  # Lightning's legacy 16 / 32 / 64; precision_refusal after Lightning
+    "trainer.float32_matmul_precision": Rule(choices="diffmic.precision:FLOAT32_POLICIES"),
+    "trainer.log_every_n_steps": AT_LEAST_ONE,
+    "trainer.limit_train_batches": BATCH_LIMIT,
+    "trainer.limit_val_batches": BATCH_LIMIT,
+}
+
+
+def choices_of(key: str) -> tuple[Any, ...]:
+    """The values a choice key of RULES takes: its row's, or the names its registry lists. The registries live with
+    the models and data sets they name and are imported here, when a config is checked, not when config.py is."""
+    choices = RULES[key].choices
+    if isinstance(choices, str):
+        module, name = choices.split(":")
+        return tuple(getattr(importlib.import_module(module), name))
+    assert choices is not None, f"config key {key} has no choices"
+    return choices
+
+
+def _bound(bound: float | str, cfg: dict) -> float:
+    return _get(cfg, bound) if isinstance(bound, str) else bound
+
+
+def _in_range(rule: Rule, value: float, cfg: dict) -> bool:
+    if rule.low is not None:
+        low = _bound(rule.low, cfg)
+        if value < low or (rule.open_low and value == low):
+            return False
+    if rule.high is not None:
+        high = _bound(rule.high, cfg)
+        if value > high or (rule.open_high and value == high):
+            return False
+    return True
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fits(rule: Rule, value: Any, cfg: dict) -> bool:
+    if isinstance(value, str):  # a number key's keyword; other strings are choices, paths or Lightning's
+        return value in rule.keywords or not rule.keywords
+    if rule.items is not None:
+        return (
+            isinstance(value, list)
+            and len(value) == rule.items
+            and all(_is_number(v) and _in_range(rule, v, cfg) for v in value)
+        )
+    if not _is_number(value):  # trainer.devices [0, 1]: Lightning's to judge
+        return True
+    if rule.multiple is not None:
+        return value >= rule.multiple and value % rule.multiple == 0
+    if rule.or_count is not None and isinstance(value, int):
+        return value >= rule.or_count
+    return _in_range(rule, value, cfg)
+
+
+def _range_text(rule: Rule, cfg: dict, whole: bool) -> str:
+    """The range in words: 'in 1..8' (whole numbers), 'in [0, 1)', '> 0', 'at least 1', '>= 0'; a bound that is a
+    key is named and its value given."""
+    low, high = rule.low, rule.high
+    keyed = isinstance(low, str) or isinstance(high, str)
+    if low is not None and high is not None:
+        if whole:
+            ends = [(low, " + 1" if rule.open_low else "", 1 if rule.open_low else 0)]
+            ends.append((high, " - 1" if rule.open_high else "", -1 if rule.open_high else 0))
+            named = "..".join(f"{b}{shift}" for b, shift, _ in ends)
+            numbers = "..".join(str(_bound(b, cfg) + step) for b, _, step in ends)
+            return f"in {named}" + (f" = {numbers}" if keyed else "") + rule.unit
+        left, right = "(" if rule.open_low else "[", ")" if rule.open_high else "]"
+        named = f"{left}{low}, {high}{right}"
+        numbers = f" = {left}{_bound(low, cfg)}, {_bound(high, cfg)}{right}" if keyed else ""
+        return f"in {named}{numbers}{rule.unit}"
+    if low is not None:
+        named = f"{low} ({_bound(low, cfg)})" if isinstance(low, str) else str(low)
+        if rule.open_low:
+            return f"> {named}{rule.unit}"
+        return f"at least {named}{rule.unit}" if whole and low != 0 else f">= {named}{rule.unit}"
+    assert high is not None, "a range needs a bound"
+    named = f"{high} ({_bound(high, cfg)})" if isinstance(high, str) else str(high)
+    return f"{'<' if rule.open_high else '<='} {named}{rule.unit}"
+
+
+def _allowed(rule: Rule, value: Any, cfg: dict) -> str:
+    """What the row allows, in words."""
+    if rule.multiple is not None:
+        return f"a positive multiple of {rule.multiple}"
+    whole = isinstance(value, int) and rule.items is None and rule.or_count is None
+    text = _range_text(rule, cfg, whole)
+    if rule.items is not None:
+        text = f"a list of {rule.items} numbers {text}"
+    if rule.or_count is not None:
+        text = f"{text} or a whole number at least {rule.or_count}"
+    if rule.keywords:
+        text = f"{' or '.join(rule.keywords)} or a number {text}"
+    return text
+
+
+def check_rules(cfg: dict) -> None:
+    """Every row of RULES: raise a one-line ConfigError naming the key, its value and what the row allows."""
+    for key, rule in RULES.items():
+        if rule.when is not None and _get(cfg, rule.when[0]) != rule.when[1]:
+            continue
+        value = _get(cfg, key)
+        if rule.choices is not None:
+            choices = choices_of(key)
+            if value not in choices:
+                raise ConfigError(f"config key {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        elif (rule.low is not None or rule.high is not None or rule.multiple is not None) and not _fits(
+            rule, value, cfg
+        ):
+            why = f" ({rule.why})" if rule.why else ""
+            raise ConfigError(f"config key {key}: must be {_allowed(rule, value, cfg)}{why}, got {value!r}")
+
 
 def _check_finite(cfg: dict) -> None:
-    """NaN slips through every range check below (each comparison with it is false) and infinity through
-    the open-ended ones; both only surface as a NaN loss or an optimiser error hours into a run. Every
-    float key is checked, so a key added to default.yml is covered without being listed."""
+    """NaN slips through every range check (each comparison with it is false) and infinity through the open-ended
+    ones; both only surface as a NaN loss or an optimiser error hours into a run. Every float key is checked, so a
+    key added to default.yml is covered without being listed."""
     for key, value in _flatten(cfg).items():
         items = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in items):
@@ -286,60 +510,30 @@ def _check_finite(cfg: dict) -> None:
             raise ConfigError(f"config key {key}: {what} is not a finite number (NaN or infinity); give a finite value")
 
 
-def _check_values(cfg: dict) -> None:
-    """Ranges and cross-key checks of values that would otherwise fail deep inside a run."""
-    _check_finite(cfg)
-    data, dcg, diffusion, optim = cfg["data"], cfg["dcg"], cfg["diffusion"], cfg["optim"]
-    if not 0 <= cfg["seed"] <= MAX_SEED:
-        raise ConfigError(f"config key seed: must be in 0..{MAX_SEED} (what Lightning seeds with), got {cfg['seed']}")
-    if data["num_classes"] < 2:
-        raise ConfigError("config key data.num_classes: need at least 2 classes")
-    if data["image_size"] < 32 or data["image_size"] % 32 != 0:
-        raise ConfigError(
-            f"config key data.image_size: {data['image_size']} must be a positive multiple of 32 "
-            "(the CAM side is image_size / 32 and the ViT patch is 16)"
-        )
-    # the denoiser's BatchNorm1d of the image features cannot train on a batch of one image, which
-    # would only show after the DCG pre-training
-    if data["batch_size"] < 2:
-        raise ConfigError(
-            f"config key data.batch_size: need at least 2 (BatchNorm cannot train on one image), "
-            f"got {data['batch_size']}"
-        )
-    for key in AT_LEAST_ONE:
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"config key {key}: must be at least 1, got {_get(cfg, key)}")
-    if not cfg["trainer"]["dist_timeout_s"] > 0:
-        raise ConfigError(
-            f"config key trainer.dist_timeout_s: must be > 0 seconds, got {cfg['trainer']['dist_timeout_s']}"
-        )
-    workers = data["num_workers"]
-    if isinstance(workers, str) and workers != "auto":
-        raise ConfigError(f"config key data.num_workers: auto or a number of worker processes, got {workers!r}")
-    if isinstance(workers, int) and workers < 0:
-        raise ConfigError(f"config key data.num_workers: must be >= 0 (0 loads in the main process), got {workers}")
-    if data["rotation_degrees"] < 0:
-        raise ConfigError(
-            f"config key data.rotation_degrees: must be >= 0 (0: no rotation), got {data['rotation_degrees']}"
-        )
+# --- constraints between keys, which a row of RULES cannot say --------------------------------------------------
+
+
+def _check_rois(cfg: dict) -> None:
+    data, dcg = cfg["data"], cfg["dcg"]
     cam = data["image_size"] // 32
-    if not 1 <= dcg["num_rois"] <= cam * cam:
+    if dcg["num_rois"] > cam * cam:
         raise ConfigError(
             f"config key dcg.num_rois: {dcg['num_rois']} ROIs do not fit a {cam} x {cam} CAM "
             f"(data.image_size {data['image_size']}); use 1..{cam * cam}"
         )
-    if not 0 < dcg["roi_size"] <= data["image_size"]:
-        raise ConfigError(f"config key dcg.roi_size: {dcg['roi_size']} must be in 1..data.image_size")
-    if not 0.0 < dcg["percent_t"] <= 1.0:
-        raise ConfigError("config key dcg.percent_t: must be in (0, 1]")
-    if not 0.0 < data["val_fraction"] < 1.0:
-        raise ConfigError("config key data.val_fraction: must be in (0, 1)")
+
+
+def _check_class_names(cfg: dict) -> None:
+    data = cfg["data"]
     names = data["class_names"]
     if names is not None and (not isinstance(names, list) or len(names) != data["num_classes"]):
         raise ConfigError(
             f"config key data.class_names: need a list of data.num_classes = {data['num_classes']} names, got {names!r}"
         )
-    model = cfg["model"]
+
+
+def _check_patch_encoder_copy(cfg: dict) -> None:
+    model, dcg = cfg["model"], cfg["dcg"]
     # v1 has no patch encoder: its model.patch_encoder keys are not read
     if model["method"] == "diffmic_v2" and model["patch_encoder_weights"] == "dcg":
         if model["patch_encoder"] != dcg["backbone"]:
@@ -347,76 +541,59 @@ def _check_values(cfg: dict) -> None:
                 f"config key model.patch_encoder_weights: dcg copies the DCG's local trunk (dcg.backbone "
                 f"{dcg['backbone']}), so model.patch_encoder must be {dcg['backbone']}, not {model['patch_encoder']}"
             )
-    steps, timesteps = diffusion["sampling_steps"], diffusion["timesteps"]
-    if not 1 <= steps <= timesteps:
-        raise ConfigError(f"config key diffusion.sampling_steps: must be in 1..diffusion.timesteps ({timesteps})")
-    # the scheduler's linear betas: each step must add some noise, and alpha_bar = prod(1 - beta) stay positive
-    if not 0.0 < diffusion["beta_start"] < 1.0:
-        raise ConfigError(f"config key diffusion.beta_start: must be in (0, 1), got {diffusion['beta_start']}")
-    if not diffusion["beta_start"] <= diffusion["beta_end"] < 1.0:
-        raise ConfigError(
-            f"config key diffusion.beta_end: must be in [diffusion.beta_start, 1) = [{diffusion['beta_start']}, 1), "
-            f"got {diffusion['beta_end']}"
-        )
-    for key in ("diffusion.focal_alpha", "diffusion.focal_gamma"):  # w = 1 + alpha (1 - p)^gamma must stay >= 1
-        if _get(cfg, key) < 0.0:
-            raise ConfigError(f"config key {key}: must be >= 0 (0 turns the focal weight off), got {_get(cfg, key)}")
-    for key in ("optim.lr", "dcg.lr", "optim.eps"):
-        if _get(cfg, key) <= 0.0:
-            raise ConfigError(f"config key {key}: must be > 0, got {_get(cfg, key)}")
-    if optim["weight_decay"] < 0.0:
-        raise ConfigError(f"config key optim.weight_decay: must be >= 0, got {optim['weight_decay']}")
-    betas = optim["betas"]
-    if len(betas) != 2 or not all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
-    ):
-        raise ConfigError(f"config key optim.betas: need two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
-    for key in ("dcg.min_lr_ratio", "optim.min_lr_ratio"):
-        if not 0.0 <= _get(cfg, key) <= 1.0:
-            raise ConfigError(
-                f"config key {key}: must be in [0, 1] (a fraction of the learning rate), got {_get(cfg, key)}"
-            )
-    shown = cfg["explain"]["val_images"]
-    if not 0 <= shown <= 8:
-        raise ConfigError(f"config key explain.val_images: must be in 0..8 (0: off), got {shown}")
-    if cfg["model"]["method"] == "diffmic_v1":
-        _check_v1(cfg)
-    if data["dataset"] == "synthetic" and data["task"] == "multilabel":
-        raise ConfigError("config key data.task: the synthetic demo set is multiclass")
-    if data["dataset"] == "medmnist" and not data["flag"]:
-        raise ConfigError("config key data.flag: data.dataset medmnist needs a MedMNIST flag, e.g. retinamnist")
-    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches"):
-        limit = _get(cfg, key)
-        if (isinstance(limit, float) and not 0.0 < limit <= 1.0) or (isinstance(limit, int) and limit < 1):
-            raise ConfigError(f"config key {key}: {limit!r} must be a fraction in (0, 1] or a number of batches >= 1")
 
 
-def _check_v1(cfg: dict) -> None:
-    """The v1 keys, checked only when model.method is diffmic_v1 (a v2 config may leave them at any value)."""
-    v1, timesteps = cfg["v1"], cfg["diffusion"]["timesteps"]
-    if cfg["data"]["task"] == "multilabel":
+def _check_v1_task(cfg: dict) -> None:
+    if cfg["model"]["method"] == "diffmic_v1" and cfg["data"]["task"] == "multilabel":
         raise ConfigError(
             "config key model.method: diffmic_v1 classifies one label per image (softmax); "
             "data.task multilabel needs diffmic_v2"
         )
-    if not 1 <= v1["sampling_steps"] <= timesteps:
-        raise ConfigError(
-            f"config key v1.sampling_steps: {v1['sampling_steps']} must be in 1..diffusion.timesteps ({timesteps})"
-        )
-    if not 0.0 <= v1["ema_decay"] < 1.0:
-        raise ConfigError(f"config key v1.ema_decay: must be in [0, 1), got {v1['ema_decay']}")
-    for key in ("v1.mmd_weight", "v1.warmup_epochs"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"config key {key}: must be >= 0, got {_get(cfg, key)}")
-    if v1["grad_clip"] <= 0.0:
-        raise ConfigError(f"config key v1.grad_clip: must be > 0, got {v1['grad_clip']}")
-    if v1["warmup_epochs"] >= cfg["trainer"]["max_epochs"] and v1["warmup_epochs"] > 0:
+
+
+def _check_v1_warmup(cfg: dict) -> None:
+    v1, epochs = cfg["v1"], cfg["trainer"]["max_epochs"]
+    if cfg["model"]["method"] == "diffmic_v1" and v1["warmup_epochs"] >= epochs and v1["warmup_epochs"] > 0:
         raise ConfigError(
             f"config key v1.warmup_epochs: {v1['warmup_epochs']} must be below trainer.max_epochs "
-            f"({cfg['trainer']['max_epochs']}), or the learning rate never leaves its warm-up"
+            f"({epochs}), or the learning rate never leaves its warm-up"
         )
 
 
+def _check_synthetic_task(cfg: dict) -> None:
+    if cfg["data"]["dataset"] == "synthetic" and cfg["data"]["task"] == "multilabel":
+        raise ConfigError("config key data.task: the synthetic demo set is multiclass")
+
+
+def _check_medmnist_flag(cfg: dict) -> None:
+    if cfg["data"]["dataset"] == "medmnist" and not cfg["data"]["flag"]:
+        raise ConfigError("config key data.flag: data.dataset medmnist needs a MedMNIST flag, e.g. retinamnist")
+
+
+# The constraints between keys, run in this order after the rows of RULES. Also checked elsewhere: the trainer keys by
+# Lightning (check_trainer), the paths (check_paths), the labels against data.num_classes and the demo set's class
+# count (dataloader/datamodule.py), the ImageNet weights (check_imagenet_weights).
+CROSS_CHECKS = (
+    _check_rois,
+    _check_class_names,
+    _check_patch_encoder_copy,
+    _check_v1_task,
+    _check_v1_warmup,
+    _check_synthetic_task,
+    _check_medmnist_flag,
+)
+
+
+def check_values(cfg: dict) -> None:
+    """The values of a loaded config, before any work: finite floats, the rows of RULES, then CROSS_CHECKS."""
+    _check_finite(cfg)
+    check_rules(cfg)
+    for check in CROSS_CHECKS:
+        check(cfg)
+
+
+# The trainer keys Lightning judges by its own rules (check_trainer), in the order it is given them.
+LIGHTNING_KEYS = ("accelerator", "devices", "precision", "strategy", "num_nodes")
 # What to give instead, per trainer key Lightning refuses.
 TRAINER_HINTS = {
     "accelerator": "use auto, cpu, gpu, cuda or mps",
@@ -445,10 +622,10 @@ def quiet_lightning() -> Iterator[None]:
 
 
 def check_trainer(cfg: dict) -> None:
-    """Let Lightning judge trainer.accelerator, trainer.devices and trainer.precision (and
-    trainer.strategy, where the config has that key) with its own rules, by building a bare Trainer
-    from them: no logger, no checkpoints, so nothing is written, and no process is started (that
-    happens at fit). A refused value raises a one-line ConfigError naming the key."""
+    """Let Lightning judge the trainer keys of LIGHTNING_KEYS (accelerator, devices, precision, strategy,
+    num_nodes) with its own rules, by building a bare Trainer from them: no logger, no checkpoints, so
+    nothing is written, and no process is started (that happens at fit). A refused value raises a
+    one-line ConfigError naming the key."""
     # imported here, not at the top: Lightning takes seconds to import, and the many modules that only
     # need ConfigError should not pay for it
     import pytorch_lightning as pl
@@ -475,7 +652,7 @@ def check_trainer(cfg: dict) -> None:
         raise ConfigError(
             f"config key trainer.devices: a list must hold device indices such as [0, 1], got {devices!r}"
         )
-    names = ["accelerator", "devices", "precision"] + [k for k in ("strategy", "num_nodes") if k in t]
+    names = list(LIGHTNING_KEYS)
 
     def probe(keys: list[str]) -> None:
         with quiet_lightning():

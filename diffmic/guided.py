@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from diffmic.checkpoints import dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
+from diffmic.checkpoints import checkpoint_config, dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
 from diffmic.config import ConfigError, dcg_ckpt_path
 from diffmic.evaluation.evaluator import EvaluatedSystem
-from pretraining.dcg import build_dcg, dcg_backbone
+from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg
 
 logger = logging.getLogger(__name__)
@@ -124,18 +124,18 @@ class GuidedSystem(EvaluatedSystem):
         checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
         if "state_dict" not in checkpoint:
             raise ConfigError(f"checkpoint {path} holds no state_dict: not a checkpoint written by this project")
-        stored_cfg = checkpoint.get("hyper_parameters", {}).get("cfg", {})
-        stored = stored_cfg.get("model", {}).get("method", "diffmic_v2")
+        stored_cfg = checkpoint_config(checkpoint, path)
+        stored = stored_cfg["model"]["method"]
         if stored != self.method:
             raise ConfigError(
                 f"checkpoint {path} is a {stored} model, the config's model.method is {self.method}: "
                 f"set model.method={stored}"
             )
-        trunk = dcg_backbone({"dcg": stored_cfg.get("dcg", {})})
-        if trunk != dcg_backbone(self.cfg):  # said here, not as a state dict of other widths (or by its DCG file)
+        trunk, wanted = stored_cfg["dcg"]["backbone"], self.cfg["dcg"]["backbone"]
+        if trunk != wanted:  # said here, not as a state dict of other widths (or by its DCG file)
             raise ConfigError(
                 f"config key dcg.backbone: checkpoint {path} was trained with a {trunk} DCG, the config asks for "
-                f"{dcg_backbone(self.cfg)}: set dcg.backbone={trunk}"
+                f"{wanted}: set dcg.backbone={trunk}"
             )
         if "dcg_file" in checkpoint and not _holds_dcg(checkpoint):
             self.load_dcg_file(find_dcg_file(checkpoint["dcg_file"], path, dcg_path or dcg_ckpt_path(self.cfg)))
@@ -158,11 +158,8 @@ class GuidedSystem(EvaluatedSystem):
         `load_checkpoint_file`). Lightning's other arguments (map_location, strict, hparams overrides) do not apply
         and are ignored."""
         checkpoint = read_checkpoint(checkpoint_path)
-        hparams = checkpoint.get("hyper_parameters", {})
-        cfg = hparams.get("cfg", hparams.get("config"))
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"checkpoint {checkpoint_path} stores no config (hyper_parameters.cfg)")
-        stored = cfg.get("model", {}).get("method", "diffmic_v2")
+        cfg = checkpoint_config(checkpoint, checkpoint_path)  # a config of an older version: its new keys filled in
+        stored = cfg["model"]["method"]
         if stored != cls.method:
             raise ConfigError(
                 f"checkpoint {checkpoint_path} is a {stored} model: load it with that method's class "

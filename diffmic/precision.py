@@ -21,9 +21,10 @@ from contextlib import contextmanager
 
 import torch
 
-from diffmic.config import FLOAT32_POLICIES
-
 logger = logging.getLogger(__name__)
+
+# the values of trainer.float32_matmul_precision (config.RULES lists this registry)
+FLOAT32_POLICIES = ("highest", "high", "medium")
 
 
 def apply_float32_policy(policy: str) -> None:

@@ -148,7 +148,7 @@ def build_trainer(
         check_val_every_n_epoch=val_every,
         accelerator=t["accelerator"],
         devices=t["devices"],
-        num_nodes=t.get("num_nodes", 1),  # configs stored before the key: one machine
+        num_nodes=t["num_nodes"],
         strategy=t["strategy"],
         sync_batchnorm=t["sync_batchnorm"],
         precision=t["precision"],
@@ -177,7 +177,7 @@ def build_trainer(
     if isinstance(trainer.strategy, DDPStrategy):
         # how long the processes wait for each other (joining, then every collective): Lightning takes it only as
         # an argument of a DDPStrategy it builds itself from the strategy's name, so it is set on that one
-        trainer.strategy._timeout = timedelta(seconds=t.get("dist_timeout_s", 1800))
+        trainer.strategy._timeout = timedelta(seconds=t["dist_timeout_s"])
     return trainer, best
 
 

@@ -181,11 +181,6 @@ class DCG(nn.Module):
         return DCGOutput(y_fusion, y_global, y_local, patches, attention, saliency, corners)
 
 
-def dcg_backbone(cfg: dict) -> str:
-    """The config's dcg.backbone; resnet18 for a config stored in a checkpoint written before the key."""
-    return cfg["dcg"].get("backbone", "resnet18")
-
-
 def build_dcg(cfg: dict) -> DCG:
     """The DCG described by a config."""
     d = cfg["dcg"]
@@ -195,5 +190,5 @@ def build_dcg(cfg: dict) -> DCG:
         d["num_rois"],
         d["roi_size"],
         d["percent_t"],
-        dcg_backbone(cfg),
+        d["backbone"],
     )

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from diffmic.checkpoints import read_checkpoint
 from diffmic.config import ConfigError
 from diffmic.durable import write_atomically
-from pretraining.dcg import DCG, dcg_backbone
+from pretraining.dcg import DCG
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def dcg_meta(cfg: dict) -> dict:
         "roi_size": cfg["dcg"]["roi_size"],
         "percent_t": cfg["dcg"]["percent_t"],
         "task": cfg["data"]["task"],
-        "backbone": dcg_backbone(cfg),
+        "backbone": cfg["dcg"]["backbone"],
     }
 
 

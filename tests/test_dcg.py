@@ -306,11 +306,14 @@ def test_dcg_rejects_bad_config():
 
 
 def test_build_dcg_from_config():
-    cfg = {"data": {"num_classes": 4, "image_size": 224}, "dcg": {"num_rois": 4, "roi_size": 112, "percent_t": 0.5}}
+    from diffmic.config import upgrade_config
+
+    stored = {"data": {"num_classes": 4, "image_size": 224}, "dcg": {"num_rois": 4, "roi_size": 112, "percent_t": 0.5}}
+    cfg = upgrade_config(stored, "a stored config")  # one stored before dcg.backbone: ResNet-18, the only trunk then
     dcg = build_dcg(cfg)
     assert (dcg.cam_size, dcg.num_rois, dcg.roi_size, dcg.percent_t, dcg.window) == (7, 4, 112, 0.5, 4)
     assert dcg.saliency_conv.out_channels == 4 and dcg.saliency_conv.bias is None
-    assert dcg.backbone == "resnet18"  # a config stored before dcg.backbone: ResNet-18, the only trunk then
+    assert dcg.backbone == "resnet18"
     cfg["dcg"]["backbone"] = "resnet50"
     assert build_dcg(cfg).backbone == "resnet50"
 
@@ -377,10 +380,10 @@ def test_imagenet_weights_of_either_trunk(make_dcg, monkeypatch, caplog, backbon
 
 
 def test_dcg_backbone_is_a_checked_choice():
-    from diffmic.config import CHOICES
+    from diffmic.config import choices_of
     from pretraining.dcg import BACKBONES
 
-    assert CHOICES["dcg.backbone"] == BACKBONES  # config.py does not import the model: the two lists must agree
+    assert choices_of("dcg.backbone") == BACKBONES  # the config's choices are the model's registry
     with pytest.raises(ConfigError, match="config key dcg.backbone: 'resnet34' is not one of resnet18, resnet50"):
         load_config(None, ["dcg.backbone=resnet34"])
     # the demo's patch encoder copies the DCG's local trunk: with ResNet-50 trunks it must be a ResNet-50 too

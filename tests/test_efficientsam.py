@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffmic.config import CHOICES, ConfigError, load_config
+from diffmic.config import ConfigError, choices_of, load_config
 from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
 
 # SPEC facts of the EfficientSAM variants: token width, attention heads per block, number of blocks.
@@ -99,8 +99,8 @@ def test_registered_variant_builds_the_spec_architecture(name):
 
 def test_config_accepts_exactly_the_registered_encoders():
     # The package has no name lookup of its own: config.py refuses an unknown name before the model
-    # builds ImageEncoderViT(**ENCODERS[name]), so its choices must be the registered variants.
-    assert set(CHOICES["model.image_encoder"]) == set(ENCODERS)
+    # builds ImageEncoderViT(**ENCODERS[name]), so its choices are the registered variants.
+    assert choices_of("model.image_encoder") == tuple(ENCODERS)
     for name in ENCODERS:
         assert load_config(None, [f"model.image_encoder={name}"])["model"]["image_encoder"] == name
     with pytest.raises(ConfigError, match=r"model\.image_encoder: 'vit_h' is not one of") as info:

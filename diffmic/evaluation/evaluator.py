@@ -166,7 +166,7 @@ class EvaluatedSystem(pl.LightningModule):
         is scaled by it; the test split never fits anything."""
         labels, probs = gathered["label"], gathered["probs"]
         sample_scores = {k: gathered[k] for k in SAMPLE_SCORES if k in gathered}
-        if stage == "val" and self.cfg.get("evaluation", {}).get("temperature", "none") == "fit":
+        if stage == "val" and self.cfg["evaluation"]["temperature"] == "fit":
             self.temperature = fit_temperature(labels, probs, multilabel=labels.ndim == 2)
             if self.trainer.is_global_zero:
                 logger.info("temperature %.4f fitted on the validation split (%d images)", self.temperature, len(probs))

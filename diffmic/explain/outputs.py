@@ -131,7 +131,7 @@ class ExplainValidation(pl.Callback):
     evaluation of the images cannot count in them (e.g. in a count of diverged samples)."""
 
     def __init__(self, cfg: dict) -> None:
-        self.count = cfg.get("explain", {}).get("val_images", 0)  # configs stored before the key: off
+        self.count = cfg["explain"]["val_images"]
         self.seed = cfg["seed"]
         self.class_names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
 

@@ -9,6 +9,9 @@ from torch import nn
 
 from diffmic.backbones import Trunk
 
+# the image encoders of the authors' v1 code (v1.encoder; config.RULES lists this registry)
+ENCODERS = ("resnet18", "resnet50", "densenet121")
+
 
 class ConditionalLinear(nn.Module):
     """Linear(x) scaled by a learnt embedding of the timestep, initialised uniform in [0, 1) as the authors'."""
@@ -29,6 +32,7 @@ class DenoiserV1(nn.Module):
 
     def __init__(self, num_classes: int, num_timesteps: int, feature_dim: int, encoder: str = "resnet18") -> None:
         super().__init__()
+        assert encoder in ENCODERS, f"v1 encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}"
         steps = num_timesteps + 1  # the authors' embedding size
         self.trunk = Trunk(encoder)  # random init, as the authors' code
         self.project = nn.Linear(self.trunk.width, feature_dim)

@@ -46,7 +46,7 @@ class DiffMICv1(GuidedSystem):
         self.denoiser = build_denoiser_v1(cfg)
         self.ema = EMA(self.denoiser, v1["ema_decay"])
         self.scheduler = CARDScheduler(d["timesteps"], d["beta_start"], d["beta_end"])
-        if cfg["trainer"].get("compile", False):  # in place, as DiffMIC-v2: checkpoint names stay the same
+        if cfg["trainer"]["compile"]:  # in place, as DiffMIC-v2: checkpoint names stay the same
             for module in (self.dcg, self.denoiser.trunk):
                 module.compile()
         if v1["joint_train"]:

@@ -25,6 +25,8 @@ from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
 
 logger = logging.getLogger(__name__)
 
+# the initialisations of the condition's BatchNorms (model.condition_init; config.RULES lists this registry)
+CONDITION_INITS = ("default", "identity")
 
 # the low-precision copies of the 1x1 weights, kept while `reuse_pointwise_weights` is active (None: not kept)
 _pointwise_weights: dict[nn.Conv2d, torch.Tensor] | None = None
@@ -131,8 +133,8 @@ class ConditionalModel(nn.Module):
         self.cc3 = ConditionalConv2d(feature_dim, feature_dim, num_timesteps)
         self.norm3 = nn.BatchNorm2d(feature_dim)
         self.out = nn.Conv2d(feature_dim, num_classes, kernel_size=1)
-        assert condition_init in ("default", "identity"), (
-            f"condition_init must be default or identity, got {condition_init!r}"
+        assert condition_init in CONDITION_INITS, (
+            f"condition_init must be one of {', '.join(CONDITION_INITS)}, got {condition_init!r}"
         )
         if not roi_tokens:
             # kept in the state dict (one checkpoint layout), but frozen: they take no part in the forward pass, and

@@ -48,7 +48,7 @@ class DiffMICv2(GuidedSystem):
         d = cfg["diffusion"]
         self.denoiser = build_denoiser(cfg)
         self.scheduler = DDIMScheduler(d["timesteps"], d["beta_start"], d["beta_end"], d["clip_sample"])
-        if cfg["trainer"].get("compile", False):  # configs stored before the key: not compiled
+        if cfg["trainer"]["compile"]:
             # in place (nn.Module.compile): the parameter names, and so the checkpoints, stay the same
             for module in (self.dcg, self.denoiser.image_encoder, self.denoiser.patch_encoder):
                 module.compile()
