@@ -229,6 +229,11 @@ RENAMED_KEYS: dict[str, str] = {}
 RETIRED_KEYS: dict[str, Any] = {
     "dcg.cross_fit_folds": 0,  # k >= 2 trained k DCGs, each without one fold (dropped in commit fff457e)
 }
+# Keys added after some configs were stored, whose absence meant another value than default.yml's today: a stored
+# config without the key gets the value its run behaved by, not the new default.
+ABSENT_MEANT: dict[str, Any] = {
+    "explain.val_images": 0,  # runs before the TensorBoard explanations drew none
+}
 
 
 def upgrade_config(stored: dict, source: str) -> dict:
@@ -262,9 +267,11 @@ def upgrade_config(stored: dict, source: str) -> dict:
         _set(cfg, key, value)
         given.add(key)
     filled = [key for key in defaults if key not in given]
+    for key in (k for k in filled if k in ABSENT_MEANT):
+        _set(cfg, key, ABSENT_MEANT[key])
     _resolve_default_paths(cfg, [key for key in filled if key in PATH_KEYS])
     notes = (
-        [f"default.yml's values filled in for {', '.join(f'{k}={_get(cfg, k)!r}' for k in filled)}"] if filled else []
+        [f"filled in (default.yml's values, or what their absence meant) {', '.join(f'{k}={_get(cfg, k)!r}' for k in filled)}"] if filled else []
     )
     notes += [f"renamed {', '.join(renamed)}"] if renamed else []
     notes += [f"dropped {', '.join(dropped)}"] if dropped else []

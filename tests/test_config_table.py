@@ -14,6 +14,7 @@ import yaml
 
 from diffmic.checkpoints import checkpoint_config
 from diffmic.config import (
+    ABSENT_MEANT,
     LIGHTNING_KEYS,
     PATH_KEYS,
     PROJECT_ROOT,
@@ -194,10 +195,11 @@ def nest(flat: dict) -> dict:
 
 def first_version_config(cfg: dict) -> tuple[dict, dict]:
     """(the config a first-version run of `cfg` stored, what upgrading it must give: `cfg` with every key added
-    since at default.yml's value)."""
+    since at default.yml's value, or at what its absence meant, config.ABSENT_MEANT)."""
     flat = flatten(cfg)
     stored = nest({k: v for k, v in flat.items() if k in FIRST_VERSION_KEYS})
-    expected = nest({k: flat[k] if k in FIRST_VERSION_KEYS else DEFAULTS[k] for k in DEFAULTS})
+    added = {k: ABSENT_MEANT.get(k, DEFAULTS[k]) for k in DEFAULTS}
+    expected = nest({k: flat[k] if k in FIRST_VERSION_KEYS else added[k] for k in DEFAULTS})
     return stored, expected
 
 
@@ -213,6 +215,7 @@ def test_a_first_version_config_is_upgraded_over_default_yml(caplog):
     assert upgraded == expected
     assert upgraded["trainer"]["dist_timeout_s"] == 1800 and upgraded["trainer"]["num_nodes"] == 1  # default.yml's
     assert upgraded["dcg"]["backbone"] == "resnet18" and upgraded["model"]["method"] == "diffmic_v2"
+    assert upgraded["explain"]["val_images"] == 0  # runs before the TensorBoard explanations drew none
     (line,) = upgrade_logs(caplog)  # one line, naming every key filled in
     added = [k for k in DEFAULTS if k not in FIRST_VERSION_KEYS]
     assert len(added) > 20 and all(f"{k}=" in line for k in added), line
