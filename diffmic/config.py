@@ -271,7 +271,11 @@ def upgrade_config(stored: dict, source: str) -> dict:
         _set(cfg, key, ABSENT_MEANT[key])
     _resolve_default_paths(cfg, [key for key in filled if key in PATH_KEYS])
     notes = (
-        [f"filled in (default.yml's values, or what their absence meant) {', '.join(f'{k}={_get(cfg, k)!r}' for k in filled)}"] if filled else []
+        [
+            f"filled in (default.yml's values, or what their absence meant) {', '.join(f'{k}={_get(cfg, k)!r}' for k in filled)}"
+        ]
+        if filled
+        else []
     )
     notes += [f"renamed {', '.join(renamed)}"] if renamed else []
     notes += [f"dropped {', '.join(dropped)}"] if dropped else []
