@@ -32,9 +32,9 @@ import torch.nn.functional as F
 import torchvision
 import yaml
 
-import diffuser_trainer
 from benchmarks.speed import cpu_name
 from dataloader.datamodule import DiffMICDataModule, build_datasets
+from diffmic import api
 from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, load_config, parse_args_with_overrides
 from diffmic.evaluation.evaluator import EvaluatedSystem
 from diffmic.utils import build_trainer, setup_logging
@@ -157,7 +157,7 @@ def run_diffmic(cfg: dict, dcg_seconds: float, ckpt: str | None = None) -> dict:
     call."""
     out = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "diffmic_metrics.json"
     start = time.perf_counter()
-    diffuser_trainer.run("fit", cfg, ckpt, str(out))
+    api.fit(cfg, ckpt=ckpt, out=out)
     seconds = time.perf_counter() - start
     metrics = json.loads(out.read_text())
     return {
@@ -177,8 +177,8 @@ def reevaluate(cfg: dict, checkpoint: str, label: str, changes: dict) -> dict:
     cfg = merge(cfg, changes)
     out = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / label
     result = {}
-    for command, split in (("validate", "val"), ("test", "test")):
-        diffuser_trainer.run(command, cfg, checkpoint, str(out / f"{split}.json"))
+    for evaluate, split in ((api.validate, "val"), (api.test, "test")):
+        evaluate(cfg, ckpt=checkpoint, out=out / f"{split}.json")
         result[split] = json.loads((out / f"{split}.json").read_text())[split]
     return result
 
