@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 
-import diffuser_trainer
 from benchmarks.common import (
     METRICS,
     benchmark_parser,
@@ -42,6 +41,7 @@ from benchmarks.common import (
     write_report_files,
 )
 from dataloader.datamodule import DiffMICDataModule, build_datasets
+from diffmic import api
 from diffmic.config import ConfigError
 from diffmic.evaluation.evaluator import EvaluatedSystem
 from diffmic.methods import BASELINES
@@ -138,7 +138,7 @@ def run_diffmic(cfg: dict, dcg_seconds: float, ckpt: str | None = None) -> dict:
     call."""
     out = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / "diffmic_metrics.json"
     start = time.perf_counter()
-    diffuser_trainer.run("fit", cfg, ckpt, str(out))
+    api.fit(cfg, ckpt=ckpt, out=out)
     seconds = time.perf_counter() - start
     metrics = json.loads(out.read_text())
     return {
@@ -158,8 +158,8 @@ def reevaluate(cfg: dict, checkpoint: str, label: str, changes: dict) -> dict:
     cfg = merge(cfg, changes)
     out = Path(cfg["trainer"]["log_dir"]) / cfg["name"] / label
     result = {}
-    for command, split in (("validate", "val"), ("test", "test")):
-        diffuser_trainer.run(command, cfg, checkpoint, str(out / f"{split}.json"))
+    for evaluate, split in ((api.validate, "val"), (api.test, "test")):
+        evaluate(cfg, ckpt=checkpoint, out=out / f"{split}.json")
         result[split] = json.loads((out / f"{split}.json").read_text())[split]
     return result
 

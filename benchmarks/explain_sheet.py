@@ -24,10 +24,11 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-import diffuser_trainer
+from diffmic import api
 from diffmic.config import ConfigError, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
 from diffmic.explain.outputs import figure_names
+from diffmic.faults import exit_code
 from diffmic.utils import setup_logging
 
 logger = logging.getLogger("benchmarks.explain_sheet")
@@ -84,24 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         first = Path(tmp) / "test_first.csv"
         pd.read_csv(cfg["data"]["test_list"]).head(args.count).to_csv(first, index=False)
         figures, predictions = Path(tmp) / "figures", Path(tmp) / "predictions.csv"
-        code = diffuser_trainer.main(
-            [
-                "predict",
-                "--config",
+        try:
+            api.predict(
                 args.config,
-                "--ckpt",
-                str(ckpt),
-                "--out",
-                str(predictions),
-                "--explain",
-                str(figures),
-                *args.overrides,
-                f"data.test_list={first}",
-                f"trainer.log_dir={Path(tmp) / 'logs'}",
-            ]
-        )
-        if code != 0:
-            return code
+                overrides=[*args.overrides, f"data.test_list={first}", f"trainer.log_dir={Path(tmp) / 'logs'}"],
+                ckpt=ckpt,
+                out=predictions,
+                explain=figures,
+            )
+        except Exception as err:  # one line and the command line's exit code (faults.exit_code)
+            return exit_code(err, cfg, debug=False)
         rows = list(csv.DictReader(predictions.open()))
         names = figure_names([r["image"] for r in rows])
         size = stack([figures / n for n in names], out)

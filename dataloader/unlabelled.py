@@ -1,9 +1,11 @@
 """Images without labels, for `predict --input`: every image of a folder (recursively) or of a list with a path
-column. Every image gets a row in the predictions; one that cannot be read is reported in its row, not skipped."""
+column, or (the Python API's predict) a list of image files. Every image gets a row in the predictions; one that
+cannot be read is reported in its row, not skipped."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -38,10 +40,27 @@ class UnlabelledImages(Dataset):
         return {"image": image, "label": -1, "index": index, "error": error}
 
 
-def unlabelled_images(source: str | Path, root: str | Path | None, transform, image_size: int) -> UnlabelledImages:
+def image_files(files: Sequence[str | Path], transform, image_size: int) -> UnlabelledImages:
+    """Image files by path (relative to the working directory), in the given order, each named by its path as given;
+    a missing or unreadable one is reported in its row, as a list's is."""
+    files = list(files)
+    if not files:
+        raise ConfigError("images: an empty list; give at least one image file")
+    wrong = next((f for f in files if not isinstance(f, (str, Path))), None)
+    if wrong is not None:
+        raise ConfigError(f"images: expected paths of image files, got a {type(wrong).__name__}")
+    paths = [Path(f).expanduser().resolve() for f in files]
+    return UnlabelledImages(paths, [str(f) for f in files], transform, image_size)
+
+
+def unlabelled_images(
+    source: str | Path | Sequence[str | Path], root: str | Path | None, transform, image_size: int
+) -> UnlabelledImages:
     """The images of a folder (every file with an image suffix, recursively, in sorted order; ids relative to the
-    folder) or of a CSV list with a path column (paths relative to `root` when given, else to the list's folder;
-    ids as the list writes them)."""
+    folder), of a CSV list with a path column (paths relative to `root` when given, else to the list's folder;
+    ids as the list writes them), or of a list of image files (image_files)."""
+    if not isinstance(source, (str, Path)):
+        return image_files(source, transform, image_size)
     source = Path(source).expanduser().resolve()
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.is_file())

@@ -1,6 +1,7 @@
 """DiffMIC-v2 (Yang et al., IEEE TMI 2025) and DiffMIC (v1, MICCAI 2023): medical image classification by
 denoising label vectors under a DCG's global and local priors.
 
+    api.py        the commands (fit, validate, test, predict) as a Python API; results.py: the files they write
     v2/           DiffMIC-v2: the LightningModule (system.py), its denoiser (model.py), the grid diffusion
                   and DDIM sampler (pipeline.py)
     v1/           DiffMIC (v1): system, denoiser, CARD's diffusion, EMA

@@ -29,6 +29,7 @@ from diffmic.checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck, tensor_byt
 from diffmic.checkpoints import read_checkpoint
 from diffmic.config import ConfigError, check_imagenet_weights, load_config
 from diffmic.durable import EXIT_WRITE, WriteFailed, atomic_open, partial_path, write_atomically
+from diffmic.results import write_json, write_predictions
 from diffmic.utils import build_trainer
 
 
@@ -96,7 +97,7 @@ def test_a_write_that_fails_leaves_the_previous_file_and_says_so(tmp_path, monke
     fsync of a complete temporary file, an I/O error) leaves the destination as it was, and removes the temporary
     file; the destination changes only by the rename, from the old whole file to the new one."""
     metrics = tmp_path / "run" / "metrics.json"
-    diffuser_trainer.write_json(metrics, {"test": {"acc": 0.5}})
+    write_json(metrics, {"test": {"acc": 0.5}})
     before = metrics.read_bytes()
 
     def io_error(fd):
@@ -104,7 +105,7 @@ def test_a_write_that_fails_leaves_the_previous_file_and_says_so(tmp_path, monke
 
     monkeypatch.setattr("diffmic.durable.os.fsync", io_error)
     with pytest.raises(WriteFailed, match=r"could not write .*metrics\.json \(Input/output error\).* needed about"):
-        diffuser_trainer.write_json(metrics, {"test": {"acc": 0.9}, "long": list(range(1000))})
+        write_json(metrics, {"test": {"acc": 0.9}, "long": list(range(1000))})
     assert metrics.read_bytes() == before and not leftovers(tmp_path)
     monkeypatch.undo()
 
@@ -126,7 +127,7 @@ def test_a_write_that_fails_leaves_the_previous_file_and_says_so(tmp_path, monke
         real_replace(src, dst)
 
     monkeypatch.setattr("diffmic.durable.os.replace", rename)
-    diffuser_trainer.write_predictions(out, predictions, dataset, ["x", "y"], multilabel=False)
+    write_predictions(out, predictions, dataset, ["x", "y"], multilabel=False)
     ((new, old),) = renames
     assert old == "old,complete\n" and new == out.read_text() and len(new.splitlines()) == 4
     assert not leftovers(tmp_path)

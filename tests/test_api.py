@@ -1,0 +1,100 @@
+"""The Python API (diffmic/api.py) in this process: a tiny fit returns what metrics.json holds, predict on a list of
+image files returns one DataFrame row per file (the columns of predictions.csv), and a user's error is an exception,
+not a SystemExit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from helpers import TINY
+from PIL import Image
+
+from diffmic import api
+from diffmic.config import ConfigError, load_config
+
+NAMES = ["h_stripes", "v_stripes", "checker", "ring"]  # demo.yml's classes
+# one epoch of the tiny demo on the CPU: the plumbing, not the accuracy
+ARGS = [*TINY, "trainer.max_epochs=1", "trainer.accelerator=cpu"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    overrides = [*ARGS, f"trainer.log_dir={logs}"]
+    return logs, overrides, api.fit(overrides=overrides)
+
+
+def test_fit_returns_what_metrics_json_holds(fitted):
+    logs, _, result = fitted
+    run = logs / "demo" / "version_0"
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert set(result) == {"checkpoint", "val", "selection", "temperature", "test", "val_history"}
+    written = json.loads((run / "metrics.json").read_text())
+    assert json.dumps(result, sort_keys=True) == json.dumps(written, sort_keys=True)  # NaN as NaN on both sides
+    assert [h["epoch"] for h in result["val_history"]] == [0]
+
+
+def test_validate_from_a_config_dict_reproduces_the_fit(fitted, tmp_path):
+    logs, overrides, result = fitted
+    cfg = load_config(None, overrides)
+    out = tmp_path / "val.json"
+    metrics = api.validate(cfg, ckpt="best", out=out)
+    assert metrics["val"] == pytest.approx(result["val"], abs=1e-9, nan_ok=True)
+    assert json.loads(out.read_text())["val"] == pytest.approx(metrics["val"], abs=1e-12, nan_ok=True)
+    assert cfg == load_config(None, overrides), "the caller's config dict is left as it was"
+
+
+def test_predict_on_a_list_of_image_files_gives_one_row_per_file(fitted, tmp_path, monkeypatch):
+    logs, overrides, _ = fitted
+    rng = np.random.default_rng(0)
+    monkeypatch.chdir(tmp_path)  # relative paths are relative to the working directory
+    files = []
+    for k, size in enumerate([(64, 64), (50, 90), (80, 40)]):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / f"new_{k}.png")
+        files.append(f"new_{k}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    images = [files[0], tmp_path / files[1], "broken.jpg", files[2]]
+    frame = api.predict(overrides=overrides, ckpt="best", images=images, write_csv=False)
+    head = ["image", *(f"score_{n}" for n in NAMES), "pred", "pred_name", "spread"]
+    head += [*(f"prob_{n}" for n in NAMES), "max_prob", "entropy", "agreement", "sample_spread", "status"]
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == head
+    assert frame["image"].tolist() == [str(i) for i in images], "one row per file, in order, named as given"
+    assert frame["status"].tolist()[:2] == ["ok", "ok"] and frame["status"][2].startswith("unreadable:")
+    readable = frame.drop(index=2)
+    probs = readable[[f"prob_{n}" for n in NAMES]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5) and (readable["max_prob"] == probs.max(axis=1)).all()
+    assert readable["pred_name"].tolist() == [NAMES[p] for p in readable["pred"].astype(int)]
+    assert frame.loc[2, [f"score_{n}" for n in NAMES]].isna().all()
+    assert not list(logs.glob("demo/version_*/predictions.csv")), "write_csv=False: no CSV"
+
+    # the same call with the overrides as a mapping, writing the CSV: the file holds the frame's values to 6 decimals
+    typed = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in ARGS)}
+    out = tmp_path / "pred.csv"
+    again = api.predict(overrides={**typed, "trainer.log_dir": logs}, ckpt="best", images=images, out=out)
+    pd.testing.assert_frame_equal(again, frame)
+    written = pd.read_csv(out)
+    numbers = [c for c in head if c not in ("image", "pred", "pred_name", "status")]
+    assert np.allclose(written[numbers].to_numpy(float), frame[numbers].to_numpy(float), atol=5e-7, equal_nan=True)
+    assert written["status"].tolist() == frame["status"].tolist()
+    with pytest.raises(ConfigError, match="an empty list"):
+        api.predict(overrides=overrides, ckpt="best", images=[])
+
+
+def test_a_users_error_is_an_exception_not_an_exit(tmp_path):
+    logs = tmp_path / "logs"
+    overrides = [*ARGS, f"trainer.log_dir={logs}"]
+    with pytest.raises(ConfigError, match="unknown config key optim.lrr"):
+        api.fit(overrides=[*overrides, "optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="predict needs --ckpt"):
+        api.predict(overrides=overrides)
+    with pytest.raises(ConfigError, match="no best.ckpt"):
+        api.test(overrides=overrides, ckpt="best")
+    with pytest.raises(ConfigError, match="overrides go with a config file"):
+        api.validate(load_config(None, overrides), overrides=["seed=1"], ckpt="best")
+    with pytest.raises(ConfigError, match="--explain-max 0"):
+        api.predict(overrides=overrides, ckpt="best", explain=tmp_path / "figures", explain_max=0)
+    assert not logs.exists(), "refused before any work: nothing written"
