@@ -291,7 +291,7 @@ def test_load_image_encoder(make_denoiser, tmp_path, caplog):
     before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
     with caplog.at_level(logging.WARNING, logger="diffmic.v2.model"):
         model.load_image_encoder(None)
-    assert [r.name for r in caplog.records] == ["model"] and "random init" in caplog.text
+    assert [r.name for r in caplog.records] == ["diffmic.v2.model"] and "random init" in caplog.text
     assert all(torch.equal(v, before[k]) for k, v in model.image_encoder.state_dict().items())
     # the model layer raises a plain error naming the file; the command line names the config key
     with pytest.raises(FileNotFoundError, match="missing.pt"):
