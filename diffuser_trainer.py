@@ -32,14 +32,14 @@ from diffmic.durable import atomic_open, write_atomically
 from diffmic.evaluation.evaluator import uncertainty_figures
 from diffmic.evaluation.figures import save
 from diffmic.evaluation.uncertainty import SAMPLE_SCORES, apply_temperature, entropy
-from diffmic.explain.outputs import check_explain_folder, write_explanations
+from diffmic.explain.outputs import ExplainValidation, check_explain_folder, write_explanations
 from diffmic.faults import (
     exit_code,
     interruptible,
     run_folder_lock,
     signals_end_run,
 )
-from diffmic.methods import build_system
+from diffmic.methods import METHODS, build_system
 from diffmic.utils import build_trainer, log_global_batch, planned_world_size, selection_metric, setup_logging
 from pretraining.train_dcg import pretrain_dcg
 
@@ -195,7 +195,7 @@ def run(
     check_evaluation_sizes(data.datasets, planned_world_size(cfg))
     if command == "fit" and ckpt is None:  # a new run reads the ImageNet weights it asks for: offline, refused now
         keys = [] if dcg_ckpt_path(cfg).is_file() else ["dcg.backbone_weights"]  # else the DCG is not pre-trained
-        keys += ["model.patch_encoder_weights"] if cfg["model"]["method"] == "diffmic_v2" else []
+        keys += METHODS[cfg["model"]["method"]].IMAGENET_WEIGHT_KEYS
         check_imagenet_weights(cfg, keys)
     system = build_system(cfg)
     names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
@@ -212,7 +212,12 @@ def run(
                 system.load_dcg_file(dcg_path, data.datasets["train"])
                 system.load_initial_weights(system.WEIGHTS_AFTER_DCG)
             trainer, best = build_trainer(
-                cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(ckpt)
+                cfg,
+                cfg["name"],
+                cfg["trainer"]["max_epochs"],
+                cfg["trainer"]["val_every"],
+                version_of(ckpt),
+                callbacks=[ExplainValidation(cfg)],  # TensorBoard's val/explain/<i> (explain.val_images)
             )
             run_dir = save_config(cfg, trainer)
         lr_key = getattr(system, "lr_key", "optim.lr")
@@ -279,12 +284,14 @@ def final_evaluation(trainer: pl.Trainer, system, data, best, cfg: dict, path: P
 
 def restore_best(trainer: pl.Trainer, system, path: str) -> None:
     """The weights of the best checkpoint in `system` on every process: the first process reads the file (weights
-    only) and sends its state dict over the process group, so the other machines need no copy of it. A frozen DCG,
-    which checkpoints leave out, stays as it was loaded from its file."""
-    state = read_checkpoint(Path(path))["state_dict"] if trainer.is_global_zero else None
-    state = trainer.strategy.broadcast(state, src=0)
+    only) and sends its state dict and epoch over the process group, so the other machines need no copy of it. A
+    frozen DCG, which checkpoints leave out, stays as it was loaded from its file."""
+    checkpoint = read_checkpoint(Path(path)) if trainer.is_global_zero else None
+    sent = (checkpoint["state_dict"], checkpoint.get("epoch")) if checkpoint is not None else None
+    state, epoch = trainer.strategy.broadcast(sent, src=0)
     frozen = {f"dcg.{k}": v for k, v in system.dcg.state_dict().items()} if system.dcg_frozen else {}
     system.load_state_dict({**frozen, **state})
+    system.weights_epoch = epoch  # the final validation and test are logged with the checkpoint's epoch
 
 
 def save_config(cfg: dict, trainer) -> Path:
