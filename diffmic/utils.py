@@ -88,6 +88,7 @@ class BestWeights(Callback):
         self.monitor = monitor
         self.best_score: float | None = None
         self.state_dict: dict[str, torch.Tensor] | None = None
+        self.epoch: int | None = None  # the epoch of state_dict
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
@@ -95,6 +96,7 @@ class BestWeights(Callback):
         score = float(trainer.callback_metrics[self.monitor])
         if self.best_score is None or score >= self.best_score:
             self.best_score = score
+            self.epoch = trainer.current_epoch
             self.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
 
 
