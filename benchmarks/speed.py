@@ -51,7 +51,6 @@ from diffmic.durable import write_atomically
 from diffmic.precision import apply_float32_policy
 from diffmic.seeding import start_noise
 from diffmic.utils import adam, setup_logging
-from diffmic.v2.model import reuse_pointwise_weights
 from diffmic.v2.pipeline import guided_prior_map
 from diffmic.v2.system import DiffMICv2
 
@@ -121,7 +120,7 @@ def sample_reencoding(system: DiffMICv2, batch: dict, precision: str) -> torch.T
     noise = start_noise(system.cfg["seed"], batch["index"], (2, d["eval_samples"], classes)).to(image.device)
     scheduler = system.scheduler
     grids = []
-    with precision_context(precision, image.device), reuse_pointwise_weights():  # as DiffMICv2.sample
+    with precision_context(precision, image.device), system.denoiser.reuse_pointwise_weights():  # as .sample
         guide = system.guide(image)
         prior = system.prior(guide)
         for s in range(d["eval_samples"]):

@@ -29,9 +29,9 @@ from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
 from diffmic.checkpoints import read_checkpoint
 from diffmic.config import ConfigError, check_imagenet_weights, check_paths, dcg_ckpt_path, load_config
-from diffmic.explain.outputs import check_explain_folder, write_explanations
+from diffmic.explain.outputs import ExplainValidation, check_explain_folder, write_explanations
 from diffmic.faults import interruptible, run_folder_lock, signals_end_run
-from diffmic.methods import build_system
+from diffmic.methods import METHODS, build_system
 from diffmic.results import (
     prediction_table,
     save_config,
@@ -124,7 +124,12 @@ def fit(
             system.load_dcg_file(dcg_path, data.datasets["train"])
             system.load_initial_weights(system.WEIGHTS_AFTER_DCG)
         trainer, best = build_trainer(
-            cfg, cfg["name"], cfg["trainer"]["max_epochs"], cfg["trainer"]["val_every"], version_of(setup.ckpt)
+            cfg,
+            cfg["name"],
+            cfg["trainer"]["max_epochs"],
+            cfg["trainer"]["val_every"],
+            version_of(setup.ckpt),
+            callbacks=[ExplainValidation(cfg)],  # TensorBoard's val/explain/<i> (explain.val_images)
         )
         run_dir = save_config(cfg, trainer)
     lr_key = getattr(system, "lr_key", "optim.lr")
@@ -237,7 +242,7 @@ def _set_up(command: str, cfg: dict, ckpt_spec: str | Path | None, images: Image
     check_evaluation_sizes(data.datasets, planned_world_size(cfg))
     if command == "fit" and ckpt is None:  # a new run reads the ImageNet weights it asks for: offline, refused now
         keys = [] if dcg_ckpt_path(cfg).is_file() else ["dcg.backbone_weights"]  # else the DCG is not pre-trained
-        keys += ["model.patch_encoder_weights"] if cfg["model"]["method"] == "diffmic_v2" else []
+        keys += METHODS[cfg["model"]["method"]].IMAGENET_WEIGHT_KEYS
         check_imagenet_weights(cfg, keys)
     system = build_system(cfg)
     names = cfg["data"]["class_names"] or [str(c) for c in range(cfg["data"]["num_classes"])]
@@ -309,9 +314,11 @@ def final_evaluation(trainer: pl.Trainer, system, data, best, cfg: dict, path: P
 
 def restore_best(trainer: pl.Trainer, system, path: str) -> None:
     """The weights of the best checkpoint in `system` on every process: the first process reads the file (weights
-    only) and sends its state dict over the process group, so the other machines need no copy of it. A frozen DCG,
-    which checkpoints leave out, stays as it was loaded from its file."""
-    state = read_checkpoint(Path(path))["state_dict"] if trainer.is_global_zero else None
-    state = trainer.strategy.broadcast(state, src=0)
+    only) and sends its state dict and epoch over the process group, so the other machines need no copy of it. A
+    frozen DCG, which checkpoints leave out, stays as it was loaded from its file."""
+    checkpoint = read_checkpoint(Path(path)) if trainer.is_global_zero else None
+    sent = (checkpoint["state_dict"], checkpoint.get("epoch")) if checkpoint is not None else None
+    state, epoch = trainer.strategy.broadcast(sent, src=0)
     frozen = {f"dcg.{k}": v for k, v in system.dcg.state_dict().items()} if system.dcg_frozen else {}
     system.load_state_dict({**frozen, **state})
+    system.weights_epoch = epoch  # the final validation and test are logged with the checkpoint's epoch

@@ -7,26 +7,43 @@ checkpoints then hold the fine-tuned DCG, and the DCG file only records where th
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 from diffmic.checkpoints import checkpoint_config, dcg_reference, find_dcg_file, read_checkpoint, with_run_folder
 from diffmic.config import ConfigError, dcg_ckpt_path
 from diffmic.evaluation.evaluator import EvaluatedSystem
-from pretraining.dcg import build_dcg
+from pretraining.dcg import DCGOutput, build_dcg
 from pretraining.dcg_file import load_dcg
 
 logger = logging.getLogger(__name__)
 
 
+class ExplainedStep(NamedTuple):
+    """What an explanation (explain/explanation.py) keeps of one sampling step, for B images and C classes."""
+
+    scores: torch.Tensor  # (B, C) the class scores the step leads to, taken as evaluation takes its scores
+    estimate: torch.Tensor | None  # (B, C) the scores of the step's clean estimate; None where a method has none
+    grids: torch.Tensor | None  # (S, B, C, K, K) the label grids the step leads to; None for a method without a grid
+
+
 class GuidedSystem(EvaluatedSystem):
     """An EvaluatedSystem with a DCG (`self.dcg`, kept in eval mode) loaded from a DCG file. Subclasses set
-    `method` (the config's model.method) and implement the training step, `evaluate_batch` and
-    `load_initial_weights` (the denoiser's pre-trained parts for a new run)."""
+    `method` (the config's model.method) and the names an explanation's figure gives the method, and implement the
+    training step, `evaluate_batch(batch, on_step=None)` (on_step: their sampler's read-only step callback),
+    `explain_step` and `load_initial_weights` (the denoiser's pre-trained parts for a new run)."""
 
     method = ""
+    title = ""  # the method's name in an explanation's figure
+    sampler_name = ""  # its evaluation sampler, as the figure names it
+    step_score_name = ""  # what the figure's score trajectory shows at each step
+    # the submodules in eval mode through a fit by design (train() keeps them there): the frozen DCG, whose BatchNorm
+    # keeps its pre-trained statistics
+    EVAL_MODE_PARTS: tuple[str, ...] = ("dcg",)
 
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
@@ -40,6 +57,32 @@ class GuidedSystem(EvaluatedSystem):
         super().train(mode)
         self.dcg.eval()  # the guidance: BatchNorm keeps its pre-trained statistics
         return self
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # Lightning warns of every module in eval mode when training starts, which the frozen DCG is at every fit by
+        # design; that one message is hidden (from here on in this process), and on_train_start warns of the modules
+        # that are not meant to be in eval mode
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Found \d+ module\(s\) in eval mode at the start of training",
+            category=PossibleUserWarning,
+        )
+
+    def on_train_start(self) -> None:
+        others = [
+            name
+            for name, module in self.named_modules()
+            if not module.training and not any(name == p or name.startswith(f"{p}.") for p in self.EVAL_MODE_PARTS)
+        ]
+        if others and self.trainer.is_global_zero:
+            logger.warning(
+                "%d module(s) besides %s are in eval mode at the start of training (e.g. %s): their BatchNorm and "
+                "dropout will not train",
+                len(others),
+                ", ".join(self.EVAL_MODE_PARTS),
+                others[0] or "the model itself",
+            )
 
     def on_train_epoch_start(self) -> None:
         # Lightning does not call train() when fitting starts, and after each validation it restores the modes
@@ -76,10 +119,22 @@ class GuidedSystem(EvaluatedSystem):
             )
         super()._finish(stage)
 
+    # ------------------------------------------------------------------ explanations (explain/explanation.py)
+
+    def explain_step(self, *outputs: torch.Tensor) -> ExplainedStep:
+        """What an explanation keeps of a sampling step, from the outputs the sampler hands its on_step callback."""
+        raise NotImplementedError
+
+    def explain_prior(self, guide: DCGOutput) -> torch.Tensor | None:
+        """The prior map (B, C, K, K) an explanation shows beside the final grid; None: the method has none."""
+        return None
+
     # the parts of load_initial_weights: those that need nothing of the DCG (loaded, and so checked, before the DCG
     # pre-trains: a bad file is refused before any work), and those made from the trained DCG
     WEIGHTS_BEFORE_DCG = ("image_encoder",)
     WEIGHTS_AFTER_DCG = ("patch_encoder",)
+    # the keys of load_initial_weights that may name torchvision's ImageNet weights (config.check_imagenet_weights)
+    IMAGENET_WEIGHT_KEYS: tuple[str, ...] = ()
 
     def load_initial_weights(self, parts: tuple[str, ...] = WEIGHTS_BEFORE_DCG + WEIGHTS_AFTER_DCG) -> None:
         """A new run: load the pre-trained weights the config names into the denoiser (`parts` of them)."""
@@ -147,6 +202,7 @@ class GuidedSystem(EvaluatedSystem):
         except RuntimeError as err:
             first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
             raise ConfigError(f"checkpoint {path} does not fit the config's model ({first})") from None
+        self.weights_epoch = checkpoint.get("epoch")  # what an evaluation of these weights is logged with
 
     @classmethod
     def load_from_checkpoint(
@@ -168,14 +224,6 @@ class GuidedSystem(EvaluatedSystem):
         system = cls(cfg)
         system.load_checkpoint_file(checkpoint_path, dcg_path, checkpoint)
         return system.eval()
-
-    def configure_callbacks(self) -> list:
-        """TensorBoard's val/explain/<i> at every validation of a fit (explain.val_images; explain_outputs.py)."""
-        from diffmic.explain.outputs import (
-            ExplainValidation,  # the explanation's figure code, loaded when a Trainer asks
-        )
-
-        return [ExplainValidation(self.cfg)]
 
 
 def _holds_dcg(checkpoint: dict[str, Any]) -> bool:

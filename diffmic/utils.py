@@ -4,6 +4,8 @@ and its cosine schedule, the Lightning Trainer with its logger and checkpoints, 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytorch_lightning as pl
@@ -86,6 +88,7 @@ class BestWeights(Callback):
         self.monitor = monitor
         self.best_score: float | None = None
         self.state_dict: dict[str, torch.Tensor] | None = None
+        self.epoch: int | None = None  # the epoch of state_dict
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
@@ -93,6 +96,7 @@ class BestWeights(Callback):
         score = float(trainer.callback_metrics[self.monitor])
         if self.best_score is None or score >= self.best_score:
             self.best_score = score
+            self.epoch = trainer.current_epoch
             self.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
 
 
@@ -116,6 +120,7 @@ def build_trainer(
     version: int | None = None,
     resumable: bool = True,
     best_in_memory: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[pl.Trainer, ModelCheckpoint | BestWeights]:
     """A Trainer logging to <log_dir>/<run_name>/version_N with TensorBoard, a progress bar, the
     learning rate, `best.ckpt` (highest `selection_metric`, the later epoch on a tie; the weights only, what
@@ -123,8 +128,10 @@ def build_trainer(
     `best_in_memory`, no checkpoint file but BestWeights. A non-finite training loss stops the fit at its step
     (faults.DivergenceGuard), a Ctrl-C by the next batch (faults.InterruptGuard); the processes of a run wait
     trainer.dist_timeout_s for each other. Checkpoints are written atomically (checkpoint_io.AtomicCheckpointIO) after
-    a look at the free disk space (checkpoint_io.DiskSpaceCheck)."""
+    a look at the free disk space (checkpoint_io.DiskSpaceCheck). `callbacks`: the caller's, added to these (e.g.
+    explain.outputs.ExplainValidation for a fit of a diffusion model)."""
     t = cfg["trainer"]
+    ignore_lightning_internal_warnings()
     # before the Trainer exists: Lightning reads the matmul policy when it sets up a CUDA device, and the process
     # group (formed at fit, in this process or the launcher's children) reads the NCCL settings
     apply_float32_policy(t["float32_matmul_precision"])
@@ -162,6 +169,7 @@ def build_trainer(
             DivergenceGuard(),
             InterruptGuard(),
             *([DiskSpaceCheck()] if checkpoints else []),
+            *callbacks,
         ],
         # checkpoints written atomically beside their destination, never through the system temp folder
         plugins=[AtomicCheckpointIO()],
@@ -179,6 +187,19 @@ def build_trainer(
         # an argument of a DDPStrategy it builds itself from the strategy's name, so it is set on that one
         trainer.strategy._timeout = timedelta(seconds=t["dist_timeout_s"])
     return trainer, best
+
+
+def ignore_lightning_internal_warnings() -> None:
+    """Hide a warning that Lightning raises at every fit, validation and test of any Trainer about its own code, which
+    a user can do nothing about: Lightning 2.6's CombinedLoader builds torch's `LeafSpec`, which the torch of
+    requirements.txt deprecates (pytorch_lightning/utilities/_pytree.py; a FutureWarning). Only that message from that
+    module is hidden."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"pytorch_lightning\.utilities\._pytree",
+    )
 
 
 def planned_world_size(cfg: dict) -> int:

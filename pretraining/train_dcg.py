@@ -139,6 +139,7 @@ def pretrain_dcg(cfg: dict, datasets: dict[str, Dataset] | None = None, reuse: b
         return path
     if best.state_dict is not None:  # the best validation epoch, kept in memory on every process
         system.load_state_dict(best.state_dict)
+        system.weights_epoch = best.epoch  # the final validation is logged with it
     trainer.validate(system, datamodule=data, verbose=False)
     metric = selection_metric(cfg).split("/", 1)[1]
     logger.info("DCG: validation %s %.4f at its best epoch", metric, system.last_metrics.get(metric, float("nan")))

@@ -148,6 +148,7 @@ def pretrain_encoder(cfg: dict, datasets: dict[str, Dataset] | None = None) -> d
     history = list(system.val_history)
     if best.state_dict is not None:  # the best validation epoch, kept in memory
         system.load_state_dict(best.state_dict)
+        system.weights_epoch = best.epoch  # the final validation is logged with it
     metric = selection_metric(cfg).split("/", 1)[1]
     best_epoch = max(h["epoch"] for h in history if h[metric] == max(g[metric] for g in history))
     trainer.validate(system, datamodule=data, verbose=False)

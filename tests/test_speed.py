@@ -94,12 +94,33 @@ def test_pointwise_is_the_convolution_in_float32_and_its_matrix_product_under_au
         low = model.pointwise(conv, x)
     assert low.dtype == torch.bfloat16 and low.shape == reference.shape
     torch.testing.assert_close(low.float(), reference, rtol=0.03, atol=0.03)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), model.reuse_pointwise_weights():
-        first = model.pointwise(conv, x)
-        cached = model._pointwise_weights[conv]
-        assert cached.dtype == torch.bfloat16 and torch.equal(model.pointwise(conv, x), first)
-        assert model._pointwise_weights[conv] is cached  # cast once, reused by every later step
-    assert model._pointwise_weights is None  # dropped after the sampled batch
+    cache = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model.pointwise(conv, x, cache=cache)
+        cached = cache[conv]
+        assert cached.dtype == torch.bfloat16 and torch.equal(model.pointwise(conv, x, cache=cache), first)
+        assert cache[conv] is cached  # cast once, reused by every later step
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.pointwise(conv, x, cache=cache)
+    assert cache[conv] is cached, "with gradients the weight is cast afresh, never read from or put in the cache"
+
+
+def test_the_denoiser_keeps_its_cast_weights_for_one_sampled_batch_only():
+    """DiffMICv2.sample_grids: the body's 1x1 weights cast once for all DDIM steps, held by the denoiser itself (no
+    module-level state) and dropped after the batch."""
+    denoiser = tiny_system().denoiser.eval()
+    x_w, y_in, t = torch.randn(2, 16), torch.rand(2, 6, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = denoiser.denoise(x_w, y_in, t)
+        with denoiser.reuse_pointwise_weights():
+            assert torch.equal(denoiser.denoise(x_w, y_in, t), plain)
+            held = dict(denoiser.cast_weights)
+            assert set(held) == {denoiser.cc2.conv, denoiser.cc3.conv}  # cc1 and out stay float32 (low_precision)
+            with denoiser.reuse_pointwise_weights():  # nested: the same copies
+                denoiser.denoise(x_w, y_in, t)
+                assert all(denoiser.cast_weights[conv] is w for conv, w in held.items())
+            assert torch.equal(denoiser.denoise(x_w, y_in, t), plain)
+    assert denoiser.cast_weights is None
 
 
 def test_the_label_space_layers_stay_float32_under_autocast_and_the_feature_layers_run_in_bf16():

@@ -57,6 +57,12 @@ class EvaluatedSystem(pl.LightningModule):
         # is fit, else 1
         self.temperature = 1.0
         self.last_outputs: dict[str, Any] = {}  # the last split's gathered outputs (labels, scores, probs, ...)
+        # the epoch that trained the weights evaluated outside a fit, when they come from a checkpoint (its "epoch"):
+        # what the log and TensorBoard name a validation or test by, rather than the trainer's current epoch
+        self.weights_epoch: int | None = None
+        # whether the note that selective prediction by the sample scores is undefined (diffusion.eval_samples 1) was
+        # logged: it holds for every split of a run, so it is said once, not at every validation
+        self._noted_undefined = False
 
     def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -144,7 +150,9 @@ class EvaluatedSystem(pl.LightningModule):
             self.last_metrics.update(self._uncertainty(stage, gathered))
         self.last_outputs = gathered
         self.log_dict({f"{stage}/{k}": float(v) for k, v in self.last_metrics.items()}, sync_dist=False)
-        if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING:
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        epoch = self.current_epoch if fitting or self.weights_epoch is None else self.weights_epoch
+        if stage == "val" and fitting:
             self.val_history.append({"epoch": self.current_epoch, **self.last_metrics})
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             images = {}
@@ -154,10 +162,10 @@ class EvaluatedSystem(pl.LightningModule):
             if "probs" in gathered:
                 images.update(uncertainty_images(gathered, self.temperature))
             for name, image in images.items():
-                self.logger.experiment.add_image(f"{stage}/{name}", image, self.current_epoch, dataformats="HWC")
+                self.logger.experiment.add_image(f"{stage}/{name}", image, epoch, dataformats="HWC")
         if self.trainer.is_global_zero:  # every process holds the same gathered metrics: say them once
             summary = ", ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if "/" not in k)
-            logger.info("%s (epoch %d, %d images): %s", stage, self.current_epoch, len(labels), summary)
+            logger.info("%s (epoch %d, %d images): %s", stage, epoch, len(labels), summary)
         self._collected = []
 
     def _uncertainty(self, stage: str, gathered: dict[str, Any]) -> dict[str, float]:
@@ -170,9 +178,12 @@ class EvaluatedSystem(pl.LightningModule):
             self.temperature = fit_temperature(labels, probs, multilabel=labels.ndim == 2)
             if self.trainer.is_global_zero:
                 logger.info("temperature %.4f fitted on the validation split (%d images)", self.temperature, len(probs))
-        metrics = uncertainty_metrics(labels, probs, sample_scores, self.temperature, self.cfg["data"]["class_names"])
+        names = self.cfg["data"]["class_names"]
+        note = self.trainer.is_global_zero and not self._noted_undefined  # the same at every split of a run: once
+        metrics = uncertainty_metrics(labels, probs, sample_scores, self.temperature, names, note_undefined=note)
+        self._noted_undefined |= any(np.isnan(v) for k, v in metrics.items() if k.startswith("selective/aurc/"))
         if self.temperature != 1.0:  # the calibration the temperature changed, as it was before
-            raw = uncertainty_metrics(labels, probs, sample_scores, 1.0, self.cfg["data"]["class_names"])
+            raw = uncertainty_metrics(labels, probs, sample_scores, 1.0, names, note_undefined=False)
             metrics.update({f"{k}_before_temperature": raw[k] for k in ("calib/ece", "calib/brier", "calib/nll")})
         return metrics
 

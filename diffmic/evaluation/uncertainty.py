@@ -236,10 +236,13 @@ def uncertainty_metrics(
     sample_scores: dict[str, np.ndarray] | None = None,
     temperature: float = 1.0,
     names: list[str] | None = None,
+    note_undefined: bool = True,
 ) -> dict[str, float]:
     """Calibration and selective-prediction metrics of one split. `probs` are before temperature; `temperature` is
     applied to them first (and reported as calib/temperature). Multi-hot labels (N, C) give the multi-label metrics
-    (per-finding ECE and Brier, their means, the NLL; no selective prediction)."""
+    (per-finding ECE and Brier, their means, the NLL; no selective prediction). `note_undefined`: log which
+    confidence scores are undefined (NaN; e.g. the sample scores with one sample per image); False where the caller
+    has said it already (EvaluatedSystem: once a run)."""
     labels = np.asarray(labels)
     multilabel = labels.ndim == 2
     p = apply_temperature(probs, temperature, multilabel)
@@ -262,7 +265,7 @@ def uncertainty_metrics(
     out["selective/aurc_optimal"] = optimal_aurc(correct)
     scores = confidences(p, sample_scores or {})
     undefined = [score for score, confidence in scores.items() if not np.isfinite(confidence).all()]
-    if undefined:
+    if undefined and note_undefined:
         logger.info("selective prediction by %s is undefined (NaN): it needs diffusion.eval_samples > 1", undefined)
     for score, confidence in scores.items():
         if score in undefined:

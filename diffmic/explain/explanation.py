@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
-from diffmic.recording import record_steps
 
 
 @dataclass
@@ -26,6 +25,9 @@ class Explanation:
     DiffMIC v1, which denoises the label vector and has no grid."""
 
     method: str
+    title: str  # the method's name, its sampler's and what `trajectory` shows (GuidedSystem.title, ...)
+    sampler: str
+    step_score: str
     multilabel: bool
     index: torch.Tensor  # (B,) dataset indices
     image: torch.Tensor  # (B, H, W, 3) uint8: the image as the model saw it (normalisation undone)
@@ -95,33 +97,31 @@ def explain_batch(system, batch: dict) -> Explanation:
     precision context evaluation runs in). `system`: a DiffMICv2 or DiffMICv1 in eval mode.
 
     It is the system's own `evaluate_batch`, watched: a forward hook keeps the DCG's outputs (the DCG runs once, in
-    the sampler), recording.record_steps keeps each sampling step, and the scores are the ones evaluate_batch
-    returns. Nothing is computed twice, and no number of evaluation changes."""
+    the sampler), the sampler's on_step callback hands each step to the system's `explain_step`, and the scores are the
+    ones evaluate_batch returns. Nothing is computed twice, and no number of evaluation changes."""
     guides: list = []
-    steps: list[tuple] = []  # (t, scores, x0 estimate's scores, v2's grids (S, B, C, K, K))
-    v2 = system.method == "diffmic_v2"
+    steps: list[tuple] = []  # (t, ExplainedStep)
 
     def record(t: int, *outputs: torch.Tensor) -> None:
-        if v2:  # (x0_hat, y_next), (S, B, C, K, K): means over samples, then cells, as the scores are taken
-            x0_hat, y_next = outputs
-            steps.append((t, y_next.mean(dim=0).mean(dim=(2, 3)), x0_hat.mean(dim=0).mean(dim=(2, 3)), y_next))
-        else:  # v1: y (S, B, C); its scores are softmax(y_0)
-            steps.append((t, outputs[0].softmax(dim=-1).mean(dim=0), None, None))
+        steps.append((t, system.explain_step(*outputs)))
 
     hook = system.dcg.register_forward_hook(lambda module, args, output: guides.append(output))
     try:
-        with record_steps(record):
-            scores = system.evaluate_batch(batch)["scores"]
+        scores = system.evaluate_batch(batch, on_step=record)["scores"]
     finally:
         hook.remove()
     assert len(guides) == 1, f"the DCG ran {len(guides)} times for one batch"
     guide = guides[0]
-    grid = steps[-1][3].mean(dim=0) if v2 else None  # the final grids, averaged over the samples as `sample` does
+    final = steps[-1][1]
+    estimates = [step.estimate for _, step in steps]
     label = batch.get("label")
     if label is not None and label.dim() == 1 and bool((label < 0).all()):  # unlabelled images (predict --input)
         label = None
     return Explanation(
         method=system.method,
+        title=system.title,
+        sampler=system.sampler_name,
+        step_score=system.step_score_name,
         multilabel=system.cfg["data"]["task"] == "multilabel",
         index=batch["index"].cpu(),
         image=unnormalise(batch["image"].detach().float()).cpu(),
@@ -132,11 +132,12 @@ def explain_batch(system, batch: dict) -> Explanation:
         attention=_cpu(guide.attention),
         y_global=_cpu(guide.y_global),
         y_local=_cpu(guide.y_local),
-        timesteps=[step[0] for step in steps],
-        trajectory=torch.stack([step[1] for step in steps], dim=1).float().cpu(),
-        estimate=torch.stack([step[2] for step in steps], dim=1).float().cpu() if v2 else None,
-        grid=_cpu(grid),
-        prior=_cpu(system.prior(guide)) if v2 else None,
+        timesteps=[t for t, _ in steps],
+        trajectory=torch.stack([step.scores for _, step in steps], dim=1).float().cpu(),
+        estimate=None if estimates[0] is None else torch.stack(estimates, dim=1).float().cpu(),
+        # the final grids, averaged over the samples as the method's `sample` does
+        grid=None if final.grids is None else _cpu(final.grids.mean(dim=0)),
+        prior=_cpu(system.explain_prior(guide)),
     )
 
 

@@ -129,28 +129,27 @@ def explanation_figure(expl: Explanation, b: int, class_names: list[str], image_
             note.text(
                 0.5,
                 0.5,
-                "DiffMIC v1 denoises the\nlabel vector itself:\nno K x K grid and no\nprior map P to show",
+                f"{expl.title} denoises the\nlabel vector itself:\nno K x K grid and no\nprior map P to show",
                 ha="center",
                 va="center",
                 fontsize=10,
                 transform=note.transAxes,
             )
         ax = fig.add_subplot(spec[row, 3 if has_grid else 2])
-        label, marker = ("Y_t", "o") if has_grid else ("softmax(y_t)", None)
-        ax.plot(expl.timesteps, expl.trajectory[b, :, c].numpy(), marker=marker, ms=3, label=label)
+        marker = "o" if len(expl.timesteps) <= 50 else None  # a few steps as points, a long chain as a line
+        ax.plot(expl.timesteps, expl.trajectory[b, :, c].numpy(), marker=marker, ms=3, label=expl.step_score)
         if expl.estimate is not None:
             ax.plot(expl.timesteps, expl.estimate[b, :, c].numpy(), ls="--", marker="x", ms=3, label="x0 estimate")
         ax.invert_xaxis()  # sampling runs from large t to 0
         ax.set_xlabel("sampling step t", fontsize=8)
-        ax.set_ylabel(f"score of {name}" if has_grid else f"softmax(y_t) of {name}", fontsize=8)
+        ax.set_ylabel(f"score of {name}" if has_grid else f"{expl.step_score} of {name}", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-        ax.set_title(f"{name} over the {len(expl.timesteps)} {'DDIM' if has_grid else 'ancestral'} steps", fontsize=9)
+        ax.set_title(f"{name} over the {len(expl.timesteps)} {expl.sampler} steps", fontsize=9)
     ax = fig.add_subplot(spec[:, -1])
     _scores_panel(ax, expl, b, class_names, predicted)
     truth = _truth_text(expl, b, class_names)
-    method = "DiffMIC-v2" if has_grid else "DiffMIC v1"
-    fig.suptitle(f"{image_id} ({method}): predicted {class_names[predicted]}{truth}", fontsize=10)
+    fig.suptitle(f"{image_id} ({expl.title}): predicted {class_names[predicted]}{truth}", fontsize=10)
     return fig
 
 

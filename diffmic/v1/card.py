@@ -25,8 +25,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from diffmic.recording import active_recorder
-
 
 class CARDScheduler(nn.Module):
     """CARD's forward process and posterior with linear betas. The schedule tensors are non-persistent buffers:
@@ -106,12 +104,11 @@ def card_sample(
     denoiser: has `denoise(condition, y_t, y_hat, t) -> eps_hat` (diffmic_v1/model.py); condition (B, F), computed once
     per image; y_hat (B, C) the fused prior; noise (steps, S, B, C) standard normal: noise[0] draws the start
     y_{steps-1} = y_hat + noise[0], noise[k] the step from t = steps - k. One denoiser call per step and sample.
-    on_step(t, y) (default: the active recording.record_steps callback) sees the vectors each step leads to,
-    (S, B, C), and only reads them."""
+    on_step(t, y) sees the vectors each step leads to, (S, B, C), and only reads them (explain/explanation.py, through
+    the model's `evaluate_batch`)."""
     steps, samples, batch, classes = noise.shape
     assert steps <= scheduler.num_train_timesteps, f"{steps} sampling steps exceed the {scheduler.num_train_timesteps}"
     assert y_hat.shape == (batch, classes), f"y_hat {tuple(y_hat.shape)} does not match noise {tuple(noise.shape)}"
-    on_step = on_step if on_step is not None else active_recorder()
     condition = condition.repeat(samples, 1)  # sample-major rows: (S * B, F)
     # float32 (float64 under 64-true): never the bf16 of a denoiser under autocast
     label_dtype = torch.promote_types(y_hat.dtype, torch.float32)

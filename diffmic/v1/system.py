@@ -15,13 +15,14 @@ y_hat + N(0, I); the scores are softmax(y_0), averaged over diffusion.eval_sampl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from lightning_fabric.plugins.precision.amp import _optimizer_handles_unscaling
 
 from diffmic.evaluation.uncertainty import sample_statistics
-from diffmic.guided import GuidedSystem
+from diffmic.guided import ExplainedStep, GuidedSystem
 from diffmic.precision import ieee_float32
 from diffmic.seeding import start_noise
 from diffmic.utils import adam
@@ -39,6 +40,8 @@ class DiffMICv1(GuidedSystem):
     shared pre-trained start, untouched)."""
 
     method = "diffmic_v1"
+    title, sampler_name, step_score_name = "DiffMIC v1", "ancestral", "softmax(y_t)"
+    EVAL_MODE_PARTS = (*GuidedSystem.EVAL_MODE_PARTS, "ema")  # the EMA copy is only ever evaluated (ema.py)
 
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
@@ -100,23 +103,26 @@ class DiffMICv1(GuidedSystem):
         # the authors clip the denoiser's gradient norm only, not the DCG's
         torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.cfg["v1"]["grad_clip"])
 
-    def sample(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def sample(
+        self, image: torch.Tensor, index: torch.Tensor, on_step: Callable[..., None] | None = None
+    ) -> torch.Tensor:
         """Class probabilities softmax(y_0) of diffusion.eval_samples samples per image: (S, B, C). The noise of an
-        image depends on `seed` and its dataset `index` only (seeding.start_noise)."""
+        image depends on `seed` and its dataset `index` only (seeding.start_noise). `on_step`: card.card_sample's
+        read-only callback."""
         steps, samples = self.cfg["v1"]["sampling_steps"], self.cfg["diffusion"]["eval_samples"]
         classes = self.cfg["data"]["num_classes"]
         noise = start_noise(self.cfg["seed"], index, (steps, samples, classes), normal=True)  # (B, steps, S, C)
         y_hat, _, _ = self.priors(image)
         denoiser = self.ema.average if self.cfg["v1"]["evaluate_ema"] else self.denoiser
         x = denoiser.encode(image)
-        y0 = card_sample(denoiser, self.scheduler, x, y_hat, noise.permute(1, 2, 0, 3).to(y_hat))
+        y0 = card_sample(denoiser, self.scheduler, x, y_hat, noise.permute(1, 2, 0, 3).to(y_hat), on_step)
         return y0.softmax(dim=-1)
 
     @torch.no_grad()
-    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+    def evaluate_batch(self, batch: dict, on_step: Callable[..., None] | None = None) -> dict[str, torch.Tensor]:
         # v1's chain has no clipping: an undertrained denoiser (eval-mode BatchNorm statistics far from the batch
         # statistics it trained with) can make y_t grow without bound (GuidedSystem.replace_diverged)
-        probabilities = self.replace_diverged(self.sample(batch["image"], batch["index"]))
+        probabilities = self.replace_diverged(self.sample(batch["image"], batch["index"], on_step))
         scores = probabilities.mean(dim=0)
         predicted = scores.argmax(dim=1)
         chosen = probabilities[:, torch.arange(scores.shape[0], device=scores.device), predicted]  # (S, B)
@@ -131,6 +137,11 @@ class DiffMICv1(GuidedSystem):
             "spread": spread,
             **sample_statistics(probabilities, predicted),
         }
+
+    def explain_step(self, y: torch.Tensor) -> ExplainedStep:
+        """An ancestral step (card_sample's on_step output y_t, (S, B, C)): softmax(y_t), averaged over the samples
+        as `evaluate_batch` averages softmax(y_0); v1 has no clean estimate to show and no grid."""
+        return ExplainedStep(y.softmax(dim=-1).mean(dim=0), None, None)
 
     def configure_optimizers(self):
         """Adam for the denoiser with the authors' per-step schedule: linear warm-up over v1.warmup_epochs, then a

@@ -28,37 +28,23 @@ logger = logging.getLogger(__name__)
 # the initialisations of the condition's BatchNorms (model.condition_init; config.RULES lists this registry)
 CONDITION_INITS = ("default", "identity")
 
-# the low-precision copies of the 1x1 weights, kept while `reuse_pointwise_weights` is active (None: not kept)
-_pointwise_weights: dict[nn.Conv2d, torch.Tensor] | None = None
 
-
-@contextlib.contextmanager
-def reuse_pointwise_weights() -> Iterator[None]:
-    """Inside, under autocast and without gradients, each 1x1 weight is cast to the low precision once and reused:
-    the DDIM loop runs the body at every step, and casting its 75 M weights (F = 6144) costs as much as the
-    products. The copies are dropped on leaving, so no stale copy outlives a sampled batch."""
-    global _pointwise_weights
-    outer = _pointwise_weights
-    _pointwise_weights = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _pointwise_weights = outer
-
-
-def pointwise(conv: nn.Conv2d, x: torch.Tensor, low_precision: bool = True) -> torch.Tensor:
+def pointwise(
+    conv: nn.Conv2d, x: torch.Tensor, low_precision: bool = True, cache: dict[nn.Conv2d, torch.Tensor] | None = None
+) -> torch.Tensor:
     """A 1x1 convolution. Float32: the convolution itself (the numbers of the paper path). Under autocast (bf16-mixed)
     the same map as a matrix product over the cells, (B K K, in) x (in, out): on the K x K grid oneDNN's bf16
     convolution reaches a sixth of the bf16 matmul rate, the product most of it (README, Speed).
     low_precision=False keeps the convolution in IEEE float32 under autocast and under a TF32 float32 policy too (the
-    label-space layers: precision.py)."""
+    label-space layers: precision.py). `cache`: low-precision copies of weights, by convolution, to reuse rather than
+    cast again (ConditionalModel.reuse_pointwise_weights); used without gradients only."""
     if not low_precision:
         with torch.autocast(x.device.type, enabled=False), ieee_float32():
             return conv(x if x.dtype == torch.float64 else x.float())
     if not torch.is_autocast_enabled(x.device.type):
         return conv(x)
     dtype = torch.get_autocast_dtype(x.device.type)
-    cache = None if torch.is_grad_enabled() else _pointwise_weights
+    cache = None if torch.is_grad_enabled() else cache
     weight = None if cache is None else cache.get(conv)
     if weight is None:
         weight = conv.weight.flatten(1).to(dtype)
@@ -81,9 +67,11 @@ class ConditionalConv2d(nn.Module):
         self.embed = nn.Embedding(num_timesteps + 1, out_channels)
         nn.init.uniform_(self.embed.weight, 0.0, 1.0)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cache: dict[nn.Conv2d, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         gamma = self.embed(t).permute(0, 3, 1, 2)  # (B, K, K, out) -> (B, out, K, K)
-        return pointwise(self.conv, x, self.low_precision) * gamma
+        return pointwise(self.conv, x, self.low_precision, cache) * gamma
 
 
 class PatchEncoder(nn.Module):
@@ -141,6 +129,8 @@ class ConditionalModel(nn.Module):
             # DDP (find_unused_parameters off) fails at the second step on a trainable parameter without a gradient
             self.patch_encoder.requires_grad_(False)
             self.token_logits.requires_grad_(False)
+        # the low-precision copies of the 1x1 weights while `reuse_pointwise_weights` is active (None: not kept)
+        self.cast_weights: dict[nn.Conv2d, torch.Tensor] | None = None
         if condition_init == "identity":
             # [ours] x_w starts at exactly 1 (the softmax weights sum to 1), so the prior reaches the output
             # unscrambled from the first step; the encoders' share grows as the BatchNorm weights leave 0
@@ -149,6 +139,18 @@ class ConditionalModel(nn.Module):
             for norm in (self.image_norm, self.patch_encoder.norm):
                 nn.init.zeros_(norm.weight)
                 nn.init.ones_(norm.bias)
+
+    @contextlib.contextmanager
+    def reuse_pointwise_weights(self) -> Iterator[None]:
+        """Inside, under autocast and without gradients, each 1x1 weight is cast to the low precision once and reused:
+        the DDIM loop runs the body at every step, and casting its 75 M weights (F = 6144) costs as much as the
+        products. The copies are dropped on leaving, so no stale copy outlives a sampled batch."""
+        outer = self.cast_weights
+        self.cast_weights = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self.cast_weights = outer
 
     def load_image_encoder(self, efficientsam_weights: str | None, image_size: int | None = None) -> None:
         """The EfficientSAM image encoder of a new run: the official file (or one of pretraining/train_encoder.py,
@@ -178,7 +180,9 @@ class ConditionalModel(nn.Module):
         assert patches.shape[1] == self.grid_size, (
             f"need K = {self.grid_size} patches (one per grid row), got {patches.shape[1]}"
         )
-        g = self.image_norm(pointwise(self.image_proj, self.image_encoder(image)).mean(dim=(2, 3)))
+        g = self.image_norm(
+            pointwise(self.image_proj, self.image_encoder(image), cache=self.cast_weights).mean(dim=(2, 3))
+        )
         if not self.roi_tokens:
             return g
         tokens = torch.cat([g[:, :, None], self.patch_encoder(patches)], dim=2)  # (B, F, K+1)
@@ -198,8 +202,8 @@ class ConditionalModel(nn.Module):
         # Their products are 2C x F and F x C per cell, a negligible share of the body's F x F ones.
         y = F.softplus(self.norm1(self.cc1(y_in, t)))
         y = x_w[:, :, None, None] * y
-        y = F.softplus(self.norm2(self.cc2(y, t)))
-        y = F.softplus(self.norm3(self.cc3(y, t)))
+        y = F.softplus(self.norm2(self.cc2(y, t, self.cast_weights)))
+        y = F.softplus(self.norm3(self.cc3(y, t, self.cast_weights)))
         return pointwise(self.out, y, low_precision=False)
 
     def forward(self, image: torch.Tensor, patches: torch.Tensor, y_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from diffmic.recording import active_recorder
-
 
 def guided_prior_map(y_global: torch.Tensor, y_local: torch.Tensor, grid_size: int) -> torch.Tensor:
     """P[b, c, i, j] = (1 - D[i, j]) y_global[b, c] + D[i, j] y_local[b, c], D[i, j] = |i - j| / (K - 1).
@@ -141,16 +139,15 @@ def ddim_sample(
     (S, B, C, K, K). Every step calls `denoiser.denoise(x_w, concat[P, Y_t], t)` on all S * B grids at
     once, each cell at the same t. Returns the final grids, (S, B, C, K, K).
 
-    on_step(t, x0_hat, y_next) (default: the active recording.record_steps callback) sees every step's clean-grid
-    estimate and the grid it leads to, both (S, B, C, K, K); it only reads them (explain.py records the score
-    trajectory), so the grids are the same with and without it."""
+    on_step(t, x0_hat, y_next) sees every step's clean-grid estimate and the grid it leads to, both (S, B, C, K, K);
+    it only reads them (explain/explanation.py records the score trajectory, passing it down through the model's
+    `evaluate_batch`), so the grids are the same with and without it."""
     samples, batch = y_start.shape[:2]
     assert y_start.dim() == 5 and y_start.shape[2:] == prior.shape[1:] and batch == prior.shape[0], (
         f"y_start must be (S, B, C, K, K) with (B, C, K, K) = {tuple(prior.shape)}, got {tuple(y_start.shape)}"
     )
     assert condition.shape[0] == batch, f"condition has {condition.shape[0]} rows for {batch} images"
     # rows are sample-major (S * B): sample s of image b is row s * B + b
-    on_step = on_step if on_step is not None else active_recorder()
     prior, condition = prior.repeat(samples, 1, 1, 1), condition.repeat(samples, 1)
     y_t = y_start.flatten(0, 1)
     scheduler.set_timesteps(num_steps)

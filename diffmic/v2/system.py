@@ -11,15 +11,17 @@ the prediction is the mean of the final grids over the S samples and the K x K c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from diffmic.config import errors_of
 from diffmic.evaluation.uncertainty import multilabel_sample_statistics, sample_statistics, simplex_probabilities
-from diffmic.guided import GuidedSystem
+from diffmic.guided import ExplainedStep, GuidedSystem
 from diffmic.precision import ieee_float32
 from diffmic.seeding import start_noise
 from diffmic.utils import build_optimizer
-from diffmic.v2.model import build_denoiser, reuse_pointwise_weights
+from diffmic.v2.model import build_denoiser
 from diffmic.v2.pipeline import (
     DDIMScheduler,
     ddim_sample,
@@ -42,6 +44,8 @@ class DiffMICv2(GuidedSystem):
     `load_dcg_file` must have loaded that file before a checkpoint is loaded or saved."""
 
     method = "diffmic_v2"
+    title, sampler_name, step_score_name = "DiffMIC-v2", "DDIM", "Y_t"
+    IMAGENET_WEIGHT_KEYS = ("model.patch_encoder_weights",)
 
     def __init__(self, cfg: dict) -> None:
         super().__init__(cfg)
@@ -115,12 +119,14 @@ class DiffMICv2(GuidedSystem):
         """DDIM label grids for an image batch, the mean over diffusion.eval_samples starts: (B, C, K, K)."""
         return self.sample_grids(image, index).mean(dim=0)
 
-    def sample_grids(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def sample_grids(
+        self, image: torch.Tensor, index: torch.Tensor, on_step: Callable[..., None] | None = None
+    ) -> torch.Tensor:
         """The final DDIM label grid of each of the diffusion.eval_samples starts: (S, B, C, K, K).
 
         Y_T is the guided map of two uniform [0, 1) vectors that stand in for y_global and y_local (the
         authors' code), drawn for each image from `seed` and its dataset `index` (seeding.start_noise), so an image
-        gets the same starts in any batch, on any process."""
+        gets the same starts in any batch, on any process. `on_step`: pipeline.ddim_sample's read-only callback."""
         d, grid = self.cfg["diffusion"], self.denoiser.grid_size
         batch, classes = image.shape[0], self.cfg["data"]["num_classes"]
         noise = start_noise(self.cfg["seed"], index, (2, d["eval_samples"], classes))  # (B, 2, S, C)
@@ -129,7 +135,7 @@ class DiffMICv2(GuidedSystem):
         prior = self.prior(guide)
         y_start = guided_prior_map(start[0].flatten(0, 1).to(prior), start[1].flatten(0, 1).to(prior), grid)
         condition = self.denoiser.encode(image, guide.patches)
-        with reuse_pointwise_weights():  # bf16: the body's weights cast once for all DDIM steps
+        with self.denoiser.reuse_pointwise_weights():  # bf16: the body's weights cast once for all DDIM steps
             return ddim_sample(
                 self.denoiser,
                 self.scheduler,
@@ -137,18 +143,19 @@ class DiffMICv2(GuidedSystem):
                 prior,
                 y_start.view(d["eval_samples"], batch, classes, grid, grid),
                 d["sampling_steps"],
+                on_step,
             )
 
     @torch.no_grad()
-    def evaluate_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+    def evaluate_batch(self, batch: dict, on_step: Callable[..., None] | None = None) -> dict[str, torch.Tensor]:
         """Scores (the mean grid over samples and cells, SPEC 6), probabilities and per-image uncertainty.
 
         probs: the mean grid mapped to the simplex (uncertainty.simplex_probabilities; multi-label: each finding's
         mean clipped to [0, 1]). spread: the standard deviation of the predicted class over the K x K cells of the
         mean grid (multi-label: over cells, averaged over findings). agreement and sample_spread: over the S samples
         (uncertainty.sample_statistics), NaN when S = 1. A sample that is not finite scores 1 / C in every cell
-        (GuidedSystem.replace_diverged), as in DiffMIC v1."""
-        grids = self.replace_diverged(self.sample_grids(batch["image"], batch["index"]))
+        (GuidedSystem.replace_diverged), as in DiffMIC v1. `on_step`: pipeline.ddim_sample's read-only callback."""
+        grids = self.replace_diverged(self.sample_grids(batch["image"], batch["index"], on_step))
         grid = grids.mean(dim=0)
         scores = grid.mean(dim=(2, 3))
         per_sample = grids.mean(dim=(3, 4))  # (S, B, C)
@@ -172,6 +179,15 @@ class DiffMICv2(GuidedSystem):
             "spread": cells.std(dim=1),
             **sample_statistics(per_sample, predicted),
         }
+
+    def explain_step(self, x0_hat: torch.Tensor, y_next: torch.Tensor) -> ExplainedStep:
+        """A DDIM step (ddim_sample's on_step outputs, (S, B, C, K, K)): the scores of the grid it leads to and of its
+        clean-grid estimate, means over the samples and then the cells as `evaluate_batch` takes its scores, and the
+        grids themselves."""
+        return ExplainedStep(y_next.mean(dim=0).mean(dim=(2, 3)), x0_hat.mean(dim=0).mean(dim=(2, 3)), y_next)
+
+    def explain_prior(self, guide: DCGOutput) -> torch.Tensor:
+        return self.prior(guide)
 
     def configure_optimizers(self):
         optimizer, schedule = build_optimizer(
