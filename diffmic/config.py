@@ -270,13 +270,8 @@ def upgrade_config(stored: dict, source: str) -> dict:
     for key in (k for k in filled if k in ABSENT_MEANT):
         _set(cfg, key, ABSENT_MEANT[key])
     _resolve_default_paths(cfg, [key for key in filled if key in PATH_KEYS])
-    notes = (
-        [
-            f"filled in (default.yml's values, or what their absence meant) {', '.join(f'{k}={_get(cfg, k)!r}' for k in filled)}"
-        ]
-        if filled
-        else []
-    )
+    filled_in = ", ".join(f"{k}={_get(cfg, k)!r}" for k in filled)
+    notes = [f"filled in (default.yml's values, or what their absence meant) {filled_in}"] if filled else []
     notes += [f"renamed {', '.join(renamed)}"] if renamed else []
     notes += [f"dropped {', '.join(dropped)}"] if dropped else []
     if notes:
