@@ -536,10 +536,18 @@ def test_the_speed_benchmark_measures_the_data_path(tmp_path):
     assert speed.main(argv) == 0
     (entry,) = json.loads((tmp_path / "data_path.json").read_text()).values()
     assert entry["settings"]["image_sizes"] == "600 x 450" and entry["settings"]["images"] == 4
-    for path in ("pil", "current"):
-        timing = entry["timings"][path]
+    timings = entry["timings"]
+    for path in ("pil", "float", "current", "batching_float", "batching_uint8", "device_half_on_cpu"):
+        timing = timings[path]
         assert timing["cpu_ms_per_image"] > 0 and timing["workers_for_target"] >= 1
         assert timing["images_per_s_per_core"] == pytest.approx(1000 / timing["cpu_ms_per_image"])
+    assert timings["speed_up"] == pytest.approx(
+        timings["float"]["cpu_ms_per_image"] / timings["current"]["cpu_ms_per_image"]
+    )
+    assert len(timings["ratios_new_over_old"]) == 1
+    report = (tmp_path / "data_path.md").read_text()
+    assert "| now: reduced decoding, 8-bit batches, rotation and normalisation on the device |" in report
+    assert "New over old (8-bit over float32 batches)" in report
     assert entry["timings"]["draft_difference_levels"]["max"] >= entry["timings"]["draft_difference_levels"]["mean"]
     text = (tmp_path / "data_path.md").read_text()
     assert "upscaled" in text and "workers for 2,000 images/s" in text and "load average" in text
