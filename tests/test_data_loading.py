@@ -42,7 +42,6 @@ from dataloader.transforms import (
 from dataloader.unlabelled import unlabelled_images
 from diffmic.config import ConfigError, load_config
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
 HAM_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000_200x150" / "images.zip"
 needs_ham = pytest.mark.skipif(not HAM_ZIP.is_file(), reason=f"{HAM_ZIP} is absent")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -288,28 +287,6 @@ def test_training_inputs_are_the_tensors_of_the_float_path_to_the_bit(overrides)
     first = item(new, images[0])
     assert first["image"].dtype == torch.uint8 and first["image"].shape == (3, 64, 64)
     assert (ROTATION in first) == (cfg["data"]["rotation_degrees"] > 0)
-
-
-@pytest.mark.cuda
-@needs_cuda
-def test_the_device_half_on_cuda_computes_the_cpu_s_tensors():
-    """Evaluation inputs to the bit (the division by 255 and the std is by tensors, which CUDA divides exactly); a
-    training batch's rotation within one 8-bit level on a few pixels in 10,000 (float32 sampling on another device)."""
-    cfg = load_config(None, ["data.image_size=64", "data.rotation_degrees=30", "data.vertical_flip=true"])
-    images = [textured_image(), textured_image(64, 100), textured_image().rotate(90, expand=True)] * 8
-    level = 1 / 255 / min(STD)
-    for train in (False, True):
-        torch.manual_seed(0)
-        transform = build_transform(cfg, train)
-        batch = default_collate([item(transform, image) for image in images])
-        on_cpu = ModelInput()(batch)["image"]
-        on_gpu = ModelInput()({key: value.to("cuda") for key, value in batch.items()})["image"]
-        assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
-        if not train:
-            assert torch.equal(on_gpu.cpu(), on_cpu)
-        else:
-            off = (on_gpu.cpu() - on_cpu).abs()
-            assert off.max() <= level * 1.001 and (off > 1e-6).float().mean() < 1e-3, off.max()
 
 
 def test_model_input_passes_float_batches_and_keeps_its_constants_on_the_device():
