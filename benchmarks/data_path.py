@@ -1,10 +1,15 @@
 """The training data path's cost (`python -m benchmarks.speed --data-path`): CPU time per training image, decoding,
 augmenting and batching included, read from the CPU clock of one loader worker (a process of one thread), at the
-config's size (224 px for
-configs/isic.yml) from 600 x 450 JPEGs, the size of the HAM10000 / ISIC 2018 originals. The path before the reduced
-decoding and the tensor augmentation ("PIL", kept here as it was) and the current one are timed side by side, every
-repeat running each once; medians. From the cost: images a second per core, and the workers that 2,000 images a
-second need.
+config's size (224 px for configs/isic.yml) from 600 x 450 JPEGs, the size of the HAM10000 / ISIC 2018 originals.
+Timed side by side, every repeat running each once (medians):
+- "pil": the path before the reduced decoding and the tensor augmentation, every step in PIL (kept here as it was);
+- "float": the path before the 8-bit batches: reduced decoding, then flips, rotation and normalisation of each image
+  in the worker, float32 batches (its last step kept here as it was, `WorkerNormalised`);
+- "current": reduced decoding, 8-bit batches with each image's rotation coefficients; the rotation and the
+  normalisation run on the model's device, for a whole batch (transforms.ModelInput); their cost when that device is
+  this CPU is timed apart ("device_half_on_cpu", the main process's CPU time per image, one thread);
+- what collating and handing over a batch alone costs, of float32 images and of 8-bit ones.
+From the cost: images a second per core, and the workers that 2,000 images a second need.
 
 The originals are not on this machine: the benchmark upscales HAM10000's 200 x 150 JPEGs from the shared data to
 600 x 450 (bicubic) and saves them as JPEGs of quality 90 in a temporary folder, unless --images names a folder of
@@ -37,7 +42,17 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from dataloader.datamodule import build_datasets
-from dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD, SquareCenterCrop, decode_side
+from dataloader.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FlipRotate,
+    ModelInput,
+    SquareCenterCrop,
+    as_uint8,
+    decode_side,
+    rotate,
+    rotation_coefficients,
+)
 from dataloader.workers import usable_cpus
 from diffmic.config import ConfigError, load_config
 from diffmic.durable import write_atomically
@@ -104,11 +119,33 @@ class PILPath(Dataset):
         return {"image": self.load(self.paths[index]), "index": index}
 
 
-class BatchingOnly(Dataset):
-    """A stored normalised image, copied for each index: what handing an image over costs whatever made it."""
+class WorkerNormalised:
+    """The last step of the training transform before the 8-bit batches: the flips and the angle drawn as FlipRotate
+    draws them, then the image flipped, turned and normalised in the worker, one float32 tensor an image (the same
+    operations as then, through today's `rotate` with a batch of one)."""
 
-    def __init__(self, count: int, size: int) -> None:
-        self.count, self.image = count, torch.zeros(3, size, size)
+    def __init__(self, tail: FlipRotate) -> None:
+        self.tail = tail
+        self.mean, self.std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        hflip, vflip, angle = self.tail.draw()
+        planes = as_uint8(image)
+        pixels = torch.empty(planes.shape).copy_(planes)
+        if self.tail.degrees > 0:
+            coefficients = torch.tensor([rotation_coefficients(angle, hflip, vflip, *pixels.shape[1:])])
+            pixels = rotate(pixels[None], coefficients)[0]
+        else:
+            dims = [d for d, flip in ((2, hflip), (1, vflip)) if flip]
+            pixels = pixels.flip(dims) if dims else pixels
+        return pixels.div_(255).sub_(self.mean).div_(self.std)
+
+
+class BatchingOnly(Dataset):
+    """A stored image, copied for each index: what handing an image over costs whatever made it (float32 or 8 bits)."""
+
+    def __init__(self, count: int, size: int, dtype: torch.dtype) -> None:
+        self.count, self.image = count, torch.zeros(3, size, size, dtype=dtype)
 
     def __len__(self) -> int:
         return self.count
@@ -130,6 +167,22 @@ def worker_ms_per_image(dataset: Dataset, batch_size: int) -> float:
     if len(clocks) < 2:
         raise ConfigError(f"--count {len(dataset)}: the data path needs at least two batches of {batch_size} images")  # type: ignore[arg-type]
     return (clocks[-1] - clocks[0]) / (len(dataset) - batch_size) * 1000  # type: ignore[arg-type]
+
+
+def device_half_ms_per_image(dataset: Dataset, batch_size: int) -> float:
+    """CPU milliseconds per image of the device half (the rotation and the normalisation of a batch) when the device
+    is this CPU, in this process on one thread: the median over the loader's full batches of one pass."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker; the main process of a CPU fit would use its threads
+    try:
+        model_input, times = ModelInput(), []
+        for batch in DataLoader(dataset, batch_size=batch_size, drop_last=True):
+            start = time.process_time()
+            model_input(batch)
+            times.append((time.process_time() - start) / batch_size * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
 
 
 def draft_difference(paths: list[Path], side: int) -> dict[str, float]:
@@ -166,15 +219,24 @@ def measure(cfg: dict, paths: list[Path], repeats: int, batch_size: int) -> dict
         class_names=None,
         verify_images="off",
     )
+    current = build_datasets(cfg)["train"]
+    previous = copy.copy(current)  # the same images, decoding and CPU steps; the last step as it was
+    previous.transform = T.Compose(
+        [*current.transform.transforms[:-1], WorkerNormalised(current.transform.transforms[-1])]
+    )
+    size = cfg["data"]["image_size"]
     datasets: dict[str, Dataset] = {
         "pil": PILPath(cfg, paths),
-        "current": build_datasets(cfg)["train"],
-        "batching_only": BatchingOnly(len(paths), cfg["data"]["image_size"]),
+        "float": previous,
+        "current": current,
+        "batching_float": BatchingOnly(len(paths), size, torch.float32),
+        "batching_uint8": BatchingOnly(len(paths), size, torch.uint8),
     }
-    times: dict[str, list[float]] = {name: [] for name in datasets}
+    times: dict[str, list[float]] = {name: [] for name in [*datasets, "device_half_on_cpu"]}
     for r in range(repeats):
         for name, dataset in datasets.items():
             times[name].append(worker_ms_per_image(dataset, batch_size))
+        times["device_half_on_cpu"].append(device_half_ms_per_image(current, batch_size))
         logger.info("repeat %d/%d: %s ms per image", r + 1, repeats, {k: round(v[-1], 3) for k, v in times.items()})
     out: dict = {}
     for name, values in times.items():
@@ -185,9 +247,12 @@ def measure(cfg: dict, paths: list[Path], repeats: int, batch_size: int) -> dict
             "workers_for_target": math.ceil(TARGET_RATE * ms / 1000),
             "all_ms": values,
         }
-    out["speed_up"] = out["pil"]["cpu_ms_per_image"] / out["current"]["cpu_ms_per_image"]
-    shared = out["batching_only"]["cpu_ms_per_image"]
-    before, now = out["pil"]["cpu_ms_per_image"] - shared, out["current"]["cpu_ms_per_image"] - shared
+    ms = {name: out[name]["cpu_ms_per_image"] for name in times}
+    out["speed_up"] = ms["float"] / ms["current"]  # the 8-bit batches against the float ones, in this run
+    out["speed_up_over_pil"] = ms["pil"] / ms["current"]
+    # the same ratio repeat by repeat (both paths ran back to back in each): its spread shows the shared cores' noise
+    out["ratios_new_over_old"] = [c / f for c, f in zip(times["current"], times["float"], strict=True)]
+    before, now = ms["float"] - ms["batching_float"], ms["current"] - ms["batching_uint8"]
     out["speed_up_before_batching"] = before / now if now > 0 else None  # a few images: the noise may exceed it
     side = decode_side(cfg, train=True)
     out["draft_difference_levels"] = draft_difference(paths[: min(len(paths), 32)], side) if side else None
@@ -232,7 +297,7 @@ def run(args: argparse.Namespace, command: str, machine: dict, zip_path: Path) -
         },
         "timings": timings,
     }
-    for name in ("pil", "current"):
+    for name in ("pil", "float", "current"):
         t = timings[name]
         logger.info(
             "%s: %.2f ms of CPU per image, %.0f images/s per core, %d workers for %d images/s",
@@ -257,10 +322,11 @@ def write_report(out_dir: Path, report: dict, label: str) -> tuple[Path, Path]:
     lines = [
         "# The training data path on the CPU",
         "",
-        "CPU time per training image (decoding, augmentation, normalisation, batching into shared memory) on the CPU",
-        "clock of one loader worker, from the end of its first batch to the end of its last; medians over the repeats,",
-        f"each path run once per repeat. Workers for {TARGET_RATE:,} images/s: the cost times {TARGET_RATE:,}, one "
-        "worker a core. One section a machine.",
+        "CPU time per training image (decoding, augmentation, batching into shared memory) on the CPU clock of one",
+        "loader worker, from the end of its first batch to the end of its last; medians over the repeats, each path",
+        f"run once per repeat. Workers for {TARGET_RATE:,} images/s: the cost times {TARGET_RATE:,}, one worker a",
+        "core. The device half of the 8-bit path (rotation and normalisation of a batch) runs on the model's device;",
+        "its cost on this CPU, one thread, is the last row. One section a machine.",
         "",
     ]
     for name, r in entries.items():
@@ -281,23 +347,38 @@ def write_report(out_dir: Path, report: dict, label: str) -> tuple[Path, Path]:
             "|---|---|---|---|",
         ]
         for key, what in (
-            ("pil", "before: full decoding, PIL transforms"),
-            ("current", "now: reduced decoding, one tensor resampling"),
-            ("batching_only", "of either, batching alone: a float image copied, batched and handed over"),
+            ("pil", "full decoding, every step in PIL"),
+            ("float", "reduced decoding, flips, rotation and normalisation in the worker, float32 batches"),
+            ("current", "now: reduced decoding, 8-bit batches, rotation and normalisation on the device"),
+            ("batching_float", "batching alone: a float32 image copied, batched and handed over"),
+            ("batching_uint8", "batching alone: an 8-bit image copied, batched and handed over"),
+            ("device_half_on_cpu", "the device half on this CPU (main process, one thread; not in the worker)"),
         ):
-            t = r["timings"][key]
+            t = r["timings"].get(key)
+            if t is None:  # a run of an earlier version of this benchmark
+                continue
             lines.append(
                 f"| {what} | {t['cpu_ms_per_image']:.2f} | {t['images_per_s_per_core']:.0f} | "
-                f"{t['workers_for_target']} |"
+                f"{t['workers_for_target'] if key != 'device_half_on_cpu' else ''} |"
             )
         t = r["timings"]
         alone = t["speed_up_before_batching"]
-        lines += [
-            "",
-            f"Speed-up: {t['speed_up']:.2f}x; "
-            + (f"{alone:.2f}x" if alone is not None else "not measurable")
-            + " for decoding and augmenting alone (each path's cost less the batching).",
-        ]
+        if "float" in t:
+            ratios = t["ratios_new_over_old"]
+            lines += [
+                "",
+                f"New over old (8-bit over float32 batches), in the worker: {1 / t['speed_up']:.2f} "
+                f"({t['speed_up']:.2f}x faster; repeat by repeat {min(ratios):.2f} to {max(ratios):.2f}); "
+                f"{t['speed_up_over_pil']:.2f}x faster than the PIL path. Before batching (each path's cost less its "
+                "own batching): " + (f"{alone:.2f}x." if alone is not None else "not measurable."),
+            ]
+        else:
+            lines += [
+                "",
+                f"Speed-up: {t['speed_up']:.2f}x; "
+                + (f"{alone:.2f}x" if alone is not None else "not measurable")
+                + " for decoding and augmenting alone (each path's cost less the batching).",
+            ]
         diff = r["timings"]["draft_difference_levels"]
         if diff:
             lines += [

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataloader.datamodule import build_datasets
+from dataloader.transforms import ModelInput
 from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, dcg_ckpt_path, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
 from diffmic.explain.explanation import box_centres, pointing_hits, roi_boxes
@@ -50,7 +51,9 @@ def pointing_game(dcg: DCG, dataset, batch_size: int) -> dict[str, float]:
     dcg.eval()
     hits: dict[str, list[torch.Tensor]] = {}
     correct = []
+    model_input = ModelInput()  # the loaders' 8-bit images normalised (DiffMICDataModule: on_after_batch_transfer)
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        batch = model_input(batch)
         out = dcg(batch["image"])
         index, label = batch["index"], batch["label"]
         predicted = out.y_fusion.argmax(dim=1)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import seed_config
 from dataloader.datamodule import build_datasets
-from dataloader.transforms import build_transform
+from dataloader.transforms import ModelInput, build_transform
 from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
 from diffmic.evaluation.metrics import classification_metrics
@@ -46,7 +46,9 @@ def prior_fit(cfg: dict, dataset) -> dict[str, float]:
     load_dcg(dcg, cfg, Path(cfg["dcg"]["ckpt"]))
     dcg.eval()
     logits, labels = [], []
+    model_input = ModelInput()  # the loaders' 8-bit images normalised (DiffMICDataModule: on_after_batch_transfer)
     for batch in DataLoader(dataset, batch_size=cfg["dcg"]["batch_size"], shuffle=False):
+        batch = model_input(batch)
         logits.append(dcg(batch["image"]).y_fusion)
         labels.append(batch["label"])
     y_fusion, y = torch.cat(logits), torch.cat(labels)

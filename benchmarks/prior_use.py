@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import seed_config
 from dataloader.datamodule import build_datasets
+from dataloader.transforms import ModelInput
 from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
 from diffmic.evaluation.metrics import classification_metrics
@@ -69,7 +70,9 @@ def diagnose(cfg: dict, checkpoint: Path, dataset) -> dict:
 
     system.prior = prior
     labels, v2, v2_shuffled, dcg = [], [], [], []
+    model_input = ModelInput()  # the loaders' 8-bit images normalised (DiffMICDataModule: on_after_batch_transfer)
     for batch in DataLoader(dataset, batch_size=cfg["data"]["batch_size"], shuffle=False):
+        batch = model_input(batch)
         labels.append(batch["label"])
         dcg.append(system.guide(batch["image"]).y_fusion)
         shuffled["on"] = False

@@ -15,7 +15,7 @@ from dataloader.checks import verify_images
 from dataloader.lists import ImageList, SplitList, read_list
 from dataloader.medmnist import MedMNISTSplit, ensure_medmnist
 from dataloader.synthetic import NUM_TEXTURES, SyntheticPatterns
-from dataloader.transforms import build_transform, decode_side
+from dataloader.transforms import ModelInput, build_transform, decode_side
 from dataloader.workers import SeededAugmentation, SeededIndices, resolve_num_workers, usable_cpus
 from diffmic.config import ConfigError
 
@@ -192,7 +192,8 @@ def check_evaluation_sizes(datasets: dict[str, Dataset], world: int) -> None:
 
 class DiffMICDataModule(pl.LightningDataModule):
     """Loaders over `build_datasets(cfg)`; evaluation loaders keep a fixed order (sampling noise is
-    drawn per batch from a seeded generator, so a fixed order makes evaluation reproducible)."""
+    drawn per batch from a seeded generator, so a fixed order makes evaluation reproducible). Their batches hold
+    8-bit images, which `on_after_batch_transfer` turns into the normalised float32 the models read, on the device."""
 
     def __init__(self, cfg: dict, batch_size: int | None = None, datasets: dict[str, Dataset] | None = None) -> None:
         super().__init__()
@@ -200,6 +201,7 @@ class DiffMICDataModule(pl.LightningDataModule):
         self.batch_size = batch_size or cfg["data"]["batch_size"]
         self.datasets = datasets if datasets is not None else build_datasets(self.cfg)
         self._workers_logged = False
+        self.model_input = ModelInput()
 
     @property
     def num_workers(self) -> int:
@@ -264,6 +266,14 @@ class DiffMICDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
             **common,
         )
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """The transforms' device half (transforms.ModelInput), for every fit, validation, test and predict of every
+        model that loads through this module. Lightning converts a batch's float tensors to the precision's input
+        dtype (64-true: float64) before the transfer, when the images are still 8 bits: that conversion is applied
+        again here, so that the images reach the models in the dtype they had before."""
+        batch = self.model_input(batch)
+        return self.trainer.precision_plugin.convert_input(batch) if self.trainer is not None else batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dataloader.transforms import item
 from diffmic.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -368,8 +369,6 @@ class ImageList(Dataset):
                 f"{getattr(cause, 'strerror', None) or cause}. Restore the file (or remove its row from the list) "
                 "and run again (a fit: resume with --ckpt last); the checkpoints written before are kept as they were"
             ) from err
-        if self.transform is not None:
-            image = self.transform(image)
         label = self.labels[index]
         label = torch.from_numpy(label) if label.ndim else int(label)
-        return {"image": image, "label": label, "index": index}
+        return {**item(self.transform, image), "label": label, "index": index}

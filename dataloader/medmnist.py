@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dataloader.transforms import item
 from diffmic.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -318,7 +319,5 @@ class MedMNISTSplit(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image = Image.fromarray(self.images[index]).convert("RGB")  # grey -> 3 equal channels
-        if self.transform is not None:
-            image = self.transform(image)
         label = torch.from_numpy(self.labels[index].copy()) if self.multilabel else int(self.labels[index])
-        return {"image": image, "label": label, "index": index}
+        return {**item(self.transform, image), "label": label, "index": index}

@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dataloader.transforms import item
+
 
 def _texture(label: int, size: int) -> np.ndarray:
     """A (size, size) mask in [0, 1] for class `label`."""
@@ -97,6 +99,4 @@ class SyntheticPatterns(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image = Image.fromarray(self.images[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "label": int(self.labels[index]), "index": index}
+        return {**item(self.transform, image), "label": int(self.labels[index]), "index": index}

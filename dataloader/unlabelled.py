@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataloader.lists import IMAGE_SUFFIXES, PATH_COLUMNS, load_rgb, resolve_image
+from dataloader.transforms import item
 from diffmic.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,11 @@ class UnlabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         try:
-            image, error = self.transform(load_rgb(self.paths[index])), ""
+            image, error = item(self.transform, load_rgb(self.paths[index])), ""
         except OSError as err:  # missing, truncated or not an image: reported in the predictions
-            image, error = torch.zeros(3, self.image_size, self.image_size), str(err)
-        return {"image": image, "label": -1, "index": index, "error": error}
+            # a black image in the evaluation transform's 8 bits, so that the batch collates; its row has no scores
+            image, error = {"image": torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)}, str(err)
+        return {**image, "label": -1, "index": index, "error": error}
 
 
 def image_files(files: Sequence[str | Path], transform, image_size: int) -> UnlabelledImages:

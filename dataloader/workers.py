@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-# auto never starts more workers than this per process: 8 workers decode and augment about 2,800 training images a
+# auto never starts more workers than this per process: 8 workers decode and augment about 4,000 training images a
 # second at 224 px from 600 x 450 JPEGs even on the shared development CPU (docs/speed.md, "Data loading"), more than
 # one H100 trains; more would only hold memory and lengthen the start
 MAX_AUTO_WORKERS = 8

@@ -1,6 +1,7 @@
 """On a CUDA GPU (skipped without one; `benchmarks/gpu_check.sh` runs them): float32 on the GPU computes what it
 computes on the CPU (denoiser, DCG, scheduler, one sampled batch) within a stated tolerance, a tiny bf16-mixed fit
-runs, and DDP over NCCL on every visible GPU evaluates as one process does.
+runs, DDP over NCCL on every visible GPU evaluates as one process does, and the data path's device half (8-bit
+batches turned and normalised on the GPU) gives the CPU's model inputs.
 
 Tolerance: under the configured float32 policy (default.yml: highest) the GPU runs IEEE float32; its kernels sum in
 other orders than the CPU's, so results agree to about 1e-5 relative (checked at 1e-4 absolute on values of order
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import TINY, cli, ok
+from PIL import Image
+from torch.utils.data import default_collate
 
+from dataloader.transforms import ModelInput, build_transform, item
 from diffmic.config import load_config
 from diffmic.precision import apply_float32_policy, float32_policy
 from diffmic.v2.pipeline import DDIMScheduler
@@ -229,3 +234,34 @@ def test_the_gpu_check_collects_its_tests():
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         collected = re.search(r"tests/test_cuda\.py: (\d+)", result.stdout)
         assert collected and int(collected.group(1)) > 0, result.stdout[-1000:]
+
+
+def textured_image(width: int, height: int, seed: int) -> Image.Image:
+    """Noise, a flat block and a smooth ramp (where a rounding of interpolated levels shows)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[: height // 2, : width // 2] = (200, 120, 40)
+    pixels[height // 2 :, width // 2 :] = np.linspace(0, 255, width - width // 2, dtype=np.uint8)[None, :, None]
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_data_path_s_device_half_on_cuda_computes_the_cpu_s_model_inputs():
+    """Evaluation inputs to the bit (the divisions by 255 and by the std are by tensors, which CUDA divides exactly;
+    by a Python number it would multiply by the reciprocal); a training batch's rotation within one 8-bit level on a
+    few pixels in 10,000 (float32 sampling on another device)."""
+    cfg = load_config(None, ["data.image_size=64", "data.rotation_degrees=30", "data.vertical_flip=true"])
+    images = [textured_image(90 - 9 * (k % 3), 70 + 11 * (k % 4), k) for k in range(24)]
+    level = 1 / 255 / 0.224  # one 8-bit level after the normalisation, at the smallest std
+    for train in (False, True):
+        torch.manual_seed(0)
+        transform = build_transform(cfg, train)
+        batch = default_collate([item(transform, image) for image in images])
+        on_cpu = ModelInput()(batch)["image"]
+        on_gpu = ModelInput()({key: value.to(CUDA) for key, value in batch.items()})["image"]
+        assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+        if not train:
+            assert torch.equal(on_gpu.cpu(), on_cpu)
+        else:
+            off = (on_gpu.cpu() - on_cpu).abs()
+            assert off.max() <= level * 1.001 and (off > 1e-6).float().mean() < 1e-3, off.max()

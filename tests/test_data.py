@@ -14,7 +14,7 @@ from PIL import Image
 from dataloader.datamodule import build_datasets, carve_validation
 from dataloader.lists import ImageList, SplitList, load_rgb, read_list
 from dataloader.synthetic import SyntheticPatterns
-from dataloader.transforms import build_transform
+from dataloader.transforms import ModelInput, build_transform, item
 from diffmic.config import ConfigError, load_config
 
 
@@ -132,7 +132,7 @@ def test_list_dataset_from_config(tmp_path):
     sets = build_datasets(cfg)
     assert (len(sets["train"]), len(sets["val"]), len(sets["test"])) == (5, 4, 3)  # val: ceil(9 * 0.34)
     sample = sets["train"][0]
-    assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.float32
+    assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.uint8  # normalised on the device
 
 
 def test_synthetic_set_is_deterministic_and_balanced():
@@ -154,13 +154,18 @@ def framed_image() -> Image.Image:
     return Image.fromarray(array)
 
 
+def model_input(transform, image: Image.Image) -> torch.Tensor:
+    """One image as the models read it: the transform's 8 bits, then the device half's normalisation."""
+    return ModelInput()({key: value[None] for key, value in item(transform, image).items()})["image"][0]
+
+
 def test_transforms_normalise_and_crop_square():
     cfg = load_config(None, ["data.image_size=64"])
     image = framed_image()
     for train in (True, False):
-        out = build_transform(cfg, train)(image)
-        assert out.shape == (3, 64, 64)
-    out = build_transform(cfg, False)(image)
+        out = model_input(build_transform(cfg, train), image)
+        assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    out = model_input(build_transform(cfg, False), image)
     # the centre square is cut before resizing: the black side columns are gone, every pixel is white
     torch.testing.assert_close(out, WHITE[:, None, None].expand(3, 64, 64))
 
@@ -288,8 +293,8 @@ def test_truncated_image_is_refused_before_training(tmp_path):
 def test_chest_transform():
     cfg = load_config(None, ["data.image_size=64", "data.transform=chest", "data.rotation_degrees=20"])
     image = framed_image()
-    assert build_transform(cfg, True)(image).shape == (3, 64, 64)
-    out = build_transform(cfg, False)(image)
+    assert model_input(build_transform(cfg, True), image).shape == (3, 64, 64)
+    out = model_input(build_transform(cfg, False), image)
     assert out.shape == (3, 64, 64)
     # resize, no square crop: the whole width is squeezed in, so the black side columns stay at the edges
     torch.testing.assert_close(out[:, :, 0], BLACK[:, None].expand(3, 64))

@@ -1,12 +1,15 @@
 """Data loading for a GPU (issue 31): data.num_workers auto, persistent workers whose training augmentations repeat
-on a resume and for any worker count, the cheaper training path (reduced-size JPEG decoding, one tensor resampling)
-with the augmentation parameters of SPEC 1, evaluation inputs unchanged to the bit, and the benchmark of the path."""
+on a resume and for any worker count, the cheaper training path (reduced-size JPEG decoding, 8-bit batches turned and
+normalised on the device) with the augmentation parameters of SPEC 1, the model inputs of before to the bit
+(evaluation and training, on the CPU), and the benchmark of the path."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -15,16 +18,27 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 from scipy import stats
+from torch.utils.data import default_collate
 from torchvision import transforms as T
 
 from benchmarks import speed
 from dataloader import workers
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from dataloader.lists import load_rgb
-from dataloader.transforms import FlipRotateNormalise, SquareCenterCrop, build_transform, rotate
+from dataloader.transforms import (
+    ROTATION,
+    FlipRotate,
+    ModelInput,
+    SquareCenterCrop,
+    build_transform,
+    item,
+    rotate,
+    rotation_coefficients,
+)
 from dataloader.unlabelled import unlabelled_images
 from diffmic.config import ConfigError, load_config
 
@@ -118,7 +132,8 @@ def test_loaders_use_the_resolved_workers_persistently_and_log_them(monkeypatch,
 
 
 def epoch(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    batches = list(loader)
+    model_input = ModelInput()  # the model inputs: turned and normalised as on the device
+    batches = [model_input(b) for b in loader]
     return torch.cat([b["index"] for b in batches]), torch.cat([b["image"] for b in batches])
 
 
@@ -161,6 +176,55 @@ def old_training_transform(cfg: dict) -> T.Compose:
     return T.Compose([*steps, T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
+class PreviousFlipRotateNormalise:
+    """The training transform's tail before the 8-bit batches (issue 31, point 9), kept as it was: flips, rotation
+    and normalisation of each image in the loader worker, one float tensor an image."""
+
+    def __init__(self, vertical_flip: bool, degrees: float) -> None:
+        self.tail = FlipRotate(vertical_flip, degrees)  # its draws are the ones of before (tested below)
+        self.mean, self.std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        hflip, vflip, angle = self.tail.draw()
+        planes = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        pixels = torch.empty(planes.shape).copy_(planes)
+        if self.tail.degrees > 0:
+            pixels = self.rotate(pixels, angle, hflip, vflip)
+        else:
+            dims = [d for d, flip in ((2, hflip), (1, vflip)) if flip]
+            pixels = pixels.flip(dims) if dims else pixels
+        return pixels.div_(255).sub_(self.mean).div_(self.std)
+
+    @staticmethod
+    def rotate(pixels: torch.Tensor, angle: float, hflip: bool, vflip: bool) -> torch.Tensor:
+        _, height, width = pixels.shape
+        a = math.radians(angle)
+        cos, sin = math.cos(a), math.sin(a)
+        sx, sy = (-2.0 if hflip else 2.0) / width, (-2.0 if vflip else 2.0) / height
+        u = torch.arange(width, dtype=pixels.dtype) + (0.5 - width / 2)
+        v = (torch.arange(height, dtype=pixels.dtype) + (0.5 - height / 2))[:, None]
+        grid = torch.empty(height, width, 2, dtype=pixels.dtype)
+        torch.add((sx * cos) * u, (-sx * sin) * v, out=grid[..., 0])
+        torch.add((sy * sin) * u, (sy * cos) * v, out=grid[..., 1])
+        out = torch.nn.functional.grid_sample(
+            pixels[None], grid[None], mode="bilinear", padding_mode="border", align_corners=False
+        )[0]
+        inside = grid.abs_().amax(dim=-1) < 1
+        return out.add_(2**-14).floor_().mul_(inside)
+
+
+def previous_training_transform(cfg: dict) -> T.Compose:
+    """The training transform before the 8-bit batches: the CPU steps of today, then the tail of before."""
+    steps, data = build_transform(cfg, train=True).transforms[:-1], cfg["data"]
+    return T.Compose([*steps, PreviousFlipRotateNormalise(data["vertical_flip"], data["rotation_degrees"])])
+
+
+def model_inputs(transform, images: list[Image.Image]) -> torch.Tensor:
+    """What the models read: the CPU half on each image (in order: its draws), collated as a loader collates, then
+    the device half, here on the CPU."""
+    return ModelInput()(default_collate([item(transform, image) for image in images]))["image"]
+
+
 def textured_image(width: int = 90, height: int = 70) -> Image.Image:
     """Noise, with a flat block and a smooth ramp (where a rounding of the interpolated levels shows)."""
     g = np.random.default_rng(0)
@@ -187,7 +251,7 @@ def test_training_transform_draws_the_old_parameters_and_samples_as_pil(override
     image, level = textured_image(), 1 / 255 / min(STD)
     for seed in range(12):
         torch.manual_seed(seed)
-        ours, after_ours = new(image), torch.get_rng_state()
+        ours, after_ours = model_inputs(new, [image])[0], torch.get_rng_state()
         torch.manual_seed(seed)
         theirs = old(image)
         assert torch.equal(after_ours, torch.get_rng_state())  # the same draws
@@ -198,9 +262,51 @@ def test_training_transform_draws_the_old_parameters_and_samples_as_pil(override
             assert off.max() <= level * 1.001 and (off > 1e-6).float().mean() < 1e-3, (seed, off.max())
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.rotation_degrees=30"],
+        ["data.rotation_degrees=30", "data.vertical_flip=true"],
+        ["data.transform=chest", "data.rotation_degrees=20"],
+        ["data.rotation_degrees=0", "data.vertical_flip=true"],
+    ],
+)
+def test_training_inputs_are_the_tensors_of_the_float_path_to_the_bit(overrides):
+    """Seeded alike, 8-bit items turned and normalised for a whole batch at once give the float tensors that the
+    worker computed for each image before, to the bit (on the CPU), after the same draws: the augmentations keep
+    their distributions (SPEC 1)."""
+    cfg = load_config(None, ["data.image_size=64", *overrides])
+    new, old = build_transform(cfg, train=True), previous_training_transform(cfg)
+    images = [textured_image(), textured_image(64, 100), textured_image().rotate(90, expand=True)] * 3
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ours, after_ours = model_inputs(new, images), torch.get_rng_state()
+        torch.manual_seed(seed)
+        theirs = torch.stack([old(image) for image in images])
+        assert torch.equal(after_ours, torch.get_rng_state())
+        assert ours.dtype == torch.float32 and torch.equal(ours, theirs), seed
+    torch.manual_seed(0)
+    first = item(new, images[0])
+    assert first["image"].dtype == torch.uint8 and first["image"].shape == (3, 64, 64)
+    assert (ROTATION in first) == (cfg["data"]["rotation_degrees"] > 0)
+
+
+def test_model_input_passes_float_batches_and_keeps_its_constants_on_the_device():
+    model_input = ModelInput()
+    batch = {"image": torch.randn(2, 3, 8, 8), "index": torch.arange(2)}
+    assert model_input(batch) is batch  # already normalised (tests, benchmarks' model-only batches)
+    constants = model_input.constants(torch.device("cpu"))
+    assert constants is model_input.constants(torch.device("cpu"))  # copied to the device once
+    assert constants.flatten().tolist() == torch.tensor([255.0, *MEAN, *STD]).tolist()
+    loaded = {"image": torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), "index": torch.arange(2)}
+    out = model_input(loaded)
+    assert loaded["image"].dtype == torch.uint8, "the loader's batch is left as it was"
+    torch.testing.assert_close(out["image"][0, :, 0, 0], (1 - torch.tensor(MEAN)) / torch.tensor(STD))
+
+
 def test_training_transform_keeps_the_steps_and_parameters_of_spec_1():
     standard = build_transform(load_config("configs/isic.yml", ["data.vertical_flip=true"]), train=True).transforms
-    assert [type(s) for s in standard] == [SquareCenterCrop, T.Resize, FlipRotateNormalise]
+    assert [type(s) for s in standard] == [SquareCenterCrop, T.Resize, FlipRotate]
     assert tuple(standard[1].size) == (224, 224) and standard[1].interpolation == T.InterpolationMode.BILINEAR
     assert (standard[2].vertical_flip, standard[2].degrees) == (True, 30.0)
     chest = build_transform(load_config("configs/chest.yml"), train=True).transforms
@@ -216,7 +322,7 @@ def test_training_transform_keeps_the_steps_and_parameters_of_spec_1():
 
 
 def test_flips_and_angles_are_drawn_with_their_distributions():
-    tail = FlipRotateNormalise(vertical_flip=True, degrees=30)
+    tail = FlipRotate(vertical_flip=True, degrees=30)
     torch.manual_seed(0)
     draws = [tail.draw() for _ in range(4000)]
     angles = np.array([a for _, _, a in draws])
@@ -226,7 +332,7 @@ def test_flips_and_angles_are_drawn_with_their_distributions():
         assert abs(flips.mean() - 0.5) < 4 * 0.5 / np.sqrt(len(flips))
     # no vertical flip and no rotation: one draw (the horizontal flip), as RandomHorizontalFlip alone
     torch.manual_seed(1)
-    assert FlipRotateNormalise(vertical_flip=False, degrees=0).draw()[1:] == (False, 0.0)
+    assert FlipRotate(vertical_flip=False, degrees=0).draw()[1:] == (False, 0.0)
     after = torch.get_rng_state()
     torch.manual_seed(1)
     torch.rand(1)
@@ -241,7 +347,8 @@ def test_rotation_turns_as_pil_does():
         flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if hflip else image
         flipped = flipped.transpose(Image.Transpose.FLIP_TOP_BOTTOM) if vflip else flipped
         expected = torch.from_numpy(np.array(flipped.rotate(angle, Image.Resampling.BILINEAR))).permute(2, 0, 1)
-        off = (rotate(pixels, angle, hflip, vflip) - expected.float()).abs()
+        coefficients = torch.tensor([rotation_coefficients(angle, hflip, vflip, 48, 48)])
+        off = (rotate(pixels[None], coefficients)[0] - expected.float()).abs()
         assert off.max() <= 1 and (off > 0).float().mean() < 1e-3, (angle, off.max())
 
 
@@ -292,17 +399,99 @@ def list_config(folder: Path, paths: list[Path], *overrides: str) -> dict:
 @needs_ham
 @pytest.mark.parametrize("size", [224, 64])
 def test_evaluation_inputs_are_the_tensors_of_before(ham_images, size):
+    """On real JPEGs the normalised evaluation batch is the float pipeline's of before, bit for bit: the val, test and
+    predict --input items (8 bits) collated and normalised, and DiffMICDataModule's loader through its hook."""
     folder = ham_images[0].parent
-    sets = build_datasets(list_config(folder, ham_images, f"data.image_size={size}"))
+    cfg = list_config(folder, ham_images, f"data.image_size={size}", "data.batch_size=5")
+    sets = build_datasets(cfg)
     predict = unlabelled_images(
         folder, None, build_transform(load_config(None, [f"data.image_size={size}"]), False), size
     )
     by_name = {Path(p).name: i for i, p in enumerate(predict.paths)}
-    for i, path in enumerate(ham_images):
-        expected = as_evaluated_before(path, size)
-        assert torch.equal(sets["val"][i]["image"], expected) and torch.equal(sets["test"][i]["image"], expected)
-        assert torch.equal(predict[by_name[path.name]]["image"], expected)
-    assert sets["val"].draft_side is None and sets["test"].draft_side is None
+    expected = torch.stack([as_evaluated_before(path, size) for path in ham_images])
+    model_input = ModelInput()
+    for split in ("val", "test"):
+        assert sets[split][0]["image"].dtype == torch.uint8 and sets[split].draft_side is None
+        batch = model_input(default_collate([sets[split][i] for i in range(len(ham_images))]))
+        assert batch["image"].dtype == torch.float32 and torch.equal(batch["image"], expected)
+    unlabelled = default_collate([predict[by_name[path.name]] for path in ham_images])
+    assert torch.equal(model_input(unlabelled)["image"], expected)
+    data = DiffMICDataModule(cfg, datasets=sets)
+    loaded = [data.on_after_batch_transfer(batch, 0)["image"] for batch in data.val_dataloader()]
+    assert [len(b) for b in loaded] == [5, 5, 2] and torch.equal(torch.cat(loaded), expected)
+
+
+@needs_ham
+def test_training_batches_of_real_jpegs_are_the_tensors_of_before(ham_images):
+    """The training split of real JPEGs at the paper's size (reduced decoding, rotation): seeded alike, the batch the
+    models read is, to the bit, the one the worker's float path gave image by image."""
+    folder = ham_images[0].parent
+    cfg = list_config(folder, ham_images, "data.image_size=224", "data.rotation_degrees=30")
+    train = build_datasets(cfg)["train"]
+    assert train.draft_side == 224
+    before = copy.copy(train)
+    before.transform = previous_training_transform(cfg)
+    torch.manual_seed(0)
+    ours = ModelInput()(default_collate([train[i] for i in range(len(train))]))["image"]
+    torch.manual_seed(0)
+    theirs = torch.stack([before[i]["image"] for i in range(len(before))])
+    assert ours.shape == (12, 3, 224, 224) and torch.equal(ours, theirs)
+
+
+class Recorder(pl.LightningModule):
+    """Keeps the batches as the loaders gave them and as its training and validation steps receive them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[str, list[dict]] = {"train": [], "val": []}
+        self.loaded: list[dict] = []
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        self.loaded.append({key: value.clone() for key, value in batch.items()})
+        return batch
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen["train"].append(batch)
+        return self.weight.sum()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.seen["val"].append(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.filterwarnings("ignore:You have overridden `on_before_batch_transfer`")
+@pytest.mark.parametrize(
+    "precision, dtype", [("32-true", torch.float32), ("bf16-mixed", torch.float32), ("64-true", torch.float64)]
+)
+def test_lightning_hands_every_model_normalised_images_in_the_dtype_of_before(tmp_path, precision, dtype):
+    """Through Lightning's loops (fit and validate) the models read the images the loaders' 8-bit batches stand for,
+    normalised float32 as before (64-true: widened to float64, as Lightning widened the float batches before); the
+    rotation's coefficients are used up on the way."""
+    cfg = load_config(None, [*TINY_SET, "data.num_workers=0"])
+    data = DiffMICDataModule(cfg)
+    model = Recorder()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=data)
+    assert (len(model.seen["train"]), len(model.seen["val"]), len(model.loaded)) == (3, 2, 5)  # 12 and 5 images
+    for k, (batch, loaded) in enumerate(zip(model.seen["train"] + model.seen["val"], model.loaded, strict=True)):
+        assert loaded["image"].dtype == torch.uint8 and (ROTATION in loaded) == (k < 3)  # training batches only
+        expected = ModelInput()(loaded)["image"]  # on the CPU, in float32
+        assert ROTATION not in batch and batch["image"].dtype == dtype
+        assert torch.equal(batch["image"], expected.to(dtype))
 
 
 @needs_ham
@@ -326,10 +515,18 @@ def test_the_speed_benchmark_measures_the_data_path(tmp_path):
     assert speed.main(argv) == 0
     (entry,) = json.loads((tmp_path / "data_path.json").read_text()).values()
     assert entry["settings"]["image_sizes"] == "600 x 450" and entry["settings"]["images"] == 4
-    for path in ("pil", "current"):
-        timing = entry["timings"][path]
+    timings = entry["timings"]
+    for path in ("pil", "float", "current", "batching_float", "batching_uint8", "device_half_on_cpu"):
+        timing = timings[path]
         assert timing["cpu_ms_per_image"] > 0 and timing["workers_for_target"] >= 1
         assert timing["images_per_s_per_core"] == pytest.approx(1000 / timing["cpu_ms_per_image"])
+    assert timings["speed_up"] == pytest.approx(
+        timings["float"]["cpu_ms_per_image"] / timings["current"]["cpu_ms_per_image"]
+    )
+    assert len(timings["ratios_new_over_old"]) == 1
+    report = (tmp_path / "data_path.md").read_text()
+    assert "| now: reduced decoding, 8-bit batches, rotation and normalisation on the device |" in report
+    assert "New over old (8-bit over float32 batches)" in report
     assert entry["timings"]["draft_difference_levels"]["max"] >= entry["timings"]["draft_difference_levels"]["mean"]
     text = (tmp_path / "data_path.md").read_text()
     assert "upscaled" in text and "workers for 2,000 images/s" in text and "load average" in text

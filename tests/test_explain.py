@@ -29,13 +29,13 @@ def small_v2(*overrides: str) -> DiffMICv2:
 
 
 def synthetic_batch(count: int = 3, seed: int = 4) -> tuple[dict, SyntheticPatterns]:
-    from dataloader.transforms import build_transform
+    from dataloader.transforms import ModelInput, build_transform
 
     cfg = load_config(None, SMALL)
     data = SyntheticPatterns(count, 3, 64, 20, seed=seed, transform=build_transform(cfg, train=False))
     items = [data[i] for i in range(count)]
     batch = {
-        "image": torch.stack([x["image"] for x in items]),
+        "image": ModelInput()({"image": torch.stack([x["image"] for x in items])})["image"],
         "label": torch.tensor([x["label"] for x in items]),
         "index": torch.tensor([x["index"] for x in items]),
     }
@@ -196,12 +196,12 @@ def test_the_saliency_overlay_follows_the_texture():
         image = base.astype(np.float32) / 255
         image[y : y + 20, x : x + 20] = mask * PALETTE[1] + (1 - mask) * image[y : y + 20, x : x + 20]
         images.append(Image.fromarray((image * 255).astype(np.uint8)))
-    from dataloader.transforms import build_transform
+    from dataloader.transforms import ModelInput, build_transform
 
     system = small_v2()
     transform = build_transform(system.cfg, train=False)
     batch = {
-        "image": torch.stack([transform(i) for i in images]),
+        "image": ModelInput()({"image": torch.stack([transform(i) for i in images])})["image"],
         "label": torch.tensor([1, 1]),
         "index": torch.arange(2),
     }
@@ -269,6 +269,7 @@ def test_explain_demo_benchmark_computes_its_numbers(tmp_path):
 
     from benchmarks import explain_demo
     from dataloader.datamodule import build_datasets
+    from dataloader.transforms import ModelInput
     from pretraining.dcg import build_dcg
     from pretraining.dcg_file import load_dcg
 
@@ -290,7 +291,8 @@ def test_explain_demo_benchmark_computes_its_numbers(tmp_path):
     load_dcg(dcg, cfg, tmp_path / "logs" / "demo" / "dcg.pt")
     dcg.eval()
     with torch.no_grad():  # in the benchmark's batches: the same forward numbers
-        outs = [dcg(torch.stack([test[i]["image"] for i in range(s, min(s + 16, len(test)))])) for s in (0, 16)]
+        batches = [torch.stack([test[i]["image"] for i in range(s, min(s + 16, len(test)))]) for s in (0, 16)]
+        outs = [dcg(ModelInput()({"image": images})["image"]) for images in batches]
     cams, fusion = torch.cat([o.saliency for o in outs]), torch.cat([o.y_fusion for o in outs])
     corners = torch.cat([o.corners for o in outs])
     saliency, roi_any = [], []

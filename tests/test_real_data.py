@@ -17,6 +17,7 @@ import pytest
 
 import diffuser_trainer
 from dataloader.datamodule import build_datasets
+from dataloader.transforms import ModelInput
 from diffmic.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_medmnist_configs_load_the_official_files(config, sizes, channels_equal,
     sets = build_datasets(cfg)
     assert tuple(len(sets[s]) for s in ("train", "val", "test")) == sizes
     assert np.bincount(sets["train"].labels).tolist() == train_counts
-    image = sets["test"][0]["image"]
+    image = ModelInput()({"image": sets["test"][0]["image"][None]})["image"][0]  # normalised, as on the device
     assert image.shape == (3, 224, 224)  # 28 px resized to the model's size, grey made RGB
     assert bool((image[0] * 0.229 + 0.485 - image[1] * 0.224 - 0.456).abs().max() < 1e-5) == channels_equal
 

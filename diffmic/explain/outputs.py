@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, default_collate
 
 from dataloader.datamodule import evaluation_batches
 from dataloader.lists import IMAGE_SUFFIXES
+from dataloader.transforms import ModelInput
 from diffmic.config import ConfigError
 from diffmic.evaluation.figures import save, to_image
 from diffmic.explain.explanation import Explanation, explain_batch
@@ -79,11 +80,12 @@ def explain_items(
 ) -> tuple[Explanation, list[str]]:
     """The explanation of the data set's images `indices`, computed as one batch on the trainer's device under
     `evaluation` (the precision plugin's context manager of the split: predict_step_context, val_step_context),
-    and why each image could not be read ("" when it was; predict --input)."""
+    and why each image could not be read ("" when it was; predict --input). The batch reaches the model as a loader's
+    does: on the device, normalised there (transforms.ModelInput), in the precision's input dtype."""
     batch = default_collate([dataset[i] for i in indices])
     errors = list(batch.pop("error", [""] * len(indices)))
     plugin = trainer.precision_plugin
-    batch = plugin.convert_input(move_data_to_device(batch, trainer.strategy.root_device))
+    batch = plugin.convert_input(ModelInput()(move_data_to_device(batch, trainer.strategy.root_device)))
     with torch.no_grad(), evaluation():
         return explain_batch(system, batch), errors
 
