@@ -11,6 +11,8 @@ from helpers import write_image_lists
 
 from benchmarks import accuracy, common, prior_fit
 
+pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 

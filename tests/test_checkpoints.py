@@ -23,6 +23,8 @@ from diffmic.v2.system import DiffMICv2
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg, save_dcg
 
+pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
+
 
 class Payload:
     """Unpickling this object creates a file: what a malicious checkpoint would do."""

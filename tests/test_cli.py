@@ -12,6 +12,8 @@ import pytest
 from helpers import TINY, cli, ok, write_image_lists
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
+
 SCORES = ("max_prob", "entropy", "agreement", "sample_spread")
 
 

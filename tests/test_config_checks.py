@@ -243,6 +243,7 @@ def test_check_trainer_writes_nothing_starts_nothing_and_is_quiet(tmp_path, monk
         (["trainer.devices=two"], "config key trainer.devices: Lightning refuses 'two'"),
     ],
 )
+@pytest.mark.slow
 def test_command_line_exits_2_with_one_line_before_writing(tmp_path, capsys, args, needle):
     import diffuser_trainer
 

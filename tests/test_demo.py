@@ -8,9 +8,12 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import TINY, cli, ok
 
 from diffmic.checkpoints import read_checkpoint
+
+pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
 
 
 def test_demo_default_command_reaches_accuracy(tmp_path):

@@ -294,6 +294,7 @@ def v1_run(tmp_path_factory):
     return logs, args
 
 
+@pytest.mark.slow
 def test_v1_fit_then_validate_and_test_from_best_give_the_same_metrics(v1_run, tmp_path):
     logs, args = v1_run
     run = logs / "demo" / "version_0"
@@ -311,6 +312,7 @@ def test_v1_fit_then_validate_and_test_from_best_give_the_same_metrics(v1_run, t
     assert len((tmp_path / "pred.csv").read_text().splitlines()) == 1 + 24
 
 
+@pytest.mark.slow
 def test_a_v1_checkpoint_refuses_a_v2_config(v1_run, tmp_path):
     logs, args = v1_run
     v2_args = [a for a in args if a != "model.method=diffmic_v1"]
@@ -322,6 +324,7 @@ def test_a_v1_checkpoint_refuses_a_v2_config(v1_run, tmp_path):
     assert not system.training
 
 
+@pytest.mark.slow
 def test_a_v1_demo_fit_with_the_authors_resnet50_dcg(tmp_path, capsys):
     """The demo with v1's own DCG, then its checkpoint and DCG file with a ResNet-18 config: each refused with one
     error line naming dcg.backbone (exit 2), before any state dict is compared."""
@@ -358,6 +361,7 @@ def test_a_v1_demo_fit_with_the_authors_resnet50_dcg(tmp_path, capsys):
         assert len(lines) == 1 and "config key dcg.backbone:" in lines[0] and "dcg.backbone=resnet50" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_v1_run_resumes_from_last(v1_run):
     """--ckpt last: the fine-tuned DCG comes back from the checkpoint, the run continues in its version folder."""
     logs, args = v1_run

@@ -91,6 +91,7 @@ def test_evaluate_batch_scores_and_spread():
     torch.testing.assert_close(out["spread"], expected_spread)
 
 
+@pytest.mark.slow
 def test_the_dcg_stays_frozen_in_eval_mode_through_fit(tmp_path):
     """SPEC 5: the DCG is frozen and in eval mode while the denoiser trains. Lightning calls no train() when fit
     starts and restores submodule modes one by one after each validation, so this is checked through real fits."""

@@ -20,6 +20,8 @@ from helpers import cli as run_cli
 
 from diffmic.seeding import rank_seed, start_noise
 
+pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
+
 # odd-sized validation and test splits: two processes cannot split them evenly
 TINY = [*DEMO, "data.synthetic.num_val=33", "data.synthetic.num_test=25", "trainer.accelerator=cpu"]
 TWO = ["trainer.devices=2", "trainer.strategy=ddp"]

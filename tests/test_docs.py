@@ -55,7 +55,12 @@ def commands(doc: Path) -> list[str]:
 def named_files(command: str) -> list[str]:
     words = command.replace("=", " ").split()
     names = [w for w in words if PROJECT_FILE.match(w) and not w.startswith(USER_PATHS)]
-    names += [words[i + 1].replace(".", "/") + ".py" for i, w in enumerate(words[:-1]) if w == "-m"]
+    # `python -m module`: the module python runs (a later -m is that program's own option, e.g. pytest's marker)
+    names += [
+        words[i + 1].replace(".", "/") + ".py"
+        for i, w in enumerate(words[:-1])
+        if w == "-m" and i > 0 and words[i - 1].startswith("python")
+    ]
     return [n for n in names if not n.startswith(("pytest", "pip"))]
 
 

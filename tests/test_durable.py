@@ -32,6 +32,8 @@ from diffmic.durable import EXIT_WRITE, WriteFailed, atomic_open, partial_path, 
 from diffmic.results import write_json, write_predictions
 from diffmic.utils import build_trainer
 
+pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
+
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if " ERROR " in line]

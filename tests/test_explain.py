@@ -263,6 +263,7 @@ def test_pointing_hits_against_a_hand_made_saliency():
     assert cell_boxes(torch.tensor([[1, 0]]), (2, 2), (64, 64)).tolist() == [[32, 0, 64, 32]]
 
 
+@pytest.mark.slow
 def test_explain_demo_benchmark_computes_its_numbers(tmp_path):
     """The benchmark's hit rates are those of a per-image reference computed here from the DCG file it trained."""
     import json

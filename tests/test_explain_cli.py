@@ -15,6 +15,8 @@ import pytest
 from helpers import ROOT, TINY, cli, ok
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
+
 
 @pytest.fixture(scope="module")
 def explained_run(tmp_path_factory):

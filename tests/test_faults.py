@@ -30,6 +30,8 @@ from diffmic.faults import (
 from diffmic.utils import build_trainer
 from diffmic.v2.system import DiffMICv2
 
+pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
+
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR " in line]

@@ -28,6 +28,7 @@ def error_lines(stderr: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ evaluation batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("batch_size", [1, 4, 16])
 @pytest.mark.parametrize("num_images", [1, 3, 5, 7, 8, 25, 33, 100])
@@ -54,6 +55,7 @@ def tiny_checkpoint(tmp_path_factory):
     return logs / "demo" / "version_0" / "checkpoints" / "best.ckpt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes, images", [(4, 5), (3, 7)])
 def test_more_processes_than_batches_evaluate_each_image_once(tiny_checkpoint, tmp_path, processes, images):
     result = ok(
@@ -73,6 +75,7 @@ def test_more_processes_than_batches_evaluate_each_image_once(tiny_checkpoint, t
     assert counts == [str(images)], counts
 
 
+@pytest.mark.slow
 def test_fewer_images_than_processes_is_refused_before_any_work(tiny_checkpoint, tmp_path):
     result = cli(
         "test",
@@ -123,6 +126,7 @@ def test_every_lightning_precision_is_accepted_or_refused_with_its_key(precision
     assert precision_refusal(cfg["trainer"]["precision"]) is None
 
 
+@pytest.mark.slow
 def test_bf16_true_is_refused_before_any_work(tmp_path):
     result = cli("fit", *TINY, "trainer.precision=bf16-true", f"trainer.log_dir={tmp_path}")
     assert result.returncode == EXIT_CONFIG, result.stderr[-3000:]
@@ -257,6 +261,7 @@ def test_one_device_by_default():
     assert load_config(None)["trainer"]["devices"] == 1
 
 
+@pytest.mark.slow
 def test_the_roi_branch_ablation_trains_under_ddp_and_logs_the_global_batch(tmp_path):
     result = ok(
         cli(

@@ -22,7 +22,7 @@ from diffmic.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")]
 
 # A few CPU steps: small images and model, random init (no weights can be fetched here).
 FEW_STEPS = [

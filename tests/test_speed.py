@@ -45,6 +45,7 @@ def tiny_batch(n: int = 4) -> dict[str, torch.Tensor]:
     return {"image": torch.randn(n, 3, 64, 64, generator=g), "label": torch.arange(n) % 3, "index": torch.arange(n)}
 
 
+@pytest.mark.slow
 def test_lightning_bf16_mixed_autocasts_training_and_every_evaluation_step_on_the_cpu():
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False, enable_checkpointing=False)
     plugin = trainer.precision_plugin
@@ -226,6 +227,7 @@ def test_compile_is_opt_in_and_keeps_the_parameter_names():
     assert list(plain.state_dict()) == list(compiled.state_dict())
 
 
+@pytest.mark.slow
 def test_speed_benchmark_smoke_run_writes_its_report(tmp_path):
     overrides = [
         "data.synthetic.num_train=32",

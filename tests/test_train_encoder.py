@@ -18,6 +18,8 @@ from diffmic.methods import build_system
 from diffmic.utils import build_trainer
 from pretraining.train_encoder import load_classifier, pretrain_encoder, sidecar_path
 
+pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 # the demo, tiny, with the small ViT and one epoch of encoder pre-training
