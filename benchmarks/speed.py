@@ -46,6 +46,7 @@ from pytorch_lightning.utilities import move_data_to_device
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import data_path
+from benchmarks.common import cpu_name
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
@@ -526,17 +527,6 @@ def ratios(result: dict, precisions: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def cpu_name() -> str:
-    """The CPU's model name where Linux tells it (platform.processor() is empty there), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> dict:

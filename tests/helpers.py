@@ -76,3 +76,14 @@ def write_image_lists(folder: Path, count: int, num_classes: int, num_train: int
     rows = pd.DataFrame({"image_id": ids, "label": [k % num_classes for k in range(count)]})
     rows[:num_train].to_csv(folder / "train.csv", index=False)
     rows[num_train:].to_csv(folder / "test.csv", index=False)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, written here independently of config.py."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import flatten
 
 from diffmic.config import (
     PATH_KEYS,
@@ -23,17 +24,6 @@ def write(tmp_path: Path, content: dict) -> Path:
     path = tmp_path / "cfg.yml"
     path.write_text(yaml.safe_dump(content))
     return path
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}, written here independently of config.py."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def read_yaml(name: str) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import flatten
 
 from diffmic.checkpoints import checkpoint_config
 from diffmic.config import (
@@ -26,18 +27,6 @@ from diffmic.config import (
     upgrade_config,
 )
 from diffmic.faults import EXIT_CONFIG, exit_code
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}, written here independently of config.py."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
 
 DEFAULTS = flatten(yaml.safe_load((PROJECT_ROOT / "configs" / "default.yml").read_text()))
 

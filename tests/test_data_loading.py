@@ -234,15 +234,16 @@ def textured_image(width: int = 90, height: int = 70) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["data.rotation_degrees=30"],
-        ["data.rotation_degrees=30", "data.vertical_flip=true"],
-        ["data.transform=chest", "data.rotation_degrees=20"],
-        ["data.rotation_degrees=0", "data.vertical_flip=true"],
-    ],
-)
+# rotation, both flips, the chest transform's crop, flips without rotation
+TRAINING_AUGMENTATIONS = [
+    ["data.rotation_degrees=30"],
+    ["data.rotation_degrees=30", "data.vertical_flip=true"],
+    ["data.transform=chest", "data.rotation_degrees=20"],
+    ["data.rotation_degrees=0", "data.vertical_flip=true"],
+]
+
+
+@pytest.mark.parametrize("overrides", TRAINING_AUGMENTATIONS)
 def test_training_transform_draws_the_old_parameters_and_samples_as_pil(overrides):
     """Seeded alike, the tensor path and the old PIL path draw the same crop, flips and angle and give the same
     pixels: to the bit without rotation, else within one 8-bit level on a few pixels in 10,000."""
@@ -262,15 +263,7 @@ def test_training_transform_draws_the_old_parameters_and_samples_as_pil(override
             assert off.max() <= level * 1.001 and (off > 1e-6).float().mean() < 1e-3, (seed, off.max())
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["data.rotation_degrees=30"],
-        ["data.rotation_degrees=30", "data.vertical_flip=true"],
-        ["data.transform=chest", "data.rotation_degrees=20"],
-        ["data.rotation_degrees=0", "data.vertical_flip=true"],
-    ],
-)
+@pytest.mark.parametrize("overrides", TRAINING_AUGMENTATIONS)
 def test_training_inputs_are_the_tensors_of_the_float_path_to_the_bit(overrides):
     """Seeded alike, 8-bit items turned and normalised for a whole batch at once give the float tensors that the
     worker computed for each image before, to the bit (on the CPU), after the same draws: the augmentations keep
