@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 from benchmarks.common import (
     METRICS,
     benchmark_parser,
+    cell,
     checked_config,
     merge,
     new_report,
@@ -217,7 +218,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for method, e in report["summary"].items():
-        cells = [f"{e[k]['mean']:.3f} ± {e[k]['std']:.3f}" for k in METRICS]
+        cells = [cell(e, k) for k in METRICS]
         time_cells = "| – | – |" if np.isnan(e["train_s"]) else f"| {e['train_s']:.0f} | {e['images_per_s']:.1f} |"
         lines.append(f"| {method} | {' | '.join(cells)} {time_cells}")
     ref = MEDMNIST_V2_RESNET18_28.get(report["dataset"])

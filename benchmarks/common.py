@@ -29,23 +29,25 @@ RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 METRICS = ("acc", "f1", "auc", "kappa")
 
 
-def benchmark_parser(
-    description: str, config_help: str, *, seeds: bool = True, name_help: str | None = None
-) -> argparse.ArgumentParser:
-    """The arguments every benchmark takes: --config, [--seeds], --out-dir, [--name and --resume], overrides.
+def benchmark_parser(description: str, config_help: str, name_help: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark of seeded runs takes: --config, --seeds, --out-dir, --name, --resume, overrides.
     A benchmark adds its own before parsing."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--config", required=True, help=config_help)
-    if seeds:
-        parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
-    if name_help is not None:
-        parser.add_argument("--name", help=f"result file name (default: {name_help})")
-        parser.add_argument(
-            "--resume", action="store_true", help="keep the runs of <out-dir>/<name>.json (same config)"
-        )
+    parser.add_argument("--name", help=f"result file name (default: {name_help})")
+    parser.add_argument("--resume", action="store_true", help="keep the runs of <out-dir>/<name>.json (same config)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse then exits with code 2 naming the option)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -55,16 +57,13 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return args
 
 
-def checked_config(
-    args: argparse.Namespace, check: Callable[[dict], None] | None = None, need_paths: bool = True
-) -> dict | None:
+def checked_config(args: argparse.Namespace, check: Callable[[dict], None] | None = None) -> dict | None:
     """The benchmark's config with its overrides, checked before any work: the config's own checks, the data's
     paths (the DCG file need not exist: benchmarks train it) and the benchmark's `check`. None after logging the
     one-line reason when something is wrong (the caller returns exit code 2)."""
     try:
         base = load_config(args.config, args.overrides)
-        if need_paths:
-            check_paths(base, need_dcg=False)
+        check_paths(base, need_dcg=False)
         if check is not None:
             check(base)
     except ConfigError as err:
@@ -164,6 +163,13 @@ def provenance_lines(report: dict, config_title: str = "Config (resolved):") -> 
     ]
 
 
+def cell(entry: dict, key: str) -> str:
+    """A summary entry's 'mean ± std' to three places, '–' where it is missing or not finite."""
+    if key not in entry or not np.isfinite(entry[key]["mean"]):
+        return "–"
+    return f"{entry[key]['mean']:.3f} ± {entry[key]['std']:.3f}"
+
+
 def per_class_recall_table(summary: dict) -> list[str]:
     """Markdown lines: test recall of each class (mean ± std over seeds), a row per method."""
     names = [k.removeprefix("recall/") for k in next(iter(summary.values()), {}) if k.startswith("recall/")]
@@ -172,10 +178,7 @@ def per_class_recall_table(summary: dict) -> list[str]:
     lines = ["", "Test recall per class (mean ± standard deviation over seeds):", ""]
     lines += ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for method, e in summary.items():
-        cells = [
-            f"{e[f'recall/{n}']['mean']:.3f} ± {e[f'recall/{n}']['std']:.3f}" if f"recall/{n}" in e else "–"
-            for n in names
-        ]
+        cells = [cell(e, f"recall/{n}") for n in names]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.common import RESULTS_DIR
 from dataloader.datamodule import build_datasets
 from dataloader.transforms import ModelInput
 from diffmic.config import PROJECT_ROOT, ConfigError, check_paths, dcg_ckpt_path, load_config, parse_args_with_overrides
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(PROJECT_ROOT / "configs" / "demo.yml"), help="a synthetic config")
     parser.add_argument("--random-inits", type=int, default=5, help="randomly initialised DCGs for the chance level")
     parser.add_argument("--name", default="explain_demo", help="the report's file name, without suffix")
-    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = parse_args_with_overrides(parser, argv)
     setup_logging()
     start = time.time()

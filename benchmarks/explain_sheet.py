@@ -16,7 +16,6 @@ import argparse
 import csv
 import hashlib
 import logging
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from benchmarks.common import command_line
 from diffmic import api
 from diffmic.config import ConfigError, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(csv.DictReader(predictions.open()))
         names = figure_names([r["image"] for r in rows])
         size = stack([figures / n for n in names], out)
-    command = "python -m benchmarks.explain_sheet " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.explain_sheet", argv)
     lines = [
         f"# {out.name}",
         "",

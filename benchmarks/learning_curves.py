@@ -16,7 +16,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,20 @@ from benchmarks.accuracy import (
 from benchmarks.common import (
     METRICS,
     benchmark_parser,
+    cell,
     checked_config,
     new_report,
     parse,
     per_class_recall_table,
+    positive_int,
     provenance_lines,
     resume_or_new,
     seed_config,
     seed_spread,
+    write_report_files,
 )
 from benchmarks.plots import learning_curves_figure
 from dataloader.datamodule import build_datasets
-from diffmic.config import ConfigError
-from diffmic.durable import write_atomically
 
 logger = logging.getLogger("benchmarks.learning_curves")
 METHODS = ("dcg", "diffmic", "resnet18")
@@ -110,7 +110,6 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     """<name>.json, <name>.md and the learning-curve plot <name>.png."""
     report["summary"] = summarise(report)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / f"{name}.json", json.dumps(report, indent=2))
     learning_curves_figure(report, out_dir / f"{name}.png")
     epochs, summary = report["epochs"], report["summary"]
     lines = [
@@ -128,9 +127,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     for method, e in summary.items():
         rows = [r for r in report["runs"] if r["method"] == method]
         best = "–" if method == "dcg" else ", ".join(str(r["best_epoch"] + 1) for r in rows)
-        lines.append(
-            f"| {method} | " + " | ".join(f"{e[k]['mean']:.3f} ± {e[k]['std']:.3f}" for k in METRICS) + f" | {best} |"
-        )
+        lines.append(f"| {method} | " + " | ".join(cell(e, k) for k in METRICS) + f" | {best} |")
     lines += ["", "Validation accuracy / macro F1 per epoch, mean ± standard deviation over seeds:", ""]
     methods = list(summary)
     lines += ["| epoch | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
@@ -173,26 +170,18 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     lines += provenance_lines(
         report, "Config (resolved; trainer.max_epochs is --epochs for DiffMIC-v2 and the ResNet-18):"
     )
-    write_atomically(out_dir / f"{name}.md", "\n".join(lines))
+    write_report_files(out_dir, name, report, lines)
     logger.info("wrote %s, .json and .png", out_dir / f"{name}.md")
-
-
-def at_least_one_epoch(epochs: int) -> Callable[[dict], None]:
-    def check(base: dict) -> None:
-        if epochs < 1:
-            raise ConfigError(f"--epochs must be at least 1, got {epochs}")
-
-    return check
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(
         __doc__, "benchmark config, e.g. configs/bench_ham10000.yml", name_help="<config name>_long"
     )
-    parser.add_argument("--epochs", type=int, required=True, help="epochs of DiffMIC-v2 and the ResNet-18")
+    parser.add_argument("--epochs", type=positive_int, required=True, help="epochs of DiffMIC-v2 and the ResNet-18")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     args = parse(parser, argv)
-    base = checked_config(args, at_least_one_epoch(args.epochs))
+    base = checked_config(args)
     if base is None:
         return 2
     name = args.name or f"{base['name']}_long"

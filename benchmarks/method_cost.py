@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import statistics
 import sys
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS_DIR, command_line
 from benchmarks.speed import count_flops, machine, sample_once, sample_reencoding, timed
 from diffmic.config import PROJECT_ROOT, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--v1-steps", type=int, nargs="+", default=[250, 60], help="v1's ancestral steps to measure")
     parser.add_argument("--v2-config", default=str(PROJECT_ROOT / "configs" / "isic.yml"))
     parser.add_argument("--v1-config", default=str(PROJECT_ROOT / "configs" / "isic_v1.yml"))
-    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("overrides", nargs="*", help="key.sub=value for both configs (smoke tests)")
     args = parse_args_with_overrides(parser, argv)
     setup_logging()
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["gflop_ratio_to_v2"] = entry["gflop_per_image"] / reference["gflop_per_image"]
         entry["time_ratio_to_v2"] = entry["s_per_image"] / reference["s_per_image"]
     report = {
-        "command": "python -m benchmarks.method_cost " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": command_line("benchmarks.method_cost", argv),
         "machine": machine_text(machine(device)),
         "device": device.type,
         "precision": "float32",

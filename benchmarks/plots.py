@@ -14,11 +14,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from diffmic.config import PROJECT_ROOT
+from benchmarks.common import RESULTS_DIR
 from diffmic.evaluation.figures import new_figure, save
 
 logger = logging.getLogger("benchmarks.plots")
-RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+RESULTS = RESULTS_DIR
 LABELS = {
     "dcg": "DCG (fixed prior)",
     "diffmic": "DiffMIC-v2",

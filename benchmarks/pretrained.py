@@ -38,23 +38,25 @@ from benchmarks.accuracy import (
 from benchmarks.common import (
     METRICS,
     benchmark_parser,
+    cell,
     checked_config,
     config_changes,
     has_key,
     new_report,
     parse,
     per_class_recall_table,
+    positive_int,
     provenance_lines,
     resume_or_new,
     seed_config,
     seed_spread,
+    write_report_files,
 )
-from benchmarks.learning_curves import at_least_one_epoch, best_epoch, curves, long_config
+from benchmarks.learning_curves import best_epoch, curves, long_config
 from benchmarks.plots import pretrained_curves_figure
-from benchmarks.uncertainty import cell, measure, outputs_of, split_outputs
+from benchmarks.uncertainty import measure, outputs_of, split_outputs
 from dataloader.datamodule import build_datasets
 from diffmic.config import ConfigError, read_run_config
-from diffmic.durable import write_atomically
 from diffmic.evaluation.uncertainty import SAMPLE_SCORES
 from pretraining.train_encoder import load_classifier, pretrain_encoder, sidecar_path, trained_from
 
@@ -152,16 +154,17 @@ def unfinished_run(run_cfg: dict) -> Path | None:
     return None
 
 
-def run_diffmic_row(cfg: dict, datasets: dict, names: list[str], method: str, epochs: int) -> dict:
+def run_diffmic_row(cfg: dict, datasets: dict, names: list[str], method: str, epochs: int, resume: bool) -> dict:
     """Rows 4 and 5: DiffMIC-v2 trained `epochs` epochs, validated every epoch, guided by the seed's DCG; row 5 starts
-    its image encoder from the seed's encoder file (model.efficientsam_weights)."""
+    its image encoder from the seed's encoder file (model.efficientsam_weights). `resume` (--resume): an earlier
+    attempt at this very run that was cut off continues from its last.ckpt."""
     run_cfg = long_config(cfg, method, epochs)
     if method == "diffmic_pretrained":
         path = encoder_path(cfg)
         if not path.is_file():
             raise ConfigError(f"{path}: the encoder method of this seed must run before diffmic_pretrained")
         run_cfg["model"]["efficientsam_weights"] = str(path)
-    last = unfinished_run(run_cfg)
+    last = unfinished_run(run_cfg) if resume else None
     if last is not None:
         logger.info("%s: resuming the cut-off run from %s", run_cfg["name"], last)
     result = run_diffmic(run_cfg, 0.0, ckpt=None if last is None else str(last))
@@ -239,7 +242,6 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     """<name>.json, <name>.md and the validation-curve plot <name>.png."""
     report["summary"] = summarise(report)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / f"{name}.json", json.dumps(report, indent=2))
     pretrained_curves_figure(report, out_dir / f"{name}.png")
     s, cfg, epochs = report["summary"], report["config"], report["epochs"]
     encoder_epochs = cfg["encoder_pretraining"]["epochs"]
@@ -269,7 +271,8 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     lines += per_class_recall_table({LABELS[m]: e for m, e in s.items()})
     lines += [
         "",
-        "Per seed (epochs: trained / best validation epoch; train s: training time on this machine, – where reused):",
+        "Per seed (epochs: trained / best validation epoch; train s: training time on this machine, – where reused, "
+        "the part after the resume where a cut-off run was resumed):",
         "",
         "| seed | method | test ACC | macro F1 | AUC | kappa | ECE after T | val F1 | epochs | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -283,6 +286,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
             + " | ".join(f"{r['test'][k]:.3f}" for k in METRICS)
             + f" | {'–' if ece is None else f'{ece:.3f}'} | {r['val']['f1']:.3f} | {r['epochs']} / {best} | "
             + ("–" if not np.isfinite(seconds) else f"{seconds:.0f}")
+            + (", resumed" if "resumed_from" in r else "")
             + " |"
         )
     reused = sorted({r["reused_from"] for r in report["runs"] if "reused_from" in r})
@@ -301,7 +305,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         "it to <trainer.log_dir>/<name>/seed_<seed>/encoder.pt, with encoder.pt.json beside it).",
     ]
     lines += provenance_lines(report)
-    write_atomically(out_dir / f"{name}.md", "\n".join(lines))
+    write_report_files(out_dir, name, report, lines)
     logger.info("wrote %s, .json and .png", out_dir / f"{name}.md")
 
 
@@ -309,13 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(
         __doc__, "benchmark config, e.g. configs/bench_ham10000.yml", name_help="<config name>_pretrained"
     )
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of both DiffMIC-v2 rows (default 12)")
+    parser.add_argument("--epochs", type=positive_int, default=12, help="epochs of both DiffMIC-v2 rows (default 12)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--reuse", help="a learning-curves report whose random-init DiffMIC-v2 rows to reuse")
     args = parse(parser, argv)
 
     def check(base: dict) -> None:
-        at_least_one_epoch(args.epochs)(base)
         if args.reuse is not None and not Path(args.reuse).is_file():
             raise ConfigError(f"--reuse {args.reuse}: no such report")
 
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif method == "resnet18":
                     result = run_resnet18_row(cfg, datasets, names, args.epochs)
                 else:
-                    result = run_diffmic_row(cfg, datasets, names, method, args.epochs)
+                    result = run_diffmic_row(cfg, datasets, names, method, args.epochs, args.resume)
             except ConfigError as err:
                 logger.error("config error: %s", err)
                 return 2

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import seed_config
+from benchmarks.common import RESULTS_DIR, seed_config
 from dataloader.datamodule import build_datasets
 from dataloader.transforms import ModelInput, build_transform
-from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
+from diffmic.config import ConfigError, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
 from diffmic.evaluation.metrics import classification_metrics
 from diffmic.utils import setup_logging
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the benchmark config the DCGs were trained with")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("overrides", nargs="*", help="key.sub=value, as given to benchmarks/accuracy.py")
     args = parse_args_with_overrides(parser, argv)
     setup_logging()

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import seed_config
+from benchmarks.common import RESULTS_DIR, seed_config
 from dataloader.datamodule import build_datasets
 from dataloader.transforms import ModelInput
-from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
+from diffmic.config import ConfigError, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
 from diffmic.evaluation.metrics import classification_metrics
 from diffmic.utils import setup_logging
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="the learning-curve run's --epochs (default: the accuracy bench)")
-    parser.add_argument("--out-dir", default=str(PROJECT_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--name", help="result file name (default: <config name>_prior_use)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, as given to the benchmark")
     args = parse_args_with_overrides(parser, argv)

@@ -26,7 +26,6 @@ import json
 import logging
 import platform
 import resource
-import shlex
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from pytorch_lightning.utilities import move_data_to_device
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import data_path
-from benchmarks.common import cpu_name
+from benchmarks.common import RESULTS_DIR, command_line, cpu_name
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from diffmic.config import PROJECT_ROOT, ConfigError, load_config, parse_args_with_overrides
 from diffmic.durable import write_atomically
@@ -686,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the matrices of the peak-rate probe")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip Lightning's fit on the real data")
     parser.add_argument("--profile", action="store_true", help="profile one training step and one sampled batch")
-    parser.add_argument("--out", default=str(PROJECT_ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     data_path.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="key.sub=value for every config")
     args = parse_args_with_overrides(parser, argv)
@@ -697,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         logger.error("--device cuda, but CUDA is not available on this machine")
         return 2
-    command = "python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.speed", argv)
     if args.data_path:  # the CPU cost of the training data path alone
         try:
             return data_path.run(args, command, machine(torch.device("cpu")), HAM_ZIP)

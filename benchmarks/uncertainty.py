@@ -25,21 +25,22 @@ from benchmarks.accuracy import (
     reuse_or_train_dcg,
     run_diffmic,
     run_resnet18,
+    same_epochs,
 )
 from benchmarks.common import (
     benchmark_parser,
+    cell,
     checked_config,
     new_report,
     parse,
     provenance_lines,
     resume_or_new,
     seed_config,
+    write_report_files,
 )
 from benchmarks.plots import uncertainty_figures
 from dataloader.datamodule import DiffMICDataModule, build_datasets
 from diffmic.checkpoints import read_checkpoint
-from diffmic.config import ConfigError
-from diffmic.durable import write_atomically
 from diffmic.evaluation.figures import save
 from diffmic.evaluation.uncertainty import (
     COVERAGES,
@@ -152,17 +153,9 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
-def cell(entry: dict, key: str) -> str:
-    """A summary entry's 'mean ± std' to three places, '–' where it is missing or not finite."""
-    if key not in entry or not np.isfinite(entry[key]["mean"]):
-        return "–"
-    return f"{entry[key]['mean']:.3f} ± {entry[key]['std']:.3f}"
-
-
 def write_report(out_dir: Path, name: str, report: dict) -> None:
     report["summary"] = summarise(report["runs"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / f"{name}.json", json.dumps(report, indent=2))
     for kind, fig in uncertainty_figures(report).items():
         save(fig, out_dir / f"{name}_{kind}.png")
     s, seeds = report["summary"], report["seeds"]
@@ -224,7 +217,7 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         f"![reliability]({name}_reliability.png) ![risk-coverage]({name}_risk_coverage.png)",
         *provenance_lines(report),
     ]
-    write_atomically(out_dir / f"{name}.md", "\n".join(lines))
+    write_report_files(out_dir, name, report, lines)
     logger.info("wrote %s, .json and the plots", out_dir / f"{name}.md")
 
 
@@ -241,11 +234,6 @@ def trained_models(cfg: dict, datasets: dict) -> dict[str, str]:
         json.loads(fitted.read_text())["checkpoint"] if fitted.is_file() else run_diffmic(cfg, 0.0)["checkpoint"]
     )
     return models
-
-
-def same_epochs(base: dict) -> None:
-    if base["dcg"]["epochs"] != base["trainer"]["max_epochs"]:
-        raise ConfigError("dcg.epochs and trainer.max_epochs must agree, as in the accuracy benchmark")
 
 
 def main(argv: list[str] | None = None) -> int:

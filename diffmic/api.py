@@ -13,7 +13,6 @@ line's one line and exit code. Nothing here sets up logging: call diffmic.utils.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -28,11 +27,19 @@ from dataloader.datamodule import DiffMICDataModule, check_evaluation_sizes
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
 from diffmic.checkpoints import read_checkpoint
-from diffmic.config import ConfigError, check_imagenet_weights, check_paths, dcg_ckpt_path, load_config
+from diffmic.config import (
+    ConfigError,
+    check_imagenet_weights,
+    check_paths,
+    config_from_dict,
+    dcg_ckpt_path,
+    load_config,
+)
 from diffmic.explain.outputs import ExplainValidation, check_explain_folder, write_explanations
 from diffmic.faults import interruptible, run_folder_lock, signals_end_run
 from diffmic.methods import METHODS, build_system
 from diffmic.results import (
+    log_prediction_notes,
     prediction_table,
     save_config,
     write_json,
@@ -51,11 +58,13 @@ Images = str | Path | Sequence[str | Path]
 
 def resolve_config(config: ConfigSource = None, overrides: Overrides = ()) -> dict:
     """The checked config: `config` a YAML file (None: configs/demo.yml) loaded with `overrides` (key.sub=value words,
-    or a mapping of key.sub to value), or a config dict (a copy of it, used as it is: no overrides)."""
+    or a mapping of key.sub to value), or a config dict (no overrides: change the dict). A dict is read as a stored
+    config is (keys it lacks from default.yml, unknown keys refused) and checked as a loaded one, so a bad value
+    fails here, before any work."""
     if isinstance(config, Mapping):
         if overrides:
             raise ConfigError("overrides go with a config file; change the config dict itself instead")
-        return copy.deepcopy(dict(config))
+        return config_from_dict(config)
     if isinstance(overrides, str):
         words = [overrides]
     elif isinstance(overrides, Mapping):  # JSON is YAML: each value reads back as it was given
@@ -132,9 +141,8 @@ def fit(
             callbacks=[ExplainValidation(cfg)],  # TensorBoard's val/explain/<i> (explain.val_images)
         )
         run_dir = save_config(cfg, trainer)
-    lr_key = getattr(system, "lr_key", "optim.lr")
-    section, name = lr_key.split(".")
-    log_global_batch(trainer, cfg["data"]["batch_size"], cfg[section][name], "training", lr_key)
+    section, name = system.lr_key.split(".")
+    log_global_batch(trainer, cfg["data"]["batch_size"], cfg[section][name], "training", system.lr_key)
     with interruptible(trainer, "the fit", resumable=True):
         trainer.fit(system, datamodule=data, ckpt_path=setup.ckpt, weights_only=True)  # several devices: each process
     # a signal from here on ends with the same one line as during training (130 / 143)
@@ -204,10 +212,11 @@ def predict(
         write_explanations(system, trainer, dataset, explain_dir, explain_max, setup.names)
     multilabel = cfg["data"]["task"] == "multilabel"
     table = prediction_table(system.predictions, dataset, setup.names, multilabel, system.temperature)
-    if trainer.is_global_zero and write_csv:
-        write_prediction_table(Path(out) if out else run_dir / "predictions.csv", table)
-    elif trainer.is_global_zero and table.unreadable:
-        logger.warning("%d image(s) could not be read: their rows' status says why", table.unreadable)
+    if trainer.is_global_zero:
+        path = Path(out) if out else run_dir / "predictions.csv"
+        if write_csv:
+            write_prediction_table(path, table)
+        log_prediction_notes(table, str(path) if write_csv else "the returned table")
     return table.frame()
 
 

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,6 +276,19 @@ def upgrade_config(stored: dict, source: str) -> dict:
     notes += [f"dropped {', '.join(dropped)}"] if dropped else []
     if notes:
         logger.info("%s was stored by an older version: %s", source, "; ".join(notes))
+    return cfg
+
+
+def config_from_dict(given: Mapping[str, Any], source: str = "the config dict") -> dict:
+    """A config handed over as a dict (the Python API): read as a stored config is (upgrade_config: the keys it lacks
+    take default.yml's values, unknown keys are refused), then checked as a loaded one is, before any work: the type
+    of every key, the values (check_values) and the trainer keys (check_trainer)."""
+    cfg = upgrade_config(copy.deepcopy(dict(given)), source)
+    defaults = _flatten(_read_yaml(DEFAULT_CONFIG))
+    for key, value in _flatten(cfg).items():
+        _set(cfg, key, _check_type(key, value, defaults[key]))
+    check_values(cfg)
+    check_trainer(cfg)
     return cfg
 
 

@@ -58,22 +58,26 @@ class GuidedSystem(EvaluatedSystem):
         self.dcg.eval()  # the guidance: BatchNorm keeps its pre-trained statistics
         return self
 
+    def eval_by_design(self, name: str) -> bool:
+        """Whether the submodule `name` is in eval mode on purpose (a part of EVAL_MODE_PARTS)."""
+        return any(name == p or name.startswith(f"{p}.") for p in self.EVAL_MODE_PARTS)
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        # Lightning warns of every module in eval mode when training starts, which the frozen DCG is at every fit by
-        # design; that one message is hidden (from here on in this process), and on_train_start warns of the modules
-        # that are not meant to be in eval mode
+        # Lightning warns of every module in eval mode when training starts, with their count, which the frozen DCG's
+        # modules are at every fit by design. The message with exactly that count is hidden (from here on in this
+        # process: another model, or this one with more modules in eval mode, still gets it), and on_train_start
+        # names the modules that are not meant to be in eval mode
+        expected = sum(1 for name, _ in self.named_modules() if self.eval_by_design(name))
         warnings.filterwarnings(
             "ignore",
-            message=r"Found \d+ module\(s\) in eval mode at the start of training",
+            message=rf"Found {expected} module\(s\) in eval mode at the start of training\.",
             category=PossibleUserWarning,
         )
 
     def on_train_start(self) -> None:
         others = [
-            name
-            for name, module in self.named_modules()
-            if not module.training and not any(name == p or name.startswith(f"{p}.") for p in self.EVAL_MODE_PARTS)
+            name for name, module in self.named_modules() if not module.training and not self.eval_by_design(name)
         ]
         if others and self.trainer.is_global_zero:
             logger.warning(

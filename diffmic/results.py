@@ -100,26 +100,22 @@ def _cell(value: Any) -> Any:
 
 def write_prediction_table(path: Path, table: PredictionTable) -> None:
     """predictions.csv, atomically: a reader (or a kill) never meets half a file."""
-    if table.undefined:
-        logger.info(
-            "%s: %s undefined (nan): one sample per image (diffusion.eval_samples 1)", path, ", ".join(table.undefined)
-        )
     with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(table.columns)
         writer.writerows([row[0], *map(_cell, row[1:])] for row in table.rows)  # the id as the data set names it
-    if table.unreadable:
-        logger.warning("%d image(s) could not be read: their rows in %s say why", table.unreadable, path)
     logger.info("wrote %s", path)
 
 
-def write_predictions(
-    path: Path, predictions: dict, dataset, class_names: list[str], multilabel: bool, temperature: float = 1.0
-) -> PredictionTable:
-    """predictions.csv of `predictions` (prediction_table's rows); returns the table."""
-    table = prediction_table(predictions, dataset, class_names, multilabel, temperature)
-    write_prediction_table(path, table)
-    return table
+def log_prediction_notes(table: PredictionTable, where: str) -> None:
+    """What a reader of the predictions (`where`: the CSV, or the returned table) should know, said once: the columns
+    one sample per image leaves undefined, and the images that could not be read."""
+    if table.undefined:
+        logger.info(
+            "%s: %s undefined (nan): one sample per image (diffusion.eval_samples 1)", where, ", ".join(table.undefined)
+        )
+    if table.unreadable:
+        logger.warning("%d image(s) could not be read: their rows in %s say why", table.unreadable, where)
 
 
 def write_uncertainty_figures(folder: Path, split: str, system) -> None:

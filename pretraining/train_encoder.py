@@ -146,11 +146,11 @@ def pretrain_encoder(cfg: dict, datasets: dict[str, Dataset] | None = None) -> d
     with interruptible(trainer, "the encoder pre-training", resumable=False):
         trainer.fit(system, datamodule=data)
     history = list(system.val_history)
-    if best.state_dict is not None:  # the best validation epoch, kept in memory
-        system.load_state_dict(best.state_dict)
-        system.weights_epoch = best.epoch  # the final validation is logged with it
+    # the best validation epoch, kept in memory (validated every epoch, so there is one); the final validation is
+    # logged with its epoch
+    system.load_state_dict(best.state_dict)
+    best_epoch = system.weights_epoch = best.epoch
     metric = selection_metric(cfg).split("/", 1)[1]
-    best_epoch = max(h["epoch"] for h in history if h[metric] == max(g[metric] for g in history))
     trainer.validate(system, datamodule=data, verbose=False)
     val = dict(system.last_metrics)
     trainer.test(system, datamodule=data, verbose=False)

@@ -4,6 +4,7 @@ not a SystemExit."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -28,6 +29,7 @@ def fitted(tmp_path_factory):
     return logs, overrides, api.fit(overrides=overrides)
 
 
+@pytest.mark.slow  # the module's fit: a DCG pre-training and one epoch
 def test_fit_returns_what_metrics_json_holds(fitted):
     logs, _, result = fitted
     run = logs / "demo" / "version_0"
@@ -38,6 +40,7 @@ def test_fit_returns_what_metrics_json_holds(fitted):
     assert [h["epoch"] for h in result["val_history"]] == [0]
 
 
+@pytest.mark.slow  # the module's fit: a DCG pre-training and one epoch
 def test_validate_from_a_config_dict_reproduces_the_fit(fitted, tmp_path):
     logs, overrides, result = fitted
     cfg = load_config(None, overrides)
@@ -48,6 +51,7 @@ def test_validate_from_a_config_dict_reproduces_the_fit(fitted, tmp_path):
     assert cfg == load_config(None, overrides), "the caller's config dict is left as it was"
 
 
+@pytest.mark.slow  # the module's fit: a DCG pre-training and one epoch
 def test_predict_on_a_list_of_image_files_gives_one_row_per_file(fitted, tmp_path, monkeypatch):
     logs, overrides, _ = fitted
     rng = np.random.default_rng(0)
@@ -97,4 +101,18 @@ def test_a_users_error_is_an_exception_not_an_exit(tmp_path):
         api.validate(load_config(None, overrides), overrides=["seed=1"], ckpt="best")
     with pytest.raises(ConfigError, match="--explain-max 0"):
         api.predict(overrides=overrides, ckpt="best", explain=tmp_path / "figures", explain_max=0)
+    # a config dict is checked as a loaded file is: a bad value, a bad type, an unknown key, a key it lacks filled in
+    cfg = load_config(None, overrides)
+    for section, key, value, message in [
+        ("optim", "lr", -1.0, "optim.lr"),
+        ("data", "batch_size", "eight", "data.batch_size"),
+        ("optim", "lrr", 0.1, "optim.lrr"),
+    ]:
+        bad = copy.deepcopy(cfg)
+        bad[section][key] = value
+        with pytest.raises(ConfigError, match=message):
+            api.fit(bad)
+    partial = copy.deepcopy(cfg)
+    del partial["evaluation"]["temperature"]
+    assert api.resolve_config(partial) == cfg
     assert not logs.exists(), "refused before any work: nothing written"

@@ -184,3 +184,28 @@ def test_the_authors_v1_resnet50_dcg_guides_diffmic_v2_and_seeds_its_patch_encod
     system.eval()
     out = system.evaluate_batch(batch)
     assert out["scores"].shape == (2, 3) and torch.isfinite(out["scores"]).all()
+
+
+def test_only_lightnings_eval_mode_warning_for_the_dcg_is_hidden():
+    """The frozen DCG is in eval mode at every fit by design: Lightning's warning with exactly the count of its
+    modules is hidden, a count with any other module in eval mode still shows."""
+    import types
+    import warnings
+    from unittest import mock
+
+    from pytorch_lightning.utilities.warnings import PossibleUserWarning
+
+    system = small_system()
+    dcg_modules = len(list(system.dcg.modules()))
+    one_process = types.SimpleNamespace(world_size=1)
+    with warnings.catch_warnings(record=True) as caught, mock.patch.object(DiffMICv2, "trainer", one_process):
+        warnings.simplefilter("always")
+        system.on_fit_start()
+        for count in (dcg_modules, dcg_modules + 1):
+            warnings.warn(
+                f"Found {count} module(s) in eval mode at the start of training. This may lead to unexpected "
+                "behavior during training.",
+                PossibleUserWarning,
+                stacklevel=1,
+            )
+    assert [str(w.message).split(" module")[0] for w in caught] == [f"Found {dcg_modules + 1}"]

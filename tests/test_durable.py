@@ -29,7 +29,7 @@ from diffmic.checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck, tensor_byt
 from diffmic.checkpoints import read_checkpoint
 from diffmic.config import ConfigError, check_imagenet_weights, load_config
 from diffmic.durable import EXIT_WRITE, WriteFailed, atomic_open, partial_path, write_atomically
-from diffmic.results import write_json, write_predictions
+from diffmic.results import prediction_table, write_json, write_prediction_table
 from diffmic.utils import build_trainer
 
 pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
@@ -129,7 +129,7 @@ def test_a_write_that_fails_leaves_the_previous_file_and_says_so(tmp_path, monke
         real_replace(src, dst)
 
     monkeypatch.setattr("diffmic.durable.os.replace", rename)
-    write_predictions(out, predictions, dataset, ["x", "y"], multilabel=False)
+    write_prediction_table(out, prediction_table(predictions, dataset, ["x", "y"], multilabel=False))
     ((new, old),) = renames
     assert old == "old,complete\n" and new == out.read_text() and len(new.splitlines()) == 4
     assert not leftovers(tmp_path)

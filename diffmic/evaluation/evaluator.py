@@ -43,6 +43,8 @@ class EvaluatedSystem(pl.LightningModule):
     fit starts. Full checkpoints (last.ckpt) carry every process's random states, and a resumed fit puts them back
     where they were taken, at the end of an epoch."""
 
+    lr_key = "optim.lr"  # the config key of the learning rate: logged with the global batch, named on divergence
+
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         self.cfg = cfg
