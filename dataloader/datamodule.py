@@ -12,7 +12,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from dataloader.checks import verify_images
-from dataloader.lists import ImageList, SplitList, read_list
+from dataloader.lists import ImageList, NameIndex, SplitList, read_list
 from dataloader.medmnist import MedMNISTSplit, ensure_medmnist
 from dataloader.synthetic import NUM_TEXTURES, SyntheticPatterns
 from dataloader.transforms import ModelInput, build_transform, decode_side
@@ -84,10 +84,11 @@ def _list_datasets(cfg: dict, train_tf, eval_tf) -> dict[str, Dataset]:
     else:
         val = read(data["val_list"])
     test = read(data["test_list"])
+    names = NameIndex(data["root"])  # one scan of the root for all three lists
     sets = {
-        "train": ImageList(train, data["root"], train_tf, decode_side(cfg, train=True)),
-        "val": ImageList(val, data["root"], eval_tf),
-        "test": ImageList(test, data["root"], eval_tf),
+        "train": ImageList(train, data["root"], train_tf, decode_side(cfg, train=True), names),
+        "val": ImageList(val, data["root"], eval_tf, names=names),
+        "test": ImageList(test, data["root"], eval_tf, names=names),
     }
     if data["verify_images"] != "off":
         checked: set = set()

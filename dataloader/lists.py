@@ -237,10 +237,6 @@ def _index_images_by_name(root: Path) -> dict[str, list[Path]]:
     return {name: sorted(paths) for name, paths in index.items()}
 
 
-# data root -> its index, so the train, val and test lists of one run share a single scan
-_NAME_INDEXES: dict[Path, dict[str, list[Path]]] = {}
-
-
 def _file_name(listed: str) -> str:
     """The last path component, for '/' and for the '\\' of lists written on Windows."""
     return listed.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
@@ -261,19 +257,26 @@ def _name_candidates(index: dict[str, list[Path]], listed: str) -> list[Path]:
     return list(unique.values())
 
 
-def find_by_name(root: Path, names: list[str]) -> list[list[Path]]:
-    """For each listed path, the image files under root with its file name (a list per name). The
-    index of root is built on first need and kept; a cached index that cannot answer (a name with
-    no file, or a file gone) is rebuilt once, since files may have been added since it was built."""
-    key = root.resolve()
-    fresh = key not in _NAME_INDEXES
-    if fresh:
-        _NAME_INDEXES[key] = _index_images_by_name(root)
-    found = [_name_candidates(_NAME_INDEXES[key], n) for n in names]
-    if not fresh and any(not c or not all(p.is_file() for p in c) for c in found):
-        _NAME_INDEXES[key] = _index_images_by_name(root)
-        found = [_name_candidates(_NAME_INDEXES[key], n) for n in names]
-    return found
+class NameIndex:
+    """The image files under one data root by file name, built on first need and kept, so that the train, val and
+    test lists of one run share a single scan (the datamodule makes one per run; an ImageList given none makes its
+    own). An index that cannot answer (a name with no file, or a file gone) is rebuilt once, since files may have been
+    added since it was built."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._index: dict[str, list[Path]] | None = None
+
+    def find(self, names: list[str]) -> list[list[Path]]:
+        """For each listed path, the image files under the root with its file name (a list per name)."""
+        fresh = self._index is None
+        if fresh:
+            self._index = _index_images_by_name(self.root)
+        found = [_name_candidates(self._index, n) for n in names]
+        if not fresh and any(not c or not all(p.is_file() for p in c) for c in found):
+            self._index = _index_images_by_name(self.root)
+            found = [_name_candidates(self._index, n) for n in names]
+        return found
 
 
 def load_rgb(path: str | Path, draft_side: int | None = None) -> Image.Image:
@@ -299,14 +302,24 @@ class ImageList(Dataset):
     (the authors' lists carry their own folders, e.g. ./dataset/isic2018/images/ISIC_0032616.jpg) is
     found by its file name anywhere under root; a name matching two files is a ConfigError, and
     missing files are a ConfigError that lists the first few and their count. `draft_side`: JPEGs decoded at reduced
-    size down to it (see load_rgb; the training split of the standard transform)."""
+    size down to it (see load_rgb; the training split of the standard transform). `names`: the root's NameIndex,
+    shared by the lists of one run so that the root is scanned once."""
 
-    def __init__(self, split: SplitList, root: str | Path, transform=None, draft_side: int | None = None) -> None:
+    def __init__(
+        self,
+        split: SplitList,
+        root: str | Path,
+        transform=None,
+        draft_side: int | None = None,
+        names: NameIndex | None = None,
+    ) -> None:
         root = Path(root)
+        if names is not None and names.root.resolve() != root.resolve():
+            raise ValueError(f"the NameIndex given is for {names.root}, not for this list's root {root}")
         resolved = [resolve_image(root, p) for p in split.paths]
         unresolved = [i for i, r in enumerate(resolved) if r is None]
         if unresolved:  # scan the root only when some listed path does not resolve directly
-            self._resolve_by_name(split, root, resolved, unresolved)
+            self._resolve_by_name(split, names or NameIndex(root), resolved, unresolved)
         missing = [p for p, r in zip(split.paths, resolved, strict=True) if r is None]
         if missing:
             raise ConfigError(
@@ -320,9 +333,10 @@ class ImageList(Dataset):
         self.transform, self.draft_side = transform, draft_side
 
     @staticmethod
-    def _resolve_by_name(split: SplitList, root: Path, resolved: list[Path | None], rows: list[int]) -> None:
-        """Fill resolved[i] for the given rows by file name under root (in place)."""
-        candidates = find_by_name(root, [split.paths[i] for i in rows])
+    def _resolve_by_name(split: SplitList, names: NameIndex, resolved: list[Path | None], rows: list[int]) -> None:
+        """Fill resolved[i] for the given rows by file name under the root (in place)."""
+        root = names.root
+        candidates = names.find([split.paths[i] for i in rows])
         by_name: dict[Path, str] = {}  # file -> the first listed path that took it
         merged: list[tuple[str, str, Path]] = []  # distinct listed paths that share one file
         found = 0

@@ -17,7 +17,7 @@ from PIL import Image
 
 import dataloader.lists as lists
 from dataloader.datamodule import build_datasets
-from dataloader.lists import ImageList, SplitList, read_list
+from dataloader.lists import ImageList, NameIndex, SplitList, read_list
 from diffmic.config import ConfigError, load_config
 
 LOGGER = "dataloader.lists"
@@ -234,17 +234,27 @@ def test_missing_images_keep_the_count_and_first_five(tmp_path):
         ImageList(read_list(tmp_path / "train.pkl", 7), tmp_path / "images")
 
 
-def test_the_index_is_kept_per_root_and_rebuilt_when_it_cannot_answer(tmp_path, monkeypatch):
+def test_a_shared_index_is_kept_and_rebuilt_when_it_cannot_answer(tmp_path, monkeypatch):
     make_jpegs(tmp_path / "images", isic_names(3))
     scans = count_scans(monkeypatch)
+    names = NameIndex(tmp_path / "images")
     first = SplitList("first.pkl", [AUTHORS_PREFIX + n for n in isic_names(2)], np.array([0, 1]))
-    ImageList(first, tmp_path / "images")
-    ImageList(first.subset(np.array([1]), "second.pkl"), tmp_path / "images")
+    ImageList(first, tmp_path / "images", names=names)
+    ImageList(first.subset(np.array([1]), "second.pkl"), tmp_path / "images", names=names)
     assert len(scans) == 1  # the second list reuses the first one's index
     make_jpegs(tmp_path / "images", isic_names(1, start=9))  # added after the index was built
     late = SplitList("late.pkl", [AUTHORS_PREFIX + isic_names(1, start=9)[0]], np.array([0]))
-    assert ImageList(late, tmp_path / "images").paths == [tmp_path / "images" / "ISIC_0000009.jpg"]
+    assert ImageList(late, tmp_path / "images", names=names).paths == [tmp_path / "images" / "ISIC_0000009.jpg"]
     assert len(scans) == 2
+    ImageList(first, tmp_path / "images")  # without a shared index a list scans the root itself
+    assert len(scans) == 3
+
+
+def test_an_index_for_another_root_is_refused(tmp_path):
+    make_jpegs(tmp_path / "images", isic_names(1))
+    split = SplitList("l.pkl", [AUTHORS_PREFIX + isic_names(1)[0]], np.array([0]))
+    with pytest.raises(ValueError, match="NameIndex given is for"):
+        ImageList(split, tmp_path / "images", names=NameIndex(tmp_path))
 
 
 def test_two_listed_folders_sharing_one_file_are_a_warning(tmp_path, caplog):

@@ -1,4 +1,4 @@
-"""No module of the diffmic package keeps mutable state at module level (the project's rule): state that lives in a
+"""No module of the installed packages (diffmic, dataloader, pretraining, EfficientSAM) keeps mutable state at module level (the project's rule): state that lives in a
 module is shared by every model, Trainer and test of a process, and couples code that never names it (a weight
 cache that the sampler read from a global, a stack of step recorders). State lives on objects, and callbacks are
 passed down (e.g. the samplers' on_step).
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "diffmic"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("diffmic", "dataloader", "pretraining", "EfficientSAM")
+MODULES = sorted(path for package in PACKAGES for path in (ROOT / package).rglob("*.py"))
 MUTABLE_TYPES = {"list", "dict", "set", "defaultdict", "OrderedDict", "deque", "Counter", "bytearray"}
 MUTATING_METHODS = {
     "append",
@@ -106,6 +108,10 @@ def test_the_check_finds_module_level_state():
     assert module_state(clean, "clean") == []
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
-def test_no_module_of_the_package_keeps_mutable_state(path):
-    assert module_state(path.read_text(encoding="utf-8"), str(path.relative_to(PACKAGE.parent))) == []
+def test_the_check_reads_every_installed_package():
+    assert {path.relative_to(ROOT).parts[0] for path in MODULES} == set(PACKAGES)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_of_the_installed_packages_keeps_mutable_state(path):
+    assert module_state(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT))) == []
