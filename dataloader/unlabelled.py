@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from dataloader.lists import IMAGE_SUFFIXES, PATH_COLUMNS, load_rgb, resolve_image
 from dataloader.transforms import item
-from diffmic.config import ConfigError
+from diffmic.config import OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ def image_files(files: Sequence[str | Path], transform, image_size: int) -> Unla
     a missing or unreadable one is reported in its row, as a list's is."""
     files = list(files)
     if not files:
-        raise ConfigError("images: an empty list; give at least one image file")
+        raise OptionError("images", None, ": an empty list; give at least one image file")
     wrong = next((f for f in files if not isinstance(f, (str, Path))), None)
     if wrong is not None:
-        raise ConfigError(f"images: expected paths of image files, got a {type(wrong).__name__}")
+        raise OptionError("images", None, f": expected paths of image files, got a {type(wrong).__name__}")
     paths = [Path(f).expanduser().resolve() for f in files]
     return UnlabelledImages(paths, [str(f) for f in files], transform, image_size)
 
@@ -68,21 +68,23 @@ def unlabelled_images(
         files = sorted(p for p in source.rglob("*") if p.is_file())
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         if not images:
-            raise ConfigError(f"--input {source}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            raise OptionError("images", source, f": no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         if len(images) < len(files):
-            logger.info("--input %s: %d files without an image suffix left out", source, len(files) - len(images))
+            logger.info("%s: %d files without an image suffix left out", source, len(files) - len(images))
         return UnlabelledImages(images, [p.relative_to(source).as_posix() for p in images], transform, image_size)
     if not source.is_file():
-        raise ConfigError(f"--input {source}: no such folder or list")
+        raise OptionError("images", source, ": no such folder or list")
     try:
         frame = pd.read_csv(source)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--input {source} is not a readable CSV ({err})".replace("\n", " ")) from None
+        raise OptionError("images", source, f" is not a readable CSV ({err})".replace("\n", " ")) from None
     column = next((c for c in PATH_COLUMNS if c in frame.columns), None)
     if column is None or frame.empty:
-        raise ConfigError(
-            f"--input {source}: needs a path column (one of {', '.join(PATH_COLUMNS)}) and at least one row; "
-            f"found columns {', '.join(map(str, frame.columns))}"
+        raise OptionError(
+            "images",
+            source,
+            f": needs a path column (one of {', '.join(PATH_COLUMNS)}) and at least one row; "
+            f"found columns {', '.join(map(str, frame.columns))}",
         )
     base = Path(root) if root is not None else source.parent
     names = frame[column].astype(str).tolist()

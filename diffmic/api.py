@@ -29,6 +29,8 @@ from dataloader.unlabelled import unlabelled_images
 from diffmic.checkpoints import read_checkpoint
 from diffmic.config import (
     ConfigError,
+    Option,
+    OptionError,
     check_imagenet_weights,
     check_paths,
     config_from_dict,
@@ -78,27 +80,27 @@ def check_command_options(
     command: str, images: Images | None, explain: str | Path | None, explain_max: int | None
 ) -> None:
     """The options only `predict` takes (images, explain) given to another command, or a bad explain_max: a
-    ConfigError (the command line's wording) before any work."""
+    OptionError before any work."""
     if images is not None and command != "predict":
-        raise ConfigError(f"--input is for predict, not {command}")
+        raise OptionError("images", None, f" is for predict, not {command}")
     if explain_max is not None and (explain is None or explain_max < 1):
-        raise ConfigError(f"--explain-max {explain_max}: give a number >= 1, with --explain DIR")
+        raise OptionError("explain_max", explain_max, ": give a number >= 1, with ", Option("explain"), " (a folder)")
     if explain is not None and command != "predict":
-        raise ConfigError(f"--explain is for predict, not {command}")
+        raise OptionError("explain", None, f" is for predict, not {command}")
 
 
 def find_checkpoint(cfg: dict, spec: str | Path) -> Path:
-    """--ckpt best|last: that file in the newest version of logs/<name> holding one; else a path."""
+    """ckpt best|last: that file in the newest version of logs/<name> holding one; else a path."""
     if isinstance(spec, str) and spec in ("best", "last"):
         base = Path(cfg["trainer"]["log_dir"]) / cfg["name"]
         versions = sorted(base.glob("version_*"), key=lambda p: int(p.name.split("_")[-1]), reverse=True)
         for version in versions:
             if (version / "checkpoints" / f"{spec}.ckpt").is_file():
                 return version / "checkpoints" / f"{spec}.ckpt"
-        raise ConfigError(f"--ckpt {spec}: no {spec}.ckpt under {base}/version_*/checkpoints (train first)")
+        raise OptionError("ckpt", spec, f": no {spec}.ckpt under {base}/version_*/checkpoints (train first)")
     path = Path(spec).expanduser().resolve()
     if not path.is_file():
-        raise ConfigError(f"--ckpt: checkpoint not found: {path}")
+        raise OptionError("ckpt", spec, f": checkpoint not found: {path}")
     return path
 
 
@@ -200,7 +202,7 @@ def predict(
     cfg = resolve_config(config, overrides)
     check_command_options("predict", images, explain, explain_max)
     if out is not None and not write_csv:
-        raise ConfigError(f"out {out}: is where the CSV goes; give write_csv=True or no out")
+        raise OptionError("out", out, ": is where the CSV goes; give write_csv=True or no out")
     explain_dir = check_explain_folder(explain) if explain is not None else None
     setup = _set_up("predict", cfg, ckpt, images)
     system, data = setup.system, setup.data
@@ -236,7 +238,7 @@ def _set_up(command: str, cfg: dict, ckpt_spec: str | Path | None, images: Image
     check_paths(cfg, need_dcg=False, need_data=images is None)
     ckpt = find_checkpoint(cfg, ckpt_spec) if ckpt_spec else None
     if command != "fit" and ckpt is None:
-        raise ConfigError(f"{command} needs --ckpt PATH|best|last")
+        raise OptionError("ckpt", None, f" is needed by {command}: a checkpoint path, best or last")
     checkpoint = read_checkpoint(ckpt) if ckpt is not None else None
     if command == "fit" and ckpt is None and dcg_ckpt_path(cfg).is_file():  # refused before any work if unsafe
         read_checkpoint(dcg_ckpt_path(cfg), "DCG file (config key dcg.ckpt)")

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -81,6 +81,45 @@ def precision_refusal(value: str | int) -> str | None:
 
 class ConfigError(Exception):
     """A bad configuration: the message names the key or the path and what to do."""
+
+
+class Option(NamedTuple):
+    """A command option named inside an OptionError's message."""
+
+    name: str  # the Python API's keyword
+
+
+class OptionError(ConfigError):
+    """A bad option of a command, named as its caller spelt it: the Python API's keyword (`ckpt='best'`), or, from
+    on_command_line(), the command line's flag (`--ckpt best`). `detail` is text and Option pieces (other options
+    the message names)."""
+
+    FLAGS = {
+        "ckpt": "--ckpt",
+        "images": "--input",
+        "explain": "--explain",
+        "explain_max": "--explain-max",
+        "out": "--out",
+    }
+
+    def __init__(self, option: str, value: object, *detail: str | Option, command_line: bool = False) -> None:
+        if option not in self.FLAGS or any(isinstance(d, Option) and d.name not in self.FLAGS for d in detail):
+            raise ValueError(f"OptionError names an option not in OptionError.FLAGS: {option!r} or one of {detail}")
+        self.option, self.value, self.detail, self.command_line = option, value, detail, command_line
+        super().__init__(
+            self._label(option, value) + "".join(self._label(d.name) if isinstance(d, Option) else d for d in detail)
+        )
+
+    def _label(self, option: str, value: object = None) -> str:
+        if self.command_line:
+            return self.FLAGS[option] if value is None else f"{self.FLAGS[option]} {value}"
+        if value is None:
+            return option
+        return f"{option}={str(value) if isinstance(value, Path) else value!r}"
+
+    def on_command_line(self) -> OptionError:
+        """The same error with the command line's flags."""
+        return OptionError(self.option, self.value, *self.detail, command_line=True)
 
 
 @contextmanager

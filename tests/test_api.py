@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -14,8 +15,9 @@ import yaml
 from helpers import TINY
 from PIL import Image
 
+from dataloader.unlabelled import unlabelled_images
 from diffmic import api
-from diffmic.config import ConfigError, load_config
+from diffmic.config import ConfigError, OptionError, load_config
 
 NAMES = ["h_stripes", "v_stripes", "checker", "ring"]  # demo.yml's classes
 # one epoch of the tiny demo on the CPU: the plumbing, not the accuracy
@@ -93,13 +95,13 @@ def test_a_users_error_is_an_exception_not_an_exit(tmp_path):
     overrides = [*ARGS, f"trainer.log_dir={logs}"]
     with pytest.raises(ConfigError, match="unknown config key optim.lrr"):
         api.fit(overrides=[*overrides, "optim.lrr=0.1"])
-    with pytest.raises(ConfigError, match="predict needs --ckpt"):
+    with pytest.raises(ConfigError, match="ckpt is needed by predict"):
         api.predict(overrides=overrides)
     with pytest.raises(ConfigError, match="no best.ckpt"):
         api.test(overrides=overrides, ckpt="best")
     with pytest.raises(ConfigError, match="overrides go with a config file"):
         api.validate(load_config(None, overrides), overrides=["seed=1"], ckpt="best")
-    with pytest.raises(ConfigError, match="--explain-max 0"):
+    with pytest.raises(ConfigError, match=re.escape("explain_max=0: give a number >= 1, with explain (a folder)")):
         api.predict(overrides=overrides, ckpt="best", explain=tmp_path / "figures", explain_max=0)
     # a config dict is checked as a loaded file is: a bad value, a bad type, an unknown key, a key it lacks filled in
     cfg = load_config(None, overrides)
@@ -116,3 +118,46 @@ def test_a_users_error_is_an_exception_not_an_exit(tmp_path):
     del partial["evaluation"]["temperature"]
     assert api.resolve_config(partial) == cfg
     assert not logs.exists(), "refused before any work: nothing written"
+
+
+@pytest.mark.parametrize(
+    "call, python, command_line",
+    [
+        (lambda tmp: api.check_command_options("test", ["a.png"], None, None), "images is for predict, not test", None),
+        (
+            lambda tmp: api.check_command_options("predict", None, tmp, 0),
+            "explain_max=0: give a number >= 1, with explain (a folder)",
+            "--explain-max 0: give a number >= 1, with --explain (a folder)",
+        ),
+        (
+            lambda tmp: api.find_checkpoint(load_config(None, [f"trainer.log_dir={tmp}"]), "best"),
+            "ckpt='best': no best.ckpt under",
+            "--ckpt best: no best.ckpt under",
+        ),
+        (
+            lambda tmp: api.find_checkpoint({}, tmp / "gone.ckpt"),
+            "ckpt=",
+            "--ckpt ",
+        ),
+        (lambda tmp: unlabelled_images(tmp, None, None, 32), "images='", "--input /"),
+        (lambda tmp: unlabelled_images(tmp / "none", None, None, 32), "images='", "--input /"),
+    ],
+)
+def test_an_option_error_names_the_keyword_in_python_and_the_flag_on_the_command_line(
+    tmp_path, call, python, command_line
+):
+    with pytest.raises(OptionError) as caught:
+        call(tmp_path)
+    assert str(caught.value).startswith(python)
+    assert str(caught.value.on_command_line()).startswith(command_line or "--input is for predict, not test")
+
+
+def test_the_command_line_names_its_flags(tmp_path, capsys):
+    import diffuser_trainer
+
+    assert diffuser_trainer.main(["test", "--input", "x", *ARGS, f"trainer.log_dir={tmp_path / 'logs'}"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--input is for predict, not test")
+    assert diffuser_trainer.main(["test", *ARGS, f"trainer.log_dir={tmp_path / 'logs'}"]) == 2
+    assert "--ckpt is needed by test: a checkpoint path, best or last" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not in OptionError.FLAGS"):
+        OptionError("ckpts", None, ": a typo in the code")

@@ -139,7 +139,10 @@ def test_explain_where_nothing_can_be_written_exits_2(tmp_path, capsys):
     "args, needle",
     [
         (["test", "--ckpt", "best", "--explain", "x"], "--explain is for predict, not test"),
-        (["predict", "--ckpt", "best", "--explain-max", "3"], "--explain-max 3: give a number >= 1, with --explain"),
+        (
+            ["predict", "--ckpt", "best", "--explain-max", "3"],
+            "--explain-max 3: give a number >= 1, with --explain",
+        ),
         (["predict", "--ckpt", "best", "--explain", "x", "--explain-max", "0"], "--explain-max 0"),
         (["explain.val_images=9"], "explain.val_images"),
     ],

@@ -1,7 +1,7 @@
-"""No module of the installed packages (diffmic, dataloader, pretraining, EfficientSAM) keeps mutable state at module level (the project's rule): state that lives in a
-module is shared by every model, Trainer and test of a process, and couples code that never names it (a weight
-cache that the sampler read from a global, a stack of step recorders). State lives on objects, and callbacks are
-passed down (e.g. the samplers' on_step).
+"""No module of the installed packages (diffmic, dataloader, pretraining, EfficientSAM) keeps mutable state at module
+level (the project's rule): state that lives in a module is shared by every model, Trainer and test of a process,
+and couples code that never names it (a weight cache that the sampler read from a global, a stack of step recorders,
+a data root's file-name index). State lives on objects, and callbacks are passed down (e.g. the samplers' on_step).
 
 The check reads the source: a module-level name bound to a mutable value (a list, dict or set, literal,
 comprehension or constructor call) that is not an UPPER_CASE constant, a `global` statement, and a function that

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, default_collate
 from dataloader.datamodule import evaluation_batches
 from dataloader.lists import IMAGE_SUFFIXES
 from dataloader.transforms import ModelInput
-from diffmic.config import ConfigError
+from diffmic.config import OptionError
 from diffmic.evaluation.figures import save, to_image
 from diffmic.explain.explanation import Explanation, explain_batch
 from diffmic.explain.figure import explanation_figure
@@ -34,24 +34,24 @@ logger = logging.getLogger(__name__)
 
 
 def check_explain_folder(folder: str | Path) -> Path:
-    """--explain DIR, before any work: a ConfigError when DIR (or a folder above it) is a file, or when the figures
-    could not be written there (probed with a temporary file, which also catches read-only file systems and
+    """predict's explain folder, before any work: an OptionError when DIR (or a folder above it) is a file, or when
+    the figures could not be written there (probed with a temporary file, which also catches read-only file systems and
     root's permission checks). Nothing is left behind; DIR itself is made when the figures are written."""
     path = Path(folder).expanduser().resolve()
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"--explain {path} is a file, not a folder; give a folder for the figures")
+        raise OptionError("explain", path, " is a file, not a folder; give a folder for the figures")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"--explain {path}: {existing} is a file, so no folder can be made there; give a folder")
+        raise OptionError("explain", path, f": {existing} is a file, so no folder can be made there; give a folder")
     try:
         handle, probe = tempfile.mkstemp(dir=existing, prefix=".explain-probe-")
         os.close(handle)
         os.unlink(probe)
     except OSError as err:
-        raise ConfigError(
-            f"--explain {path}: cannot write in {existing} ({err.strerror or err}); give a folder you can write"
+        raise OptionError(
+            "explain", path, f": cannot write in {existing} ({err.strerror or err}); give a folder you can write"
         ) from None
     return path
 
