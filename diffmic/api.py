@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 import pytorch_lightning as pl
 
-from dataloader.datamodule import DiffMICDataModule, check_evaluation_sizes
+from dataloader.datamodule import DiffMICDataModule, build_datasets, check_evaluation_sizes
 from dataloader.transforms import build_transform
 from dataloader.unlabelled import unlabelled_images
 from diffmic.checkpoints import read_checkpoint
@@ -207,7 +207,7 @@ def predict(
     setup = _set_up("predict", cfg, ckpt, images)
     system, data = setup.system, setup.data
     trainer, run_dir = _evaluation_folder(cfg, "predict")
-    calibrate(trainer, system, cfg)
+    calibrate(trainer, system, cfg, data)
     trainer.predict(system, datamodule=data, return_predictions=False)  # gathered into system.predictions
     dataset = data.datasets["predict" if images is not None else "test"]
     if explain_dir is not None and trainer.is_global_zero:  # in the batches predict used: the CSV's scores
@@ -249,7 +249,10 @@ def _set_up(command: str, cfg: dict, ckpt_spec: str | Path | None, images: Image
         unlabelled = unlabelled_images(
             images, cfg["data"]["root"], build_transform(cfg, train=False), cfg["data"]["image_size"]
         )
-        data = DiffMICDataModule(cfg, datasets={"predict": unlabelled})
+        # with the validation split when the temperature is fitted on it before predicting (calibrate)
+        fitted = cfg["evaluation"]["temperature"] == "fit"
+        datasets = {"predict": unlabelled, "val": build_datasets(cfg)["val"]} if fitted else {"predict": unlabelled}
+        data = DiffMICDataModule(cfg, datasets=datasets)
     check_evaluation_sizes(data.datasets, planned_world_size(cfg))
     if command == "fit" and ckpt is None:  # a new run reads the ImageNet weights it asks for: offline, refused now
         keys = [] if dcg_ckpt_path(cfg).is_file() else ["dcg.backbone_weights"]  # else the DCG is not pre-trained
@@ -277,7 +280,7 @@ def _evaluate(command: str, cfg: dict, ckpt_spec: str | Path | None, out: str | 
     system = setup.system
     trainer, run_dir = _evaluation_folder(cfg, command)
     if command == "test":
-        calibrate(trainer, system, cfg)
+        calibrate(trainer, system, cfg, setup.data)
     getattr(trainer, command)(system, datamodule=setup.data, verbose=False)
     split = "val" if command == "validate" else "test"
     result = {"checkpoint": str(setup.ckpt), split: dict(system.last_metrics), "temperature": system.temperature}
@@ -288,13 +291,13 @@ def _evaluate(command: str, cfg: dict, ckpt_spec: str | Path | None, out: str | 
     return result
 
 
-def calibrate(trainer: pl.Trainer, system, cfg: dict) -> None:
-    """evaluation.temperature fit: a validation pass before test or predict, which fits the temperature on the
-    validation split (EvaluatedSystem._uncertainty) that the next pass applies."""
+def calibrate(trainer: pl.Trainer, system, cfg: dict, data: DiffMICDataModule) -> None:
+    """evaluation.temperature fit: a validation pass over data's validation split before test or predict, which fits
+    the temperature (EvaluatedSystem._uncertainty) that the next pass applies."""
     if cfg["evaluation"]["temperature"] != "fit":
         return
     logger.info("evaluation.temperature fit: fitting the temperature on the validation split first")
-    trainer.validate(system, datamodule=DiffMICDataModule(cfg), verbose=False)
+    trainer.validate(system, datamodule=data, verbose=False)
 
 
 def final_evaluation(trainer: pl.Trainer, system, data, best, cfg: dict, path: Path) -> dict:

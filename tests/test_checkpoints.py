@@ -239,6 +239,17 @@ def test_predict_on_a_folder_of_unlabelled_images(run, tmp_path):
     assert list(listed_rows) == ["a.png", "ward_b/c.png", "missing.png"]
     assert {k: listed_rows["a.png"][k] for k in names_of(rows)} == {k: rows["a.png"][k] for k in names_of(rows)}
     assert listed_rows["missing.png"]["status"].startswith("unreadable: cannot read image")
+    # a fitted temperature: from a validation pass over the data set's validation split, in the same datamodule as the
+    # new images; it scales the probabilities, not the scores
+    fitted = tmp_path / "fitted.csv"
+    result = cli(
+        "predict", "--ckpt", "best", "--input", str(images), "--out", str(fitted), *args, "evaluation.temperature=fit"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fitted on the validation split (32 images)" in result.stderr
+    fitted_rows = {row["image"]: row for row in csv.DictReader(fitted.open())}
+    assert [fitted_rows["a.png"][f"score_{n}"] for n in names] == [rows["a.png"][f"score_{n}"] for n in names]
+    assert [fitted_rows["a.png"][f"prob_{n}"] for n in names] != [rows["a.png"][f"prob_{n}"] for n in names]
 
 
 def test_the_temperature_is_fitted_on_validation_only(run, tmp_path):
