@@ -23,8 +23,6 @@ from diffmic.v2.system import DiffMICv2
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import load_dcg, save_dcg
 
-pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
-
 
 class Payload:
     """Unpickling this object creates a file: what a malicious checkpoint would do."""
@@ -53,6 +51,7 @@ def files_under(folder: Path) -> set[str]:
 # --------------------------------------------------------------------------- unsafe and damaged files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command",
     [
@@ -75,6 +74,7 @@ def test_a_malicious_checkpoint_never_runs(tmp_path, capsys, command):
     assert not logs.exists(), "nothing may be written"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["checkpoint", "dcg"])
 def test_a_truncated_file_is_refused_by_name(run, tmp_path, capsys, which):
     logs, args = run
@@ -92,6 +92,7 @@ def test_a_truncated_file_is_refused_by_name(run, tmp_path, capsys, which):
 # --------------------------------------------------------------------------- what a checkpoint holds
 
 
+@pytest.mark.slow
 def test_checkpoint_contents_fit_their_use(run):
     logs, _ = run
     folder = logs / "demo"
@@ -111,6 +112,7 @@ def test_checkpoint_contents_fit_their_use(run):
     assert (folder / "version_0/checkpoints/best.ckpt").stat().st_size < 1.1 * weights + 2e6
 
 
+@pytest.mark.slow
 def test_load_from_checkpoint_gives_the_trained_model(run):
     logs, _ = run
     path = logs / "demo" / "version_0" / "checkpoints" / "best.ckpt"
@@ -123,6 +125,7 @@ def test_load_from_checkpoint_gives_the_trained_model(run):
     assert all(torch.equal(state[f"dcg.{k}"], v) for k, v in dcg.items())
 
 
+@pytest.mark.slow
 def test_a_run_folder_moved_elsewhere_finds_its_dcg_and_a_changed_dcg_is_refused(run, tmp_path, capsys):
     logs, args = run
     moved = tmp_path / "moved"
@@ -148,6 +151,7 @@ def test_a_run_folder_moved_elsewhere_finds_its_dcg_and_a_changed_dcg_is_refused
 # --------------------------------------------------------------------------- resume and DCG reuse
 
 
+@pytest.mark.slow
 def test_a_resume_that_does_not_fit_writes_nothing(run, capsys):
     logs, args = run
     config = logs / "demo" / "version_0" / "config.yaml"
@@ -158,6 +162,7 @@ def test_a_resume_that_does_not_fit_writes_nothing(run, capsys):
     assert config.read_text() == before and files_under(logs) == files
 
 
+@pytest.mark.slow
 def test_a_dcg_file_of_another_training_is_refused_unless_allowed(run, capsys):
     logs, args = run
     files = files_under(logs)
@@ -196,6 +201,7 @@ def names_of(rows: dict) -> list[str]:
     return [k for k in next(iter(rows.values())) if k.startswith("score_") or k in ("pred", "spread")]
 
 
+@pytest.mark.slow
 def test_predict_on_a_folder_of_unlabelled_images(run, tmp_path):
     logs, args = run
     images = tmp_path / "new_cases"
@@ -252,6 +258,7 @@ def test_predict_on_a_folder_of_unlabelled_images(run, tmp_path):
     assert [fitted_rows["a.png"][f"prob_{n}"] for n in names] != [rows["a.png"][f"prob_{n}"] for n in names]
 
 
+@pytest.mark.slow
 def test_the_temperature_is_fitted_on_validation_only(run, tmp_path):
     """`test` with evaluation.temperature fit: another test split (the demo's test images come from their own seed,
     so changing their number changes the test split alone) leaves T as it was, and T scales the test metrics."""
@@ -268,6 +275,7 @@ def test_the_temperature_is_fitted_on_validation_only(run, tmp_path):
     assert a["test"]["calib/nll"] != b["test"]["calib/nll"]  # the test splits differ; only T is shared
 
 
+@pytest.mark.slow
 def test_predict_with_a_fitted_temperature_and_several_samples(run, tmp_path):
     """evaluation.temperature fit: the temperature comes from a validation pass (the test split fits nothing) and
     scales the probabilities, not the scores; with 3 samples the sample columns are defined."""

@@ -12,8 +12,6 @@ import pytest
 from helpers import TINY, cli, ok, write_image_lists
 from PIL import Image
 
-pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
-
 SCORES = ("max_prob", "entropy", "agreement", "sample_spread")
 
 
@@ -25,6 +23,7 @@ def tiny_run(tmp_path_factory):
     return logs, args
 
 
+@pytest.mark.slow
 def test_fit_writes_run_directory(tiny_run):
     logs, _ = tiny_run
     run = logs / "demo" / "version_0"
@@ -54,6 +53,7 @@ def test_fit_writes_run_directory(tiny_run):
     assert metrics["selection"]["best_score"] == pytest.approx(max(h["f1"] for h in history), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_tensorboard_has_metrics_and_confusion_matrix(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -69,6 +69,7 @@ def test_tensorboard_has_metrics_and_confusion_matrix(tiny_run):
     assert {"val/calib/ece", "test/calib/nll", "test/selective/aurc/max_prob"} <= scalars
 
 
+@pytest.mark.slow
 def test_validate_and_test_reproduce_fit_metrics(tiny_run, tmp_path):
     logs, args = tiny_run
     fit = json.loads((logs / "demo" / "version_0" / "metrics.json").read_text())
@@ -90,6 +91,7 @@ def test_validate_and_test_reproduce_fit_metrics(tiny_run, tmp_path):
     assert val["f1"] == pytest.approx(fit["selection"]["best_score"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_writes_one_row_per_image(tiny_run, tmp_path):
     _, args = tiny_run
     ok(cli("predict", "--ckpt", "best", "--out", str(tmp_path / "pred.csv"), *args))
@@ -116,6 +118,7 @@ def test_predict_writes_one_row_per_image(tiny_run, tmp_path):
     assert sorted(row["image"] for row in rows) == sorted(f"synthetic_9_{k:05d}" for k in range(24))
 
 
+@pytest.mark.slow
 def test_resume_from_last_continues_the_same_version(tiny_run):
     logs, args = tiny_run
     ok(cli("fit", "--ckpt", "last", *args, "trainer.max_epochs=3"))
@@ -159,6 +162,7 @@ def test_config_error_returns_2_with_one_line(tmp_path, capsys, args, needle):
     assert not logs.exists(), "a config error must not write anything"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["model.efficientsam_weights", "model.patch_encoder_weights"])
 def test_unreadable_weights_file_exits_2_naming_key_and_file(tiny_run, tmp_path, key):
     """The model layer refuses the file with a plain error; the command line names the config key."""
@@ -173,6 +177,7 @@ def test_unreadable_weights_file_exits_2_naming_key_and_file(tiny_run, tmp_path,
     assert sorted(p.name for p in (logs / "demo").iterdir()) == versions, "no new run folder"
 
 
+@pytest.mark.slow
 def test_config_error_exit_code_of_the_process(tmp_path):
     result = cli("optim.lrr=0.1", f"trainer.log_dir={tmp_path / 'logs'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -181,6 +186,7 @@ def test_config_error_exit_code_of_the_process(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_train_dcg_script_alone(tmp_path):
     """Run as the README shows it, from another directory: the installed project needs no path set-up."""
     ok(
@@ -195,6 +201,7 @@ def test_train_dcg_script_alone(tmp_path):
     assert (tmp_path / "dcg_alone.pt").is_file()
 
 
+@pytest.mark.slow
 def test_fit_and_test_on_own_csv_lists(tmp_path):
     """The README's own-data recipe: an image folder, CSV lists, a config of a few keys."""
     write_image_lists(tmp_path, count=30, num_classes=3, num_train=24, size=(48, 80))

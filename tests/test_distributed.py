@@ -20,8 +20,6 @@ from helpers import cli as run_cli
 
 from diffmic.seeding import rank_seed, start_noise
 
-pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
-
 # odd-sized validation and test splits: two processes cannot split them evenly
 TINY = [*DEMO, "data.synthetic.num_val=33", "data.synthetic.num_test=25", "trainer.accelerator=cpu"]
 TWO = ["trainer.devices=2", "trainer.strategy=ddp"]
@@ -38,6 +36,7 @@ def ddp_run(tmp_path_factory):
     return logs, result.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_fit_once_and_write_each_file_once(ddp_run):
     logs, stderr = ddp_run
     run = logs / "demo"
@@ -52,6 +51,7 @@ def test_two_processes_fit_once_and_write_each_file_once(ddp_run):
     assert counts == {"33", "25"}, counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command, split, extra",
     [
@@ -81,6 +81,7 @@ def test_one_and_two_processes_give_identical_metrics(ddp_run, tmp_path, command
     ]
 
 
+@pytest.mark.slow
 def test_predict_on_two_processes_writes_every_row_once(ddp_run, tmp_path):
     logs, _ = ddp_run
     common = ["predict", "--ckpt", str(logs / "demo/version_0/checkpoints/best.ckpt"), *TINY]
@@ -111,6 +112,7 @@ def test_start_noise_depends_on_the_image_not_on_its_batch():
     assert not torch.equal(noise[0], noise[1])
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics(tmp_path):
     args = [*TINY, "trainer.max_epochs=3", "trainer.devices=1"]
     ok(cli("fit", f"trainer.log_dir={tmp_path / 'whole'}", *args))
@@ -154,6 +156,7 @@ def test_each_process_of_a_fit_reseeds_with_its_own_seed(world, rank):
     assert torch.initial_seed() == (rank_seed(7, rank) if world > 1 else 123)
 
 
+@pytest.mark.slow
 def test_diffmic_v1_trains_on_two_processes_and_evaluates_as_one(tmp_path):
     """v1 with its joint DCG training (one backward for both losses, every parameter used) under DDP, and its
     per-image sampling noise: the test metrics of one and of two processes agree to the last digit."""
@@ -203,6 +206,7 @@ def finish(process: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
     return code, open(process.log.name).read()
 
 
+@pytest.mark.slow
 def test_two_nodes_without_a_shared_file_system(tmp_path):
     import hashlib
 
@@ -243,6 +247,7 @@ def test_two_nodes_without_a_shared_file_system(tmp_path):
     assert json.dumps(one) == json.dumps(fitted["val"])
 
 
+@pytest.mark.slow
 def test_a_node_that_never_joins_ends_the_other_within_the_timeout(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -32,8 +32,6 @@ from diffmic.durable import EXIT_WRITE, WriteFailed, atomic_open, partial_path, 
 from diffmic.results import prediction_table, write_json, write_prediction_table
 from diffmic.utils import build_trainer
 
-pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
-
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if " ERROR " in line]
@@ -50,6 +48,7 @@ def leftovers(folder: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ a failed save
 
 
+@pytest.mark.slow
 def test_enospc_mid_save_keeps_last_ckpt_and_the_run_resumes_without_the_temp_folder(tmp_path, monkeypatch, capsys):
     """The second epoch's save of last.ckpt meets a full disk half-way through the file: the fit ends with exit 5 and
     one line naming the file, the free space and the size it needed; the first epoch's last.ckpt is byte-identical
@@ -135,6 +134,7 @@ def test_a_write_that_fails_leaves_the_previous_file_and_says_so(tmp_path, monke
     assert not leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_writer_killed_mid_file_leaves_the_previous_checkpoint(tmp_path):
     """A child process saves a checkpoint, then is SIGKILLed half-way through writing the next one: the first is
     whole and loadable; the next save in that folder removes the dead writer's temporary file."""
@@ -257,6 +257,7 @@ def test_tensor_bytes_counts_a_shared_storage_once():
 # ------------------------------------------------------------------------------------------------ inputs
 
 
+@pytest.mark.slow
 def test_an_image_deleted_during_a_fit_ends_it_with_one_line(tmp_path, monkeypatch, capsys):
     write_image_lists(tmp_path, count=30, num_classes=3, num_train=24, size=(64, 64))
     args = [
@@ -304,6 +305,7 @@ def test_an_image_unreadable_in_a_loader_worker_gives_the_same_line(tmp_path):
     assert "\n" not in line and ImageUnreadable.one_line(ValueError("other")) is None
 
 
+@pytest.mark.slow
 def test_imagenet_weights_offline_refuse_the_fit_before_any_work(tmp_path, monkeypatch):
     """No network (a proxy nobody answers) and an empty torch cache: a fit asking for ImageNet weights ends with exit
     2 and one line saying where to put the file, before anything is written."""
@@ -323,6 +325,7 @@ def test_imagenet_weights_offline_refuse_the_fit_before_any_work(tmp_path, monke
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_imagenet_fallback_or_a_cached_file_lets_the_run_go_on(tmp_path, monkeypatch, caplog):
     import urllib.error
 
@@ -355,6 +358,7 @@ def test_imagenet_fallback_or_a_cached_file_lets_the_run_go_on(tmp_path, monkeyp
 # ------------------------------------------------------------------------------------------------ signals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_the_final_validation_and_test_ends_with_one_line(tmp_path, signum, code):
     log = tmp_path / "fit.log"

@@ -15,8 +15,6 @@ import pytest
 from helpers import ROOT, TINY, cli, ok
 from PIL import Image
 
-pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
-
 
 @pytest.fixture(scope="module")
 def explained_run(tmp_path_factory):
@@ -27,6 +25,7 @@ def explained_run(tmp_path_factory):
     return logs, args
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_val_explain_images_at_every_validation(explained_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -43,6 +42,7 @@ def test_tensorboard_holds_val_explain_images_at_every_validation(explained_run)
         assert picture.shape[0] > 200 and picture.shape[1] > 800 and picture.std() > 10
 
 
+@pytest.mark.slow
 def test_validation_figures_change_no_metric(explained_run, tmp_path):
     """The same fit without TensorBoard figures: the same validation metrics at every epoch and the same test."""
     logs, args = explained_run
@@ -57,6 +57,7 @@ def test_validation_figures_change_no_metric(explained_run, tmp_path):
     assert not [t for t in events.Tags()["images"] if t.startswith("val/explain")], "explain.val_images=0 is off"
 
 
+@pytest.mark.slow
 def test_predict_explain_writes_figures_whose_scores_are_the_csvs(explained_run, tmp_path):
     logs, args = explained_run
     ok(cli("predict", "--ckpt", "best", "--out", str(tmp_path / "plain.csv"), *args))
@@ -89,6 +90,7 @@ def test_predict_explain_writes_figures_whose_scores_are_the_csvs(explained_run,
     assert errors == [""] * 16
 
 
+@pytest.mark.slow
 def test_predict_explain_on_new_images_skips_the_unreadable_one(explained_run, tmp_path):
     logs, args = explained_run
     images = tmp_path / "images"
@@ -151,6 +153,7 @@ def test_explain_option_errors(tmp_path, capsys, args, needle):
     assert needle in explain_error(tmp_path, capsys, *args)
 
 
+@pytest.mark.slow
 def test_the_explanation_sheet_stacks_the_first_test_images(explained_run, tmp_path):
     """benchmarks/explain_sheet.py: the figures of the first N images of a test list, one under another, and a note
     whose predictions are predict's on the whole list."""

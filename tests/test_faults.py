@@ -30,8 +30,6 @@ from diffmic.faults import (
 from diffmic.utils import build_trainer
 from diffmic.v2.system import DiffMICv2
 
-pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
-
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR " in line]
@@ -40,6 +38,7 @@ def error_lines(stderr: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ divergence
 
 
+@pytest.mark.slow
 def test_a_diverging_demo_stops_at_the_step_with_one_line(tmp_path):
     """The README's case: a learning rate of 1e8. The fit ends in its first epoch, exit 3, one line, no traceback."""
     result = cli("fit", *TINY, "optim.lr=1e8", "trainer.max_epochs=5", f"trainer.log_dir={tmp_path}")
@@ -111,6 +110,7 @@ class _Diverging(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.slow
 def test_the_guard_keeps_the_checkpoints_of_the_finished_epochs(tmp_path):
     cfg = load_config(None, [f"trainer.log_dir={tmp_path}", "trainer.log_every_n_steps=1"])
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
@@ -126,6 +126,7 @@ def test_the_guard_keeps_the_checkpoints_of_the_finished_epochs(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused_adam", [True, False], ids=["fused-adam-skips-on-device", "other-optimiser-checked"])
 def test_the_deferred_guard_of_a_gpu_takes_no_step_after_the_non_finite_loss(tmp_path, fused_adam):
     """The GPU's way, run on the CPU: the flag stays on the device and is read `lag` steps later. Fused Adam skips the
@@ -163,6 +164,7 @@ def test_diverged_samples_score_uniform_in_both_methods():
 # ------------------------------------------------------------------------------------------------ one run folder
 
 
+@pytest.mark.slow
 def test_two_fits_of_one_run_folder_both_finish_with_one_whole_dcg_file(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     command = [sys.executable, str(ROOT / "diffuser_trainer.py"), "fit", f"trainer.log_dir={tmp_path}", *TINY]
@@ -195,6 +197,7 @@ def test_two_fits_of_one_run_folder_both_finish_with_one_whole_dcg_file(tmp_path
 # ------------------------------------------------------------------------------------------------ signals
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_during_fit_says_what_was_saved_and_how_to_resume(tmp_path, signum, code):
     log = tmp_path / "fit.log"

@@ -18,8 +18,6 @@ from diffmic.methods import build_system
 from diffmic.utils import build_trainer
 from pretraining.train_encoder import load_classifier, pretrain_encoder, sidecar_path
 
-pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 # the demo, tiny, with the small ViT and one epoch of encoder pre-training
@@ -39,6 +37,7 @@ def trained(tmp_path_factory) -> tuple[dict, dict, Path]:
     return cfg, report, tmp_path / "logs" / cfg["name"] / "encoder.pt"
 
 
+@pytest.mark.slow
 def test_file_has_the_official_layout(trained, tmp_path):
     _, report, path = trained
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -56,6 +55,7 @@ def test_file_has_the_official_layout(trained, tmp_path):
     assert set(side["test"]) >= {"acc", "f1", "auc", "kappa"} and len(side["val_history"]) == 2
 
 
+@pytest.mark.slow
 def test_file_loads_through_efficientsam_weights_and_reproduces_the_encoder(trained, tmp_path, caplog):
     cfg, report, path = trained
     # the classifier rebuilt from the file gives the trained one's test metrics exactly
@@ -74,6 +74,7 @@ def test_file_loads_through_efficientsam_weights_and_reproduces_the_encoder(trai
         assert torch.equal(system.denoiser.image_encoder.eval()(x), classifier.encoder(x))
 
 
+@pytest.mark.slow
 def test_classifier_is_fitted_on_the_training_split_only(trained, tmp_path):
     cfg, report, path = trained
     other = tiny_config(tmp_path, "data.synthetic.num_test=40")  # only the test split differs
@@ -84,6 +85,7 @@ def test_classifier_is_fitted_on_the_training_split_only(trained, tmp_path):
     assert again["test"] != report["test"]  # 40 other test images
 
 
+@pytest.mark.slow
 def test_a_full_official_file_and_another_image_size_load(trained, tmp_path, caplog):
     cfg, _, path = trained
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -109,6 +111,7 @@ def test_a_full_official_file_and_another_image_size_load(trained, tmp_path, cap
         assert torch.equal(system.denoiser.image_encoder.state_dict()[k.removeprefix("image_encoder.")], v), k
 
 
+@pytest.mark.slow
 def test_a_file_of_the_other_vit_size_is_refused_with_exit_2(trained, tmp_path):
     _, _, path = trained
     logs = tmp_path / "logs"
@@ -143,6 +146,7 @@ def test_config_checks(override, pattern):
         load_config(None, [override])
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_file_and_refuses_bad_config(tmp_path):
     logs = tmp_path / "logs"
     result = cli(
@@ -158,6 +162,7 @@ def test_command_line_writes_the_file_and_refuses_bad_config(tmp_path):
     assert result.returncode == 2 and "encoder_pretraining.lr" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "medmnist" / "breastmnist.npz").is_file(), reason=f"{SHARED} is absent")
 def test_pretrained_benchmark_smoke(tmp_path):
     from PIL import Image
@@ -212,6 +217,7 @@ def test_pretrained_benchmark_smoke(tmp_path):
     assert [r["reused_from"] for r in reused] == ["long.json"]
 
 
+@pytest.mark.slow
 def test_a_cut_off_diffmic_row_resumes_from_its_own_last_checkpoint(tmp_path):
     """benchmarks.pretrained.unfinished_run: an earlier attempt's last.ckpt is resumed only when the config.yaml
     beside it is this very run's (another epoch count or encoder file is another run)."""
