@@ -12,6 +12,7 @@ import os
 import platform
 import shlex
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -151,7 +152,10 @@ def provenance_lines(report: dict, config_title: str = "Config (resolved):") -> 
         "",
         f"Command: `{report['command']}`",
         "",
-        *[f"Resumed with: `{command}`\n" for command in report.get("resumed_with", [])],
+        *[
+            f"Resumed with{'' if times == 1 else f' ({times} times)'}: `{command}`\n"
+            for command, times in Counter(report.get("resumed_with", [])).items()  # in the order first used
+        ],
         f"Machine: {report['machine']}",
         "",
         config_title,

@@ -18,6 +18,8 @@ DiffMIC-v2 rows).
 
     python -m benchmarks.pretrained --config configs/bench_ham10000.yml --epochs 12 --seeds 0 1 2 \\
         --name ham10000_pretrained --reuse benchmarks/results/ham10000_long.json [--resume] [key=value ...]
+
+--rewrite writes <name>.md and .png again from <name>.json (after a change to the report's format), training nothing.
 """
 
 from __future__ import annotations
@@ -253,7 +255,8 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         "in-domain, supervised, small images: a stand-in for EfficientSAM's weights, not SAM's pre-training on 11 "
         f"million images). DiffMIC-v2 trained {epochs} epochs from it and from random initialisation, guided by the "
         f"seed's DCG ({cfg['dcg']['epochs']} epochs); a ResNet-18 trained {encoder_epochs + epochs} epochs. Test "
-        f"split, mean ± standard deviation over seeds {report['seeds']}, each method at its best validation epoch "
+        "split, mean ± standard deviation over the seeds a method has finished (the seeds column, of "
+        f"{report['seeds']}), each method at its best validation epoch "
         "(macro F1). ECE after T: 15 bins, top label, after a temperature fitted on the validation split. E-AURC: "
         "the area under the risk-coverage curve above the oracle's (lower: the score ranks the model's own errors "
         "better); max prob is the softmax (DiffMIC-v2: the mean grid) after T, agreement and spread come from "
@@ -261,13 +264,14 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
         "",
         f"![validation curves]({name}.png)",
         "",
-        "| method | test ACC | macro F1 | AUC | kappa | ECE after T | E-AURC max prob | E-AURC agreement "
+        "| method | seeds | test ACC | macro F1 | AUC | kappa | ECE after T | E-AURC max prob | E-AURC agreement "
         "| E-AURC spread |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, e in s.items():
         cells = [cell(e, k) for k in (*METRICS, "ece_after_t", *(f"eaurc/{sc}" for sc in SCORES))]
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        seeds = ", ".join(str(seed) for seed in sorted(e["seeds"]))
+        lines.append(f"| {LABELS[method]} | {seeds} | " + " | ".join(cells) + " |")
     lines += per_class_recall_table({LABELS[m]: e for m, e in s.items()})
     lines += [
         "",
@@ -316,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=positive_int, default=12, help="epochs of both DiffMIC-v2 rows (default 12)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--reuse", help="a learning-curves report whose random-init DiffMIC-v2 rows to reuse")
+    parser.add_argument(
+        "--rewrite", action="store_true", help="write <name>.md and .png again from <name>.json; train nothing"
+    )
     args = parse(parser, argv)
 
     def check(base: dict) -> None:
@@ -326,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     if base is None:
         return 2
     name = args.name or f"{base['name']}_pretrained"
+    if args.rewrite:  # the report's text and plot in today's format, from the runs it holds
+        path = Path(args.out_dir) / f"{name}.json"
+        if not path.is_file():
+            logger.error("--rewrite: no report %s to rewrite", path)
+            return 2
+        write_report(Path(args.out_dir), name, json.loads(path.read_text()))
+        return 0
     fields = {"epochs": args.epochs, "seeds": args.seeds, "methods": args.methods}
     report = resume_or_new(args, name, new_report("benchmarks.pretrained", argv, name, base, **fields), ["epochs"])
     if report is None:

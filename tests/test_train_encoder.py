@@ -204,6 +204,12 @@ def test_pretrained_benchmark_smoke(tmp_path):
     assert "![validation curves](smoke_pretrained.png)" in text and "ECE after T" in text
     with Image.open(tmp_path / "smoke_pretrained.png") as image:
         assert image.format == "PNG"
+    assert "| pre-trained encoder's classifier | 0 | " in text  # the seeds each mean is over
+    # --rewrite: the same text from the JSON alone, nothing trained
+    (tmp_path / "smoke_pretrained.md").unlink()
+    assert pretrained.main([*argv, "--rewrite"]) == 0
+    assert (tmp_path / "smoke_pretrained.md").read_text() == text
+    assert pretrained.main([*argv[:9], "absent", *argv[10:], "--rewrite"]) == 2
     # --resume keeps every row and trains nothing; a row reused from a learning-curves report is marked as such
     stamp = (seed_dir / "encoder.pt").stat().st_mtime_ns
     assert pretrained.main([*argv, "--resume"]) == 0
