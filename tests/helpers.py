@@ -1,4 +1,4 @@
-"""What the command-line tests share: a tiny demo config and a way to run the command line as a user does."""
+"""What the tests share: a tiny demo config, a way to run the command line as a user does, test images."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo made small enough for plumbing tests (the full demo has its own test in test_cli.py).
@@ -87,3 +90,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def textured_image(width: int = 90, height: int = 70, seed: int = 0) -> Image.Image:
+    """Noise, with a flat block and a smooth ramp (where a rounding of the interpolated levels shows)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[: height // 2, : width // 2] = (200, 120, 40)
+    pixels[height // 2 :, width // 2 :] = np.linspace(0, 255, width - width // 2, dtype=np.uint8)[None, :, None]
+    return Image.fromarray(pixels)

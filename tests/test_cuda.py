@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from helpers import TINY, cli, ok
-from PIL import Image
+from helpers import TINY, cli, ok, textured_image
 from torch.utils.data import default_collate
 
 from dataloader.transforms import ModelInput, build_transform, item
@@ -234,14 +232,6 @@ def test_the_gpu_check_collects_its_tests():
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         collected = re.search(r"tests/test_cuda\.py: (\d+)", result.stdout)
         assert collected and int(collected.group(1)) > 0, result.stdout[-1000:]
-
-
-def textured_image(width: int, height: int, seed: int) -> Image.Image:
-    """Noise, a flat block and a smooth ramp (where a rounding of interpolated levels shows)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    pixels[: height // 2, : width // 2] = (200, 120, 40)
-    pixels[height // 2 :, width // 2 :] = np.linspace(0, 255, width - width // 2, dtype=np.uint8)[None, :, None]
-    return Image.fromarray(pixels)
 
 
 @pytest.mark.cuda

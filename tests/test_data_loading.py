@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import textured_image
 from PIL import Image
 from scipy import stats
 from torch.utils.data import default_collate
@@ -223,15 +224,6 @@ def model_inputs(transform, images: list[Image.Image]) -> torch.Tensor:
     """What the models read: the CPU half on each image (in order: its draws), collated as a loader collates, then
     the device half, here on the CPU."""
     return ModelInput()(default_collate([item(transform, image) for image in images]))["image"]
-
-
-def textured_image(width: int = 90, height: int = 70) -> Image.Image:
-    """Noise, with a flat block and a smooth ramp (where a rounding of the interpolated levels shows)."""
-    g = np.random.default_rng(0)
-    pixels = g.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    pixels[: height // 2, : width // 2] = (200, 120, 40)
-    pixels[height // 2 :, width // 2 :] = np.linspace(0, 255, width - width // 2, dtype=np.uint8)[None, :, None]
-    return Image.fromarray(pixels)
 
 
 # rotation, both flips, the chest transform's crop, flips without rotation
