@@ -3,9 +3,10 @@ and its cosine schedule, the Lightning Trainer with its logger and checkpoints, 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import pytorch_lightning as pl
@@ -15,7 +16,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from diffmic.checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck
-from diffmic.faults import DivergenceGuard, InterruptGuard, prepare_process_group_env
+from diffmic.config import load_config
+from diffmic.faults import DivergenceGuard, InterruptGuard, exit_code, prepare_process_group_env
 from diffmic.precision import apply_float32_policy
 
 logger = logging.getLogger(__name__)
@@ -245,3 +247,21 @@ def log_global_batch(trainer: pl.Trainer, batch_size: int, lr: float, what: str,
 def setup_logging(level: int = logging.INFO) -> None:
     """Timestamped log lines on stderr for the command-line entry points."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def config_command(description: str, argv: list[str] | None, work: Callable[[dict], object]) -> int:
+    """A command-line entry point that takes a config (--config FILE, key.sub=value overrides, --debug) and runs
+    `work(cfg)`: 0 when it returns, else the one line and the documented exit code of its error (faults.exit_code)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    parser.add_argument("--debug", action="store_true", help="a diverged or interrupted run shows its traceback")
+    args = parser.parse_intermixed_args(argv)
+    setup_logging()
+    cfg = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        work(cfg)
+    except Exception as err:  # one line and the documented exit code
+        return exit_code(err, cfg, args.debug)
+    return 0

@@ -8,7 +8,6 @@ only copy of the trained DCG that the run keeps.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import logging
@@ -21,15 +20,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dataloader.datamodule import DiffMICDataModule, build_datasets
-from diffmic.config import check_imagenet_weights, check_paths, dcg_ckpt_path, errors_of, load_config, unified_precision
+from diffmic.config import check_imagenet_weights, check_paths, dcg_ckpt_path, errors_of, unified_precision
 from diffmic.durable import write_atomically
 from diffmic.evaluation.evaluator import EvaluatedSystem
 from diffmic.faults import (
-    exit_code,
     interruptible,
     run_folder_lock,
 )
-from diffmic.utils import adam, build_trainer, cosine_schedule, log_global_batch, selection_metric, setup_logging
+from diffmic.utils import adam, build_trainer, config_command, cosine_schedule, log_global_batch, selection_metric
 from pretraining.dcg import build_dcg
 from pretraining.dcg_file import save_dcg
 
@@ -166,23 +164,14 @@ def share_dcg_file(trainer: pl.Trainer, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Pre-train the DiffMIC-v2 DCG guidance model.")
-    parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    parser.add_argument("--debug", action="store_true", help="a diverged or interrupted run shows its traceback")
-    args = parser.parse_intermixed_args(argv)
-    setup_logging()
-    cfg = None
-    try:
-        cfg = load_config(args.config, args.overrides)
+    def work(cfg: dict) -> None:
         check_paths(cfg, need_dcg=False)
         datasets = build_datasets(cfg)
         check_imagenet_weights(cfg, ["dcg.backbone_weights"])  # offline: refused before any work
         with run_folder_lock(dcg_ckpt_path(cfg).parent, "pre-training the DCG"):
             pretrain_dcg(cfg, datasets)
-    except Exception as err:  # one line and the documented exit code (faults.exit_code)
-        return exit_code(err, cfg, args.debug)
-    return 0
+
+    return config_command("Pre-train the DiffMIC-v2 DCG guidance model.", argv, work)
 
 
 if __name__ == "__main__":

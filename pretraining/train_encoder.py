@@ -14,7 +14,6 @@ classifier's validation and test metrics.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -29,10 +28,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dataloader.datamodule import DiffMICDataModule, build_datasets
-from diffmic.config import check_paths, encoder_ckpt_path, load_config
+from diffmic.config import check_paths, encoder_ckpt_path
 from diffmic.evaluation.evaluator import EvaluatedSystem
-from diffmic.faults import exit_code, interruptible, run_folder_lock
-from diffmic.utils import adam, build_trainer, cosine_schedule, selection_metric, setup_logging
+from diffmic.faults import interruptible, run_folder_lock
+from diffmic.utils import adam, build_trainer, config_command, cosine_schedule, selection_metric
 from EfficientSAM import ENCODERS, ImageEncoderViT, load_efficientsam_encoder
 from EfficientSAM.weights import PROVENANCE
 from pretraining.dcg_file import split_fingerprint, write_atomically
@@ -185,22 +184,13 @@ def pretrain_encoder(cfg: dict, datasets: dict[str, Dataset] | None = None) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (default: configs/demo.yml)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    parser.add_argument("--debug", action="store_true", help="a diverged or interrupted run shows its traceback")
-    args = parser.parse_intermixed_args(argv)
-    setup_logging()
-    cfg = None
-    try:
-        cfg = load_config(args.config, args.overrides)
+    def work(cfg: dict) -> None:
         check_paths(cfg, need_dcg=False)
         datasets = build_datasets(cfg)
         with run_folder_lock(encoder_ckpt_path(cfg).parent, "pre-training the image encoder"):
             pretrain_encoder(cfg, datasets)
-    except Exception as err:  # one line and the documented exit code (faults.exit_code)
-        return exit_code(err, cfg, args.debug)
-    return 0
+
+    return config_command(__doc__.splitlines()[0], argv, work)
 
 
 if __name__ == "__main__":
