@@ -30,11 +30,13 @@ RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 METRICS = ("acc", "f1", "auc", "kappa")
 
 
-def benchmark_parser(description: str, config_help: str, name_help: str) -> argparse.ArgumentParser:
+def benchmark_parser(
+    description: str, config_help: str, name_help: str, config_required: bool = True
+) -> argparse.ArgumentParser:
     """The arguments every benchmark of seeded runs takes: --config, --seeds, --out-dir, --name, --resume, overrides.
-    A benchmark adds its own before parsing."""
+    A benchmark adds its own before parsing (one that can also work without a config checks --config itself)."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
-    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--config", required=config_required, help=config_help)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--name", help=f"result file name (default: {name_help})")

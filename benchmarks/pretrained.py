@@ -19,11 +19,13 @@ DiffMIC-v2 rows).
     python -m benchmarks.pretrained --config configs/bench_ham10000.yml --epochs 12 --seeds 0 1 2 \\
         --name ham10000_pretrained --reuse benchmarks/results/ham10000_long.json [--resume] [key=value ...]
 
---rewrite writes <name>.md and .png again from <name>.json (after a change to the report's format), training nothing.
+`--rewrite --name NAME` writes <name>.md, .png and the summary in .json again from the runs <name>.json holds (after a
+change to the report's format), training nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -313,17 +315,37 @@ def write_report(out_dir: Path, name: str, report: dict) -> None:
     logger.info("wrote %s, .json and .png", out_dir / f"{name}.md")
 
 
+def rewrite(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--rewrite: <name>.md, .png and the summary in <name>.json written again in today's format from the runs the
+    JSON holds and its own config; nothing is trained, and neither the data nor the config file is read."""
+    if args.name is None or args.config or args.resume or args.reuse or args.overrides:
+        parser.error("--rewrite takes --name and --out-dir only (no --config, --resume, --reuse or overrides)")
+    path = Path(args.out_dir) / f"{args.name}.json"
+    if not path.is_file():
+        logger.error("--rewrite: no report %s to rewrite", path)
+        return 2
+    write_report(Path(args.out_dir), args.name, json.loads(path.read_text()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(
-        __doc__, "benchmark config, e.g. configs/bench_ham10000.yml", name_help="<config name>_pretrained"
+        __doc__,
+        "benchmark config, e.g. configs/bench_ham10000.yml (not with --rewrite)",
+        name_help="<config name>_pretrained",
+        config_required=False,
     )
     parser.add_argument("--epochs", type=positive_int, default=12, help="epochs of both DiffMIC-v2 rows (default 12)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--reuse", help="a learning-curves report whose random-init DiffMIC-v2 rows to reuse")
     parser.add_argument(
-        "--rewrite", action="store_true", help="write <name>.md and .png again from <name>.json; train nothing"
+        "--rewrite", action="store_true", help="with --name: write <name>.md, .png and .json again; train nothing"
     )
     args = parse(parser, argv)
+    if args.rewrite:
+        return rewrite(parser, args)
+    if args.config is None:
+        parser.error("the following arguments are required: --config")
 
     def check(base: dict) -> None:
         if args.reuse is not None and not Path(args.reuse).is_file():
@@ -333,13 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     if base is None:
         return 2
     name = args.name or f"{base['name']}_pretrained"
-    if args.rewrite:  # the report's text and plot in today's format, from the runs it holds
-        path = Path(args.out_dir) / f"{name}.json"
-        if not path.is_file():
-            logger.error("--rewrite: no report %s to rewrite", path)
-            return 2
-        write_report(Path(args.out_dir), name, json.loads(path.read_text()))
-        return 0
     fields = {"epochs": args.epochs, "seeds": args.seeds, "methods": args.methods}
     report = resume_or_new(args, name, new_report("benchmarks.pretrained", argv, name, base, **fields), ["epochs"])
     if report is None:

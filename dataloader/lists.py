@@ -314,7 +314,9 @@ class ImageList(Dataset):
         names: NameIndex | None = None,
     ) -> None:
         root = Path(root)
-        if names is not None and names.root.resolve() != root.resolve():
+        # the same spelling, not only the same folder: files found by name come back under the index's root, and the
+        # list's paths must all read as one root does
+        if names is not None and names.root != root:
             raise ValueError(f"the NameIndex given is for {names.root}, not for this list's root {root}")
         resolved = [resolve_image(root, p) for p in split.paths]
         unresolved = [i for i, r in enumerate(resolved) if r is None]

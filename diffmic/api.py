@@ -7,7 +7,8 @@ run folder logs/<name>/version_N/ (config.yaml, metrics.json, predictions.csv, f
 
 `config` is a YAML file (default configs/demo.yml) with `overrides` (["optim.lr=5e-4"] as on the command line, or
 {"optim.lr": 5e-4}), or a config dict as diffmic.config.load_config returns it (used as it is). An error a user
-causes is raised before any work, as on the command line: ConfigError (its exit 2), durable.WriteFailed (5),
+causes is raised before any work, as on the command line: ConfigError (its exit 2; its subclass OptionError names a
+bad option by its keyword here, by its flag through on_command_line()), durable.WriteFailed (5),
 faults.TrainingDiverged (3), faults.RunInterrupted (130 / 143); faults.exit_code maps any of them to the command
 line's one line and exit code. Nothing here sets up logging: call diffmic.utils.setup_logging() to see the log."""
 
@@ -100,7 +101,7 @@ def find_checkpoint(cfg: dict, spec: str | Path) -> Path:
         raise OptionError("ckpt", spec, f": no {spec}.ckpt under {base}/version_*/checkpoints (train first)")
     path = Path(spec).expanduser().resolve()
     if not path.is_file():
-        raise OptionError("ckpt", spec, f": checkpoint not found: {path}")
+        raise OptionError("ckpt", spec, ": checkpoint not found" + ("" if str(spec) == str(path) else f" ({path})"))
     return path
 
 

@@ -14,12 +14,14 @@ import importlib
 import logging
 import math
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import yaml
@@ -94,13 +96,9 @@ class OptionError(ConfigError):
     on_command_line(), the command line's flag (`--ckpt best`). `detail` is text and Option pieces (other options
     the message names)."""
 
-    FLAGS = {
-        "ckpt": "--ckpt",
-        "images": "--input",
-        "explain": "--explain",
-        "explain_max": "--explain-max",
-        "out": "--out",
-    }
+    FLAGS = MappingProxyType(
+        {"ckpt": "--ckpt", "images": "--input", "explain": "--explain", "explain_max": "--explain-max", "out": "--out"}
+    )
 
     def __init__(self, option: str, value: object, *detail: str | Option, command_line: bool = False) -> None:
         if option not in self.FLAGS or any(isinstance(d, Option) and d.name not in self.FLAGS for d in detail):
@@ -110,16 +108,24 @@ class OptionError(ConfigError):
             self._label(option, value) + "".join(self._label(d.name) if isinstance(d, Option) else d for d in detail)
         )
 
+    def __reduce__(self):
+        # rebuilt from its parts, not from the message (Exception's default), so that it pickles and copies: an API
+        # call in a process pool gets it back as it was raised
+        return _rebuild_option_error, (self.option, self.value, self.detail, self.command_line)
+
     def _label(self, option: str, value: object = None) -> str:
-        if self.command_line:
-            return self.FLAGS[option] if value is None else f"{self.FLAGS[option]} {value}"
         if value is None:
-            return option
-        return f"{option}={str(value) if isinstance(value, Path) else value!r}"
+            return self.FLAGS[option] if self.command_line else option
+        text = str(value) if isinstance(value, Path) else value  # a path as the string it names, not PosixPath(...)
+        return f"{self.FLAGS[option]} {shlex.quote(str(text))}" if self.command_line else f"{option}={text!r}"
 
     def on_command_line(self) -> OptionError:
         """The same error with the command line's flags."""
         return OptionError(self.option, self.value, *self.detail, command_line=True)
+
+
+def _rebuild_option_error(option: str, value: object, detail: tuple, command_line: bool) -> OptionError:
+    return OptionError(option, value, *detail, command_line=command_line)
 
 
 @contextmanager

@@ -161,3 +161,17 @@ def test_the_command_line_names_its_flags(tmp_path, capsys):
     assert "--ckpt is needed by test: a checkpoint path, best or last" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not in OptionError.FLAGS"):
         OptionError("ckpts", None, ": a typo in the code")
+
+
+def test_an_option_error_pickles_and_quotes_its_value_on_the_command_line(tmp_path):
+    import copy
+    import pickle
+
+    error = OptionError("images", tmp_path / "a b", ": no such folder or list")
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert (
+            type(clone) is OptionError
+            and str(clone) == str(error) == f"images='{tmp_path / 'a b'}': no such folder or list"
+        )
+    assert str(error.on_command_line()) == f"--input '{tmp_path / 'a b'}': no such folder or list"
+    assert str(pickle.loads(pickle.dumps(error.on_command_line()))) == str(error.on_command_line())

@@ -11,12 +11,11 @@ from helpers import write_image_lists
 
 from benchmarks import accuracy, common, prior_fit
 
-pytestmark = pytest.mark.slow  # trains, or runs the command line or several processes
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "medmnist" / "breastmnist.npz").is_file(), reason=f"{SHARED} is absent")
 def test_accuracy_benchmark_smoke(tmp_path, capfd):
     argv = [
@@ -124,6 +123,7 @@ def test_accuracy_benchmark_smoke(tmp_path, capfd):
     assert f"no DCG file {tmp_path / 'logs' / 'bench_breastmnist' / 'seed_5' / 'dcg.pt'}" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_needs_the_same_epochs_for_every_method(tmp_path, capfd):
     argv = [
         "--config",
@@ -139,6 +139,7 @@ def test_accuracy_benchmark_needs_the_same_epochs_for_every_method(tmp_path, cap
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_method_cost_benchmark_smoke(tmp_path):
     """Both methods' samplers, with the encoders once and as the authors' code runs them, on the demo's small
     models: the two ways give the same outputs, and re-running the encoders costs more FLOPs."""
@@ -155,6 +156,7 @@ def test_method_cost_benchmark_smoke(tmp_path):
         assert every["gflop_per_image"] > once["gflop_per_image"] > 0
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_with_a_carved_validation_split(tmp_path):
     """Without data.val_list the validation set is carved per seed (as `fit` carves it): each seed's DCG must train on
     its seed's split, or its DiffMIC run refuses the DCG file as trained on other images (as it did for seed 1)."""
@@ -185,6 +187,7 @@ def test_accuracy_benchmark_with_a_carved_validation_split(tmp_path):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "medmnist" / "breastmnist.npz").is_file(), reason=f"{SHARED} is absent")
 def test_learning_curves_smoke(tmp_path, capfd):
     from PIL import Image
@@ -258,6 +261,7 @@ def test_learning_curves_smoke(tmp_path, capfd):
     assert "reusing the DCG file" in capfd.readouterr().err and dcg_file.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "medmnist" / "breastmnist.npz").is_file(), reason=f"{SHARED} is absent")
 def test_uncertainty_benchmark_smoke(tmp_path):
     from PIL import Image
@@ -335,3 +339,10 @@ def test_resuming_a_report_tolerates_keys_added_since_but_not_changed_values(tmp
     path.write_text(json.dumps({"config": base, "runs": [{"label": "dcg"}], "seeds": [0]}))
     report = common.resumed_report(path, {"config": base, "seeds": [0, 1], "command": "c"})
     assert "methods" not in report and report["seeds"] == [0, 1] and report["resumed_with"] == ["c"]
+
+
+def test_provenance_lists_each_resuming_command_once_with_its_count():
+    report = {"command": "first", "resumed_with": ["a", "b", "a"], "machine": "m", "config": {"k": 1}}
+    text = "\n".join(common.provenance_lines(report))
+    assert "Resumed with (2 times): `a`" in text and "Resumed with: `b`" in text
+    assert text.index("`a`") < text.index("`b`")  # in the order first used

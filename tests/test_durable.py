@@ -205,6 +205,7 @@ def test_an_error_in_the_block_removes_the_temporary_file(tmp_path):
 # ------------------------------------------------------------------------------------------------ free space
 
 
+@pytest.mark.slow  # fits a model
 def test_free_space_warning_in_numbers_and_the_estimate_matches_the_files(tmp_path, monkeypatch, caplog):
     import pytorch_lightning as pl
 
@@ -291,6 +292,7 @@ def test_an_image_deleted_during_a_fit_ends_it_with_one_line(tmp_path, monkeypat
     assert read_checkpoint(last)["epoch"] == 0
 
 
+@pytest.mark.slow  # starts a DataLoader worker process
 def test_an_image_unreadable_in_a_loader_worker_gives_the_same_line(tmp_path):
     write_image_lists(tmp_path, count=4, num_classes=2, num_train=4, size=(8, 8))
     split = SplitList(str(tmp_path / "train.csv"), [f"case_{k}.png" for k in range(4)], np.array([0, 1, 0, 1]))

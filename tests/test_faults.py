@@ -283,7 +283,7 @@ def test_only_the_first_process_of_a_run_takes_the_run_folder_lock(monkeypatch, 
         assert (tmp_path / ".run.lock.owner").is_file() is first
 
 
-def test_the_dcg_pre_trainer_ends_a_process_group_failure_with_one_line(monkeypatch, capfd):
+def test_the_dcg_pre_trainer_ends_a_process_group_failure_with_one_line(monkeypatch, capfd, tmp_path):
     """pretraining/train_dcg.py, like diffuser_trainer.py: processes that cannot reach each other end with one line
     naming trainer.dist_timeout_s and exit 4; any other error keeps its traceback."""
     from pretraining import train_dcg
@@ -293,7 +293,7 @@ def test_the_dcg_pre_trainer_ends_a_process_group_failure_with_one_line(monkeypa
 
     monkeypatch.setattr(train_dcg, "pretrain_dcg", lost_peer)
     monkeypatch.setattr(train_dcg, "build_datasets", lambda cfg: {})
-    assert train_dcg.main([*TINY]) == 4
+    assert train_dcg.main([*TINY, f"trainer.log_dir={tmp_path}"]) == 4
     lines = error_lines(capfd.readouterr().err)
     assert len(lines) == 1 and "trainer.dist_timeout_s" in lines[0]
 
@@ -302,4 +302,4 @@ def test_the_dcg_pre_trainer_ends_a_process_group_failure_with_one_line(monkeypa
 
     monkeypatch.setattr(train_dcg, "pretrain_dcg", other)
     with pytest.raises(ValueError):
-        train_dcg.main([*TINY])
+        train_dcg.main([*TINY, f"trainer.log_dir={tmp_path}"])

@@ -255,6 +255,8 @@ def test_an_index_for_another_root_is_refused(tmp_path):
     split = SplitList("l.pkl", [AUTHORS_PREFIX + isic_names(1)[0]], np.array([0]))
     with pytest.raises(ValueError, match="NameIndex given is for"):
         ImageList(split, tmp_path / "images", names=NameIndex(tmp_path))
+    with pytest.raises(ValueError, match="NameIndex given is for"):  # one folder spelt two ways: paths would mix them
+        ImageList(split, tmp_path / "images", names=NameIndex(tmp_path / "images" / ".." / "images"))
 
 
 def test_two_listed_folders_sharing_one_file_are_a_warning(tmp_path, caplog):

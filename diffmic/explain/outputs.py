@@ -34,9 +34,9 @@ logger = logging.getLogger(__name__)
 
 
 def check_explain_folder(folder: str | Path) -> Path:
-    """predict's explain folder, before any work: an OptionError when DIR (or a folder above it) is a file, or when
+    """predict's explain folder, before any work: an OptionError when the folder (or one above it) is a file, or when
     the figures could not be written there (probed with a temporary file, which also catches read-only file systems and
-    root's permission checks). Nothing is left behind; DIR itself is made when the figures are written."""
+    root's permission checks). Nothing is left behind; the folder itself is made when the figures are written."""
     path = Path(folder).expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise OptionError("explain", path, " is a file, not a folder; give a folder for the figures")
