@@ -17,7 +17,7 @@ import sys
 
 from diffmic import api
 from diffmic.api import COMMANDS, check_command_options
-from diffmic.config import OptionError, load_config
+from diffmic.config import load_config
 from diffmic.faults import exit_code
 from diffmic.utils import setup_logging
 
@@ -57,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:  # fit, validate, test
             getattr(api, args.command)(cfg, ckpt=args.ckpt, out=args.out)
-    except OptionError as err:  # named by its flag (--ckpt), not the Python keyword (ckpt=)
-        return exit_code(err.on_command_line(), cfg, args.debug)
     except Exception as err:  # one line and the documented exit code (faults.exit_code)
         return exit_code(err, cfg, args.debug)
     return 0

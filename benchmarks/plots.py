@@ -18,7 +18,6 @@ from benchmarks.common import RESULTS_DIR
 from diffmic.evaluation.figures import new_figure, save
 
 logger = logging.getLogger("benchmarks.plots")
-RESULTS = RESULTS_DIR
 LABELS = {
     "dcg": "DCG (fixed prior)",
     "diffmic": "DiffMIC-v2",
@@ -165,7 +164,7 @@ ACCURACY_REPORTS = {
 ACCURACY_METHODS = ("resnet18", "dcg", "diffmic", "diffmic_v1")
 
 
-def accuracy_figure(results: Path = RESULTS) -> Figure | None:
+def accuracy_figure(results: Path = RESULTS_DIR) -> Figure | None:
     """Test accuracy and macro F1 of every method on every data set of the accuracy benchmark (mean and standard
     deviation over its seeds, as error bars), from the reports in `results`; None when none is there."""
     table: dict[str, dict[str, dict]] = {}
@@ -254,7 +253,7 @@ FIGURES = {"_long": learning_curves_figure, "_pretrained": pretrained_curves_fig
 PREFIXES = {"uncertainty_": draw_uncertainty, "speed_": draw_speed}
 
 
-def regenerate(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
+def regenerate(results: Path = RESULTS_DIR, out: Path | None = None) -> list[Path]:
     """Draw every figure whose report is in `results` (into `out`, default beside the reports), and accuracy.png
     from the accuracy benchmark's reports; returns the reports drawn from."""
     out = results if out is None else out
@@ -274,7 +273,7 @@ def regenerate(results: Path = RESULTS, out: Path | None = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    regenerate(Path(argv[0]) if argv else RESULTS)
+    regenerate(Path(argv[0]) if argv else RESULTS_DIR)
     return 0
 
 

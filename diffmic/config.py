@@ -248,14 +248,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             near = [k for k in defaults if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" (did you mean {' or '.join(near)}?)" if near else ""
             raise ConfigError(f"unknown config key {key}{hint}")
-        value = _check_type(key, value, defaults[key])
-        if key in PATH_KEYS and isinstance(value, str) and value not in PATH_KEYWORDS.get(key, ()):
-            value = str((base / Path(value).expanduser()).resolve())
-        _set(cfg, key, value)
+        _set(cfg, key, _checked_value(key, value, defaults[key], base))
     _resolve_default_paths(cfg, PATH_KEYS)
     check_values(cfg)
     check_trainer(cfg)
     return cfg
+
+
+def _checked_value(key: str, value: Any, default: Any, base: Path) -> Any:
+    """A given value of `key` as the config holds it: of its default's type (a ConfigError otherwise), and a path
+    made absolute against `base` (the repository for a config file, the working directory for what a user typed)."""
+    value = _check_type(key, value, default)
+    if key in PATH_KEYS and isinstance(value, str) and value not in PATH_KEYWORDS.get(key, ()):
+        value = str((base / Path(value).expanduser()).resolve())
+    return value
 
 
 def _resolve_default_paths(cfg: dict, keys: tuple[str, ...] | list[str]) -> None:
@@ -327,11 +333,12 @@ def upgrade_config(stored: dict, source: str) -> dict:
 def config_from_dict(given: Mapping[str, Any], source: str = "the config dict") -> dict:
     """A config handed over as a dict (the Python API): read as a stored config is (upgrade_config: the keys it lacks
     take default.yml's values, unknown keys are refused), then checked as a loaded one is, before any work: the type
-    of every key, the values (check_values) and the trainer keys (check_trainer)."""
+    of every key, the values (check_values) and the trainer keys (check_trainer). A relative path is taken from the
+    working directory, as an override's is (the keys filled in from default.yml: from the repository)."""
     cfg = upgrade_config(copy.deepcopy(dict(given)), source)
     defaults = _flatten(_read_yaml(DEFAULT_CONFIG))
     for key, value in _flatten(cfg).items():
-        _set(cfg, key, _check_type(key, value, defaults[key]))
+        _set(cfg, key, _checked_value(key, value, defaults[key], Path.cwd()))
     check_values(cfg)
     check_trainer(cfg)
     return cfg

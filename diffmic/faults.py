@@ -32,7 +32,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from dataloader.lists import ImageUnreadable
-from diffmic.config import ConfigError
+from diffmic.config import ConfigError, OptionError
 from diffmic.durable import EXIT_WRITE, WriteFailed
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,8 @@ def exit_code(err: Exception, cfg: dict | None, debug: bool) -> int:
     None when the config itself could not be read. `debug` raises the error again with its traceback instead (a
     config error is always one line), and so does any error that is not one of these."""
     if isinstance(err, ConfigError):
-        logger.error("config error: %s", err)
+        # a bad option is named by its flag (--ckpt best) here, where the Python API names its keyword (ckpt='best')
+        logger.error("config error: %s", err.on_command_line() if isinstance(err, OptionError) else err)
         return EXIT_CONFIG
     if isinstance(err, (TrainingDiverged, RunInterrupted)):
         return report_fault(err, debug)

@@ -90,7 +90,7 @@ def test_predict_on_a_list_of_image_files_gives_one_row_per_file(fitted, tmp_pat
         api.predict(overrides=overrides, ckpt="best", images=[])
 
 
-def test_a_users_error_is_an_exception_not_an_exit(tmp_path):
+def test_a_users_error_is_an_exception_not_an_exit(tmp_path, monkeypatch):
     logs = tmp_path / "logs"
     overrides = [*ARGS, f"trainer.log_dir={logs}"]
     with pytest.raises(ConfigError, match="unknown config key optim.lrr"):
@@ -117,6 +117,14 @@ def test_a_users_error_is_an_exception_not_an_exit(tmp_path):
     partial = copy.deepcopy(cfg)
     del partial["evaluation"]["temperature"]
     assert api.resolve_config(partial) == cfg
+    # a relative path is the working directory's, as an override's is; a key left out takes the repository's default
+    relative = copy.deepcopy(cfg)
+    relative["data"]["root"] = "images"
+    del relative["trainer"]["log_dir"]
+    monkeypatch.chdir(tmp_path)
+    resolved = api.resolve_config(relative)
+    assert resolved["data"]["root"] == str(tmp_path.resolve() / "images")
+    assert resolved["trainer"]["log_dir"] == load_config(None, [])["trainer"]["log_dir"]
     assert not logs.exists(), "refused before any work: nothing written"
 
 

@@ -96,10 +96,10 @@ def test_the_readme_is_short():
 def test_the_figures_are_drawn_again_from_the_committed_results(tmp_path):
     from benchmarks import plots
 
-    drawn = plots.regenerate(plots.RESULTS, tmp_path)
-    assert (plots.RESULTS / "speed_cpu.json") in drawn
+    drawn = plots.regenerate(plots.RESULTS_DIR, tmp_path)
+    assert (plots.RESULTS_DIR / "speed_cpu.json") in drawn
     for png in sorted(tmp_path.glob("*.png")):
-        committed = plots.RESULTS / png.name
+        committed = plots.RESULTS_DIR / png.name
         assert committed.is_file(), f"{png.name} is drawn from the results but not committed"
         with Image.open(png) as new, Image.open(committed) as old:
             assert new.size == old.size, png.name
