@@ -1,7 +1,7 @@
 """The command line: train and evaluate DiffMIC-v2 (or DiffMIC v1: model.method=diffmic_v1).
 
     python diffuser_trainer.py [fit|validate|test|predict] [--config FILE] [--ckpt PATH|best|last]
-                               [--out FILE] [--input DIR_OR_LIST] [--explain DIR [--explain-max N]]
+                               [--out FILE] [--input DIR|LIST|IMAGE] [--explain DIR [--explain-max N]]
                                [key.sub=value ...]
 
 A config error ends the command with exit code 2 and one line that names the key or the file; a diverged training
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="where validate/test/fit write metrics JSON, or predict its CSV")
     parser.add_argument("--explain", metavar="DIR", help="predict: a PNG per image of what guided its prediction")
     parser.add_argument("--explain-max", type=int, metavar="N", help="predict --explain: the first N images only")
-    parser.add_argument("--input", help="predict: a folder of images or a CSV list of paths, without labels")
+    parser.add_argument("--input", help="predict: a folder of images, a CSV list of paths or one image, without labels")
     parser.add_argument("--debug", action="store_true", help="a diverged or interrupted run shows its traceback")
     args = parser.parse_intermixed_args(argv)
     args.command = args.words.pop(0) if args.words and args.words[0] in COMMANDS else "fit"

@@ -60,9 +60,12 @@ def unlabelled_images(
 ) -> UnlabelledImages:
     """The images of a folder (every file with an image suffix, recursively, in sorted order; ids relative to the
     folder), of a CSV list with a path column (paths relative to `root` when given, else to the list's folder;
-    ids as the list writes them), or of a list of image files (image_files)."""
+    ids as the list writes them), or of image files (image_files): a list of them, or one."""
     if not isinstance(source, (str, Path)):
         return image_files(source, transform, image_size)
+    # one image (`--input scan.png`), not a folder or a list
+    if Path(source).suffix.lower() in IMAGE_SUFFIXES and not Path(source).is_dir():
+        return image_files([source], transform, image_size)
     source = Path(source).expanduser().resolve()
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.is_file())

@@ -183,3 +183,14 @@ def test_an_option_error_pickles_and_quotes_its_value_on_the_command_line(tmp_pa
         )
     assert str(error.on_command_line()) == f"--input '{tmp_path / 'a b'}': no such folder or list"
     assert str(pickle.loads(pickle.dumps(error.on_command_line()))) == str(error.on_command_line())
+
+
+def test_one_image_file_is_an_input_of_its_own(tmp_path, monkeypatch):
+    """`predict --input scan.png`: the image alone, named as given, where it had been read as a CSV list."""
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(tmp_path / "scan.png")
+    images = unlabelled_images("scan.png", None, None, 32)
+    assert images.ids == ["scan.png"] and images.paths == [tmp_path / "scan.png"]
+    (tmp_path / "folder.png").mkdir()  # a folder with an image's name is still a folder
+    with pytest.raises(OptionError, match="no image files"):
+        unlabelled_images("folder.png", None, None, 32)
